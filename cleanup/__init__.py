@@ -1,0 +1,1 @@
+"""Checkpoint retention for MLflow: keep the best, the recent and the protected; reclaim the rest."""

@@ -1,0 +1,57 @@
+"""What can go wrong talking to an upstream, written down once.
+
+::
+
+    UpstreamError                 an attempt failed; counts against the breaker
+    ├── ConnectFailed             no connection: refused, unreachable, DNS, or connect timeout   → connect_error 502
+    ├── UpstreamTimedOut          no response head within per_try, a body stalled, or total ran out → timeout 504
+    ├── ConnectionReset           the connection was lost before the response completed          → reset 502
+    └── BadResponse               the upstream spoke broken HTTP (bad framing, CR/NUL in a header) → bad_response 502
+
+``map_os_error`` is the one place where exceptions from the socket layer become these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy import retry
+
+
+class UpstreamError(Exception):
+    kind: str = "upstream_error"
+    status: int = 502
+
+    def __init__(self, message: str, *, sent_nothing: bool = False) -> None:
+        super().__init__(message)
+        # True when not one byte of the request can have reached the upstream: replay is always safe.
+        self.sent_nothing = sent_nothing
+
+
+class ConnectFailed(UpstreamError):
+    kind = retry.CONNECT_ERROR
+    status = 502
+
+
+class UpstreamTimedOut(UpstreamError):
+    kind = retry.TIMEOUT
+    status = 504
+
+
+class ConnectionReset(UpstreamError):
+    kind = retry.RESET
+    status = 502
+
+
+class BadResponse(UpstreamError):
+    kind = retry.BAD_RESPONSE
+    status = 502
+
+
+def map_connect_error(exc: BaseException, target: str) -> UpstreamError:
+    """Errors from ``loop.create_connection`` (and its timeout) as the hierarchy above."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return ConnectFailed(f"connect to {target} timed out", sent_nothing=True)
+    if isinstance(exc, OSError):
+        return ConnectFailed(f"connect to {target} failed: {exc.strerror or exc}", sent_nothing=True)
+    return ConnectFailed(f"connect to {target} failed: {exc!r}", sent_nothing=True)

@@ -1,0 +1,134 @@
+"""Retries, pure: when to try again, how long to wait, and how many retries the traffic can afford.
+
+- ``backoff_delays`` is a generator: ``base · 2ⁿ`` capped at ``max``, optionally with full jitter
+  (a uniform draw in ``[0, delay]``, from a seedable ``random.Random``), as AWS's backoff article recommends.
+- ``RetryRules`` answers whether an outcome is worth retrying for a method.
+- ``RetryBudget`` caps retries to a share of recent requests (Linkerd/Finagle's budget: ``ratio`` of the
+  requests in the last ``window`` seconds plus a floor of ``min_per_second``), so a failing upstream cannot turn
+  every caller into a retry storm.
+
+Sleeping is the caller's business (through its ``Clock``); nothing here touches asyncio.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Outcome kinds, as reported in ``x-sidecar-reason`` and accepted in ``retry_on``.
+CONNECT_ERROR = "connect_error"
+TIMEOUT = "timeout"
+RESET = "reset"
+BAD_RESPONSE = "bad_response"
+FAILURE_KINDS = frozenset({CONNECT_ERROR, TIMEOUT, RESET, BAD_RESPONSE})
+
+
+def backoff_delays(
+    base_delay: float, max_delay: float, jitter: bool, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Delays before retry 1, 2, 3, …: ``base_delay · 2ⁿ`` capped at ``max_delay``."""
+    draw = (rng or random.Random()).uniform
+    delay = base_delay
+    while True:
+        capped = min(delay, max_delay)
+        yield draw(0.0, capped) if jitter else capped
+        if delay < max_delay:  # stop doubling once capped, so the value never overflows
+            delay *= 2
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRules:
+    max_retries: int
+    retry_on_kinds: frozenset[str]  # connect_error, timeout, reset, bad_response
+    retry_on_statuses: frozenset[int]
+    methods: frozenset[str]
+
+    def method_allows(self, method: str) -> bool:
+        return method in self.methods
+
+    def outcome_allows(self, kind: str | None, status: int) -> bool:
+        """``kind`` is a failure kind for locally detected failures, else None and ``status`` is the answer's."""
+        if kind is not None:
+            return kind in self.retry_on_kinds
+        return status in self.retry_on_statuses
+
+
+def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | None:
+    """Seconds an upstream asked us to wait (RFC 9110 §10.2.3: delay-seconds or an HTTP-date)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - now_epoch)
+
+
+def choose_delay(backoff: float, retry_after: float | None, max_delay: float) -> float | None:
+    """The wait before the next try, honouring an upstream's Retry-After.
+
+    An upstream asking for less than the backoff gets its shorter wait; asking for more is honoured up to
+    ``max_delay``; asking for longer than that means "not soon": None, do not retry.
+    """
+    if retry_after is None:
+        return backoff
+    if retry_after <= max(backoff, max_delay):
+        return retry_after
+    return None
+
+
+_BUDGET_BUCKETS = 10
+
+
+class RetryBudget:
+    """Retries allowed in the last ``window`` seconds: ``min_per_second · window + ratio · requests``."""
+
+    __slots__ = ("_epochs", "_min_per_second", "_ratio", "_requests", "_retries", "_width", "window")
+
+    def __init__(self, ratio: float, min_per_second: float, window: float = 10.0) -> None:
+        self._ratio = ratio
+        self._min_per_second = min_per_second
+        self.window = window
+        self._width = window / _BUDGET_BUCKETS
+        self._epochs = [-1] * _BUDGET_BUCKETS
+        self._requests = [0] * _BUDGET_BUCKETS
+        self._retries = [0] * _BUDGET_BUCKETS
+
+    def _slot(self, now: float) -> int:
+        epoch = int(now // self._width)
+        slot = epoch % _BUDGET_BUCKETS
+        if self._epochs[slot] != epoch:
+            self._epochs[slot] = epoch
+            self._requests[slot] = self._retries[slot] = 0
+        return slot
+
+    def record_request(self, now: float) -> None:
+        self._requests[self._slot(now)] += 1
+
+    def totals(self, now: float) -> tuple[int, int]:
+        """(requests, retries) in the window."""
+        oldest = int(now // self._width) - _BUDGET_BUCKETS
+        requests = retries = 0
+        for slot in range(_BUDGET_BUCKETS):
+            if self._epochs[slot] > oldest:
+                requests += self._requests[slot]
+                retries += self._retries[slot]
+        return requests, retries
+
+    def allowance(self, now: float) -> float:
+        requests, _ = self.totals(now)
+        return self._min_per_second * self.window + self._ratio * requests
+
+    def try_spend(self, now: float) -> bool:
+        """Take one retry from the budget, or refuse."""
+        requests, retries = self.totals(now)
+        if retries >= self._min_per_second * self.window + self._ratio * requests:
+            return False
+        self._retries[self._slot(now)] += 1
+        return True
