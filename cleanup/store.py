@@ -1,0 +1,219 @@
+"""Everything that talks to MLflow: reads for planning, artifact and run deletion for the job.
+
+Only APIs that ship in ``mlflow-skinny`` are used (``MlflowClient`` and the artifact repository registry),
+so the container does not need the full server package. Artifacts are deleted through MLflow's artifact
+repository for the run's ``artifact_uri``; for ``mlflow-artifacts:/`` URIs that is an HTTP DELETE on the
+tracking server's artifact proxy, so the job needs no database or bucket credentials of its own.
+
+Page tokens of MLflow's search APIs are offsets into a result set, so everything is read to the end
+before anything is deleted (the planner runs on a complete snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient
+
+from cleanup.model import ExperimentRef, LoggedModelRef, ModelVersionRef, RunRecord
+
+log = logging.getLogger(__name__)
+
+RUN_PAGE_SIZE = 1000  # MLflow's default page; the threshold is 50,000 but big pages time out on slow servers
+REGISTRY_PAGE_SIZE = 1000
+# search_runs filters with one SQL IN clause per call; keep it a reasonable size.
+EXPERIMENTS_PER_SEARCH = 100
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactFile:
+    path: str  # relative to the artifact root it was listed from
+    size: int
+
+
+def _paged(search: Callable[..., Any]) -> Iterator[Any]:
+    """Call an MLflow ``search_*`` method page by page, following ``page_token`` to the last page."""
+    token: str | None = None
+    while True:
+        page = search(page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_record(run: Any, metric: str) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        run_id=info.run_id,
+        experiment_id=info.experiment_id,
+        status=info.status,
+        start_time_ms=info.start_time,
+        metric=data.metrics.get(metric),
+        tags=dict(data.tags),
+        name=info.run_name or "",
+        end_time_ms=info.end_time,
+        artifact_uri=info.artifact_uri or "",
+    )
+
+
+def _artifact_repository(artifact_uri: str) -> Any:
+    # MLflow's repository classes are partly untyped; keep the Any in one place.
+    return get_artifact_repository(artifact_uri)
+
+
+def _is_not_found(error: MlflowException) -> bool:
+    return getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+class MlflowStore:
+    """A thin, typed facade over ``MlflowClient`` for the cleanup job."""
+
+    def __init__(self, client: MlflowClient, page_size: int = RUN_PAGE_SIZE) -> None:
+        self.client = client
+        self.page_size = page_size
+
+    # ---- reads for planning -------------------------------------------------------------------------
+
+    def experiments(self, only: Sequence[str] = ()) -> list[ExperimentRef]:
+        """Every active experiment, or those whose id or name is in ``only``."""
+        found = [
+            ExperimentRef(exp.experiment_id, exp.name)
+            for exp in _paged(
+                partial(
+                    self.client.search_experiments,
+                    view_type=ViewType.ACTIVE_ONLY,
+                    max_results=REGISTRY_PAGE_SIZE,
+                )
+            )
+        ]
+        if not only:
+            return found
+        wanted = set(only)
+        selected = [exp for exp in found if exp.experiment_id in wanted or exp.name in wanted]
+        unknown = wanted - {exp.experiment_id for exp in selected} - {exp.name for exp in selected}
+        if unknown:
+            raise LookupError(f"no active experiment with id or name: {', '.join(sorted(unknown))}")
+        return selected
+
+    def runs(self, experiment_ids: Sequence[str], metric: str) -> Iterator[RunRecord]:
+        for chunk in _chunks(list(experiment_ids), EXPERIMENTS_PER_SEARCH):
+            search = partial(
+                self.client.search_runs,
+                experiment_ids=list(chunk),
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=self.page_size,
+            )
+            for run in _paged(search):
+                yield run_record(run, metric)
+
+    def model_versions(self) -> list[ModelVersionRef]:
+        """Every registered model version, with the aliases of its registered model attached.
+
+        ``search_model_versions`` returns versions without aliases, so aliases are read from
+        ``search_registered_models`` and joined here.
+        """
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model in _paged(partial(self.client.search_registered_models, max_results=REGISTRY_PAGE_SIZE)):
+            for alias, version in (model.aliases or {}).items():
+                aliases.setdefault((model.name, str(version)), []).append(alias)
+        return [
+            ModelVersionRef(
+                model_name=mv.name,
+                version=str(mv.version),
+                source=mv.source or "",
+                run_id=mv.run_id or None,
+                model_id=getattr(mv, "model_id", None) or None,
+                aliases=tuple(sorted(aliases.get((mv.name, str(mv.version)), []))),
+            )
+            for mv in _paged(partial(self.client.search_model_versions, max_results=REGISTRY_PAGE_SIZE))
+        ]
+
+    def versions_of_run(self, run_id: str) -> list[str]:
+        """``name vN`` of every version registered from this run (a re-check just before deletion)."""
+        versions = self.client.search_model_versions(filter_string=f"run_id = '{run_id}'")
+        return [f"{mv.name} v{mv.version}" for mv in versions]
+
+    def logged_models(self, experiment_ids: Sequence[str]) -> list[LoggedModelRef]:
+        models: list[LoggedModelRef] = []
+        for chunk in _chunks(list(experiment_ids), EXPERIMENTS_PER_SEARCH):
+            search = partial(self.client.search_logged_models, experiment_ids=list(chunk), max_results=100)
+            for model in _paged(search):
+                models.append(
+                    LoggedModelRef(
+                        model_id=model.model_id,
+                        experiment_id=model.experiment_id,
+                        name=model.name,
+                        source_run_id=model.source_run_id or None,
+                        artifact_location=model.artifact_location,
+                    )
+                )
+        return models
+
+    def get_run(self, run_id: str, metric: str) -> RunRecord | None:
+        """The run as it is now, or ``None`` if it is gone or already deleted."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            if _is_not_found(error):
+                return None
+            raise
+        if run.info.lifecycle_stage != "active":
+            return None
+        return run_record(run, metric)
+
+    def run_snapshot(self, run_id: str) -> dict[str, Any]:
+        """Params, metrics and tags of a run, for the archive (deleted metadata may later be purged)."""
+        snapshot: dict[str, Any] = self.client.get_run(run_id).to_dictionary()
+        return snapshot
+
+    # ---- artifacts ----------------------------------------------------------------------------------
+
+    def list_files(self, artifact_uri: str) -> list[ArtifactFile]:
+        """Every file under ``artifact_uri``, recursively, with its size."""
+        repo = _artifact_repository(artifact_uri)
+        files: list[ArtifactFile] = []
+        pending: list[str | None] = [None]
+        while pending:
+            directory = pending.pop()
+            for info in repo.list_artifacts(directory):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    files.append(ArtifactFile(info.path, int(info.file_size or 0)))
+        return sorted(files, key=lambda f: f.path)
+
+    def download_tree(self, artifact_uri: str, destination_dir: Path) -> None:
+        """Download every file under ``artifact_uri`` into ``destination_dir``, keeping relative paths."""
+        destination_dir.mkdir(parents=True, exist_ok=True)
+        _artifact_repository(artifact_uri).download_artifacts("", dst_path=str(destination_dir))
+
+    def delete_artifacts(self, artifact_uri: str) -> None:
+        _artifact_repository(artifact_uri).delete_artifacts()
+
+    # ---- metadata -----------------------------------------------------------------------------------
+
+    def delete_logged_model(self, model_id: str) -> None:
+        try:
+            self.client.delete_logged_model(model_id)
+        except MlflowException as error:
+            if not _is_not_found(error):
+                raise
+
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
