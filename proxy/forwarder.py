@@ -1,0 +1,377 @@
+"""The attempt loop: the only place that does upstream I/O for HTTP requests.
+
+    admit (bulkhead) → breaker.try_acquire → pick target → pooled connection → send → await response head
+        failure? (connect_error | timeout | reset | bad_response | 5xx) → breaker + outlier records it
+            retryable for this method and outcome, body replayable, budget allows, total allows
+            → backoff (clock.sleep) → again, on another target if there is one
+        otherwise → stream the answer (or make one) to the client
+
+A stale pooled connection (closed by the upstream while idle) is retried once on a fresh connection without
+counting as an attempt when nothing of the request can have been processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+from proxy import http1
+from proxy.body import BodyAborted
+from proxy.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
+from proxy.retry import backoff_delays, choose_delay, parse_retry_after
+from proxy.upstream.connection import ResponseHead, UpstreamConnection
+
+if TYPE_CHECKING:
+    from proxy.breaker import Permit
+    from proxy.listener import ClientConnection, Request
+    from proxy.runtime import UpstreamRuntime
+    from proxy.upstream.balancer import TargetState
+
+log = logging.getLogger("seawall.request")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_JSON = b"application/json"
+
+
+def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: bytes) -> bytes:
+    parts = [req.method_bytes, b" ", req.path, b" HTTP/1.1\r\nhost: ",
+             req.host if rt.policy.preserve_host and req.host else authority, b"\r\n"]
+    forwarded_for = None
+    dropped = req.connection_tokens
+    for name, value in req.headers:
+        lowered = name.lower()
+        if lowered in http1.HOP_BY_HOP or lowered in _SET_BY_SIDECAR or lowered in dropped:
+            if lowered == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            continue
+        parts += [name, b": ", value, b"\r\n"]
+    parts += [b"x-forwarded-for: ", req.client_ip if forwarded_for is None else forwarded_for + b", " +
+              req.client_ip, b"\r\n", framing, b"\r\n"]
+    return b"".join(parts)
+
+
+_SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
+
+
+def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
+    parts = [http1.status_line(head.status, head.reason)]
+    dropped = http1.connection_tokens(head.headers) if head.headers else frozenset()
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered in http1.HOP_BY_HOP or lowered in dropped:
+            continue
+        parts += [name, b": ", value, b"\r\n"]
+    if client_chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if attempts > 1:
+        parts.append(b"x-sidecar-attempts: %d\r\n" % attempts)
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class Exchange:
+    """One client request's journey. Holds what the finally-blocks need to clean up."""
+
+    __slots__ = ("_last_error", "attempts", "client", "conn", "permit", "pump", "req", "rt", "started")
+
+    def __init__(self, rt: UpstreamRuntime, req: Request, client: ClientConnection) -> None:
+        self.rt = rt
+        self.req = req
+        self.client = client
+        self.attempts = 0
+        self.permit: Permit | None = None
+        self.conn: UpstreamConnection | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.started = rt.clock.monotonic()
+        self._last_error: UpstreamError | None = None
+
+    # -- entry -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        rt = self.rt
+        stats = rt.stats
+        if not rt.bulkhead.try_enter():
+            if not await rt.bulkhead.enter():
+                stats.reject("overload")
+                self._local(503, "overload", "too many requests in flight to this upstream", decision=
+                            f"upstream={rt.name} reason=overload max_concurrent={rt.policy.limits.max_concurrent}")
+                return
+        try:
+            await self._attempts()
+        finally:
+            rt.bulkhead.leave()
+            self._release(abort=True)
+
+    async def _attempts(self) -> None:
+        rt, req = self.rt, self.req
+        clock, breaker, policy = rt.clock, rt.breaker, rt.policy
+        timeouts = policy.timeouts
+        deadline = self.started + timeouts.total
+        if rt.budget is not None:
+            rt.budget.record_request(self.started)
+        delays = None
+        exclude: TargetState | None = None
+        stale_retried = False
+        while True:
+            now = clock.monotonic()
+            permit = breaker.try_acquire(now)
+            if permit is None:
+                if rt.enforce:
+                    if self.attempts == 0:
+                        rt.stats.reject("breaker_open")
+                        self._breaker_open(now)
+                        return
+                    # The breaker opened while we backed off: stop at once with what we have.
+                    self._local_failure(self._last_error or ConnectionReset("breaker opened"),
+                                        "breaker_open")
+                    return
+                rt.stats.reject("breaker_open_shadow")
+            self.permit = permit
+            state = rt.balancer.pick(now, exclude)
+            self.attempts += 1
+            if self.attempts == 1 and req.expect_continue:
+                self.client.send_continue()
+            remaining = deadline - now
+            error: UpstreamError | None = None
+            head: ResponseHead | None = None
+            state.outstanding += 1
+            try:
+                head = await self._try(state, min(timeouts.per_try, remaining),
+                                       min(timeouts.connect, remaining))
+            except UpstreamError as exc:
+                error = exc
+            finally:
+                state.outstanding -= 1
+            conn = self.conn
+            if (error is not None and conn is not None and conn.reused and not stale_retried
+                    and not conn.received_any and isinstance(error, ConnectionReset)
+                    and (req.method in _IDEMPOTENT or error.sent_nothing) and self._body_replayable()):
+                # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
+                stale_retried = True
+                self.attempts -= 1
+                self._release(abort=True)
+                if permit is not None:
+                    breaker.record_ignored(permit)
+                self.permit = None
+                continue
+            failed_kind = error.kind if error is not None else ("5xx" if head and head.status >= 500 else None)
+            now = clock.monotonic()
+            if failed_kind is None:
+                await self._deliver(head, state)  # type: ignore[arg-type]
+                return
+            rt.stats.failed(failed_kind)
+            if permit is not None:
+                breaker.record_failure(permit, now, now - self.started)
+                self.permit = None
+            ejected = rt.balancer.report(state, ok=False, now=now, kind=failed_kind)
+            if ejected:
+                log.warning("target %s of %s ejected: %s", state.target, rt.name, ejected,
+                            extra={"event": "target_ejected", "upstream": rt.name,
+                                   "target": str(state.target), "reason": ejected})
+            self._last_error = error
+            # Should we go again?
+            if delays is None:
+                retry = policy.retry
+                delays = backoff_delays(retry.base_delay, retry.max_delay, retry.jitter, rt.rng)
+            why_not = self._why_not_retry(error, head)
+            delay = 0.0
+            if why_not is None:
+                retry_after = parse_retry_after(head.header(b"retry-after"), time.time()) if head else None
+                chosen = choose_delay(next(delays), retry_after, policy.retry.max_delay)
+                if chosen is None:
+                    why_not = "retry_after_too_long"
+                elif now + chosen >= deadline:
+                    why_not = "deadline"
+                else:
+                    delay = chosen
+            if why_not is None and rt.budget is not None and not rt.budget.try_spend(now):
+                rt.stats.reject("retry_budget")
+                why_not = "retry_budget"
+            if why_not is None and rt.enforce and breaker.retry_in(now) > delay:
+                why_not = "breaker_open"  # no point waiting: the next try would be refused
+            if why_not is not None:
+                if head is not None:
+                    await self._deliver(head, state, failed=True)
+                else:
+                    assert error is not None
+                    self._local_failure(error, why_not if why_not in ("retry_budget", "breaker_open") else None)
+                return
+            rt.stats.retries += 1
+            self._release(abort=head is None or not self._discard_answer())
+            exclude = state
+            if delay > 0:
+                await clock.sleep(delay)
+
+    def _why_not_retry(self, error: UpstreamError | None, head: ResponseHead | None) -> str | None:
+        rules = self.rt.rules
+        if self.attempts > rules.max_retries:
+            return "retries_exhausted"
+        if not rules.method_allows(self.req.method):
+            return "method_not_retried"
+        if not rules.outcome_allows(error.kind if error else None, head.status if head else 0):
+            return "outcome_not_retried"
+        if not self._body_replayable():
+            return "body_not_replayable"
+        return None
+
+    def _body_replayable(self) -> bool:
+        body = self.req.body
+        return body is None or (body.replayable and not body.streamed)
+
+    # -- one attempt -----------------------------------------------------------------------------------------
+
+    async def _try(self, state: TargetState, per_try: float, connect_timeout: float) -> ResponseHead:
+        if per_try <= 0:
+            raise UpstreamTimedOut("total timeout ran out")
+        conn = state.pool.take_idle()
+        if conn is None:
+            started = self.rt.clock.monotonic()
+            conn = await state.pool.connect(connect_timeout)
+            per_try -= self.rt.clock.monotonic() - started
+            if per_try <= 0:
+                conn.close()
+                raise UpstreamTimedOut("no time left after connecting")
+        self.conn = conn
+        req = self.req
+        body = req.body
+        whole = body.whole if body is not None else None
+        if body is None:
+            framing = b"content-length: 0\r\n" if req.method in ("POST", "PUT", "PATCH") else b""
+        elif whole is not None:
+            framing = b"content-length: %d\r\n" % len(whole)
+        elif body.length is not None:
+            framing = b"content-length: %d\r\n" % body.length
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+        head = _request_head(self.rt, req, state.target.authority.encode(), framing)
+        conn.request_complete = body is None or whole is not None
+        waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
+        if body is not None and whole is None:
+            self.pump = asyncio.get_running_loop().create_task(
+                self._pump_body(conn, chunked=body.length is None))
+        return await waiter
+
+    async def _pump_body(self, conn: UpstreamConnection, chunked: bool) -> None:
+        body = self.req.body
+        assert body is not None
+        try:
+            async for chunk in body.stream():
+                if not chunk:
+                    continue
+                conn.write_body(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+            if chunked:
+                conn.write_body(b"0\r\n\r\n")
+            conn.request_complete = True
+        except BodyAborted:
+            conn.abort()  # never let a half-sent request be completed by someone else's bytes
+        except UpstreamError:
+            pass  # the response side reports it
+
+    # -- answers ---------------------------------------------------------------------------------------------
+
+    async def _deliver(self, head: ResponseHead, state: TargetState, failed: bool = False) -> None:
+        rt, client, conn = self.rt, self.client, self.conn
+        assert conn is not None
+        client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
+        keep_alive = client.keep_alive and (head.framing != "eof" or client_chunked)
+        client.start_response(_response_head(head, client_chunked, self.attempts, keep_alive), client_chunked,
+                              keep_alive, conn)
+        status = head.status
+        permit, self.permit = self.permit, None
+        try:
+            if head.framing != "none":
+                await conn.deliver(client.write_body, rt.policy.timeouts.per_try)
+        except UpstreamError as exc:
+            # Too late for a clean answer: the client sees the body cut short, never a second status line.
+            now = rt.clock.monotonic()
+            rt.stats.failed(exc.kind)
+            if permit is not None:
+                rt.breaker.record_failure(permit, now, now - self.started)
+            rt.balancer.report(state, ok=False, now=now, kind=exc.kind)
+            rt.stats.answered(status, now - self.started)
+            client.abort()
+            return
+        except BaseException:
+            if permit is not None:
+                rt.breaker.record_ignored(permit)
+            raise
+        client.end_response()
+        now = rt.clock.monotonic()
+        duration = now - self.started
+        if not failed and permit is not None:
+            rt.breaker.record_success(permit, now, duration)
+            rt.balancer.report(state, ok=True, now=now)
+        rt.stats.answered(status, duration)
+        if client.log_requests:
+            log.info("%s %s -> %d", self.req.method, self.req.path.decode("latin-1"), status,
+                     extra={"event": "request", "upstream": rt.name, "status": status,
+                            "attempts": self.attempts, "duration_ms": round(duration * 1000, 3)})
+        self._release(abort=False)
+
+    def _discard_answer(self) -> bool:
+        """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""
+        conn = self.conn
+        return conn is not None and conn._complete  # noqa: SLF001 - the connection's own state
+
+    def _release(self, abort: bool) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if abort and conn.busy:
+                conn.abort()
+            else:
+                conn.finish()
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            self.rt.breaker.record_ignored(permit)
+
+    def _breaker_open(self, now: float) -> None:
+        rt = self.rt
+        snapshot = rt.breaker.snapshot(now)
+        retry_in = max(1, math.ceil(snapshot.retry_in))
+        last = snapshot.last_transition
+        why = "forced_open" if snapshot.override is not None else (last.reason if last else "open")
+        decision = f"upstream={rt.name} state={snapshot.effective_state.value} reason={why} retry_in={retry_in}s"
+        extra = [(b"retry-after", b"%d" % retry_in)]
+        fallback = rt.fallback
+        if fallback is not None:
+            self._local(fallback.status, "breaker_open", "", decision=decision, extra=extra,
+                        body=fallback.body.encode(), content_type=fallback.content_type.encode())
+        else:
+            self._local(503, "breaker_open", f"circuit breaker for {rt.name} is open", decision=decision,
+                        extra=extra)
+
+    def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
+        rt = self.rt
+        reason = error.kind if stopped_by != "retry_budget" else "retry_budget"
+        decision = f"upstream={rt.name} reason={error.kind} attempts={self.attempts}"
+        if stopped_by:
+            decision += f" retry_stopped_by={stopped_by}"
+        self._local(error.status, reason, str(error), decision=decision,
+                    extra=[(b"x-sidecar-attempts", b"%d" % self.attempts)] if self.attempts > 1 else [])
+
+    def _local(self, status: int, reason: str, detail: str, decision: str,
+               extra: list[tuple[bytes, bytes]] | None = None, body: bytes | None = None,
+               content_type: bytes = _JSON) -> None:
+        headers = [(b"x-sidecar-reason", reason.encode()), (b"x-sidecar-decision", decision.encode())]
+        if extra:
+            headers += extra
+        if body is None:
+            body = http1.error_body(reason, self.rt.name, detail)
+        self.client.send_local(status, body, content_type, headers)
+        self.rt.stats.answered(status, self.rt.clock.monotonic() - self.started)
+
+
+async def forward(rt: UpstreamRuntime, req: Request, client: ClientConnection) -> None:
+    """Serve one request; a client that goes away cancels this, which drops the upstream attempt at once."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await Exchange(rt, req, client).run()

@@ -1,0 +1,365 @@
+"""The client side: one asyncio protocol per accepted connection on an upstream's listener.
+
+Requests are parsed by llhttp (httptools) in strict mode, which already refuses Content-Length with
+Transfer-Encoding, duplicate or malformed lengths, bad chunk sizes, CR/LF/NUL in header values and whitespace
+before the colon. On top of that the sidecar refuses what llhttp lets through but a proxy must not: a
+Transfer-Encoding other than exactly ``chunked``, Transfer-Encoding on HTTP/1.0, several Host headers, and
+request targets other than origin-form (absolute-form is reduced to its path: the listener alone picks the
+destination). Any of these is answered 400 and the connection closed; nothing of it reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy import http1
+from proxy.body import RequestBody
+from proxy.config import HttpServerPolicy
+from proxy.forwarder import forward
+
+if TYPE_CHECKING:
+    from proxy.runtime import UpstreamRuntime
+    from proxy.upstream.connection import UpstreamConnection
+
+log = logging.getLogger("seawall.listener")
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "client_ip",
+        "connection_tokens",
+        "expect_continue",
+        "headers",
+        "host",
+        "method",
+        "method_bytes",
+        "path",
+    )
+
+    def __init__(self, method_bytes: bytes, path: bytes, headers: list[tuple[bytes, bytes]], client_ip: bytes
+                 ) -> None:
+        self.method_bytes = method_bytes
+        self.method = method_bytes.decode("ascii")
+        self.path = path
+        self.headers = headers
+        self.client_ip = client_ip
+        self.body: RequestBody | None = None
+        self.host: bytes | None = None
+        self.expect_continue = False
+        self.connection_tokens: frozenset[bytes] = frozenset()
+
+
+def _origin_form(url: bytes) -> bytes:
+    if url[:1] == b"/":
+        return url
+    if url == b"*":
+        return url
+    lowered = url[:8].lower()
+    if lowered.startswith((b"http://", b"https://")):
+        # Absolute-form never chooses the destination: keep its path and query only.
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError as exc:
+            raise RequestRejected(400, "malformed request target") from exc
+        path = parsed.path or b"/"
+        return path + (b"?" + parsed.query if parsed.query else b"")
+    raise RequestRejected(400, "request target must be a path")
+
+
+class ClientConnection(asyncio.Protocol):
+    """Serves one client connection: parse, hand each request to the forwarder, write answers in order."""
+
+    def __init__(self, get_runtime: Callable[[], UpstreamRuntime], http: HttpServerPolicy,
+                 connections: set[ClientConnection], log_requests: bool) -> None:
+        self._get_runtime = get_runtime
+        self._http = http
+        self._connections = connections
+        self.log_requests = log_requests
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._client_ip = b"unknown"
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._parsing: Request | None = None
+        self._queue: deque[Request] = deque()
+        self._active: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self.http11 = True
+        self.keep_alive = True
+        self._chunked_out = False
+        self._response_started = False
+        self._upstream: UpstreamConnection | None = None
+        self._reading_paused = False
+        self._request_keep_alive: deque[tuple[bool, bool]] = deque()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self._client_ip = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm_timer(self._http.keepalive_timeout, self._on_idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except RequestRejected as exc:
+            self._reject(exc.status, str(exc))
+        except httptools.HttpParserUpgrade:
+            method = self._parser.get_method()
+            if method == b"CONNECT":
+                self._reject(405, "CONNECT is not served: a listener only forwards to its own targets")
+            else:
+                self._reject(501, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self._reject(cause.status, str(cause))
+            else:
+                log.exception("request parsing failed")
+                self._reject(400, "malformed request")
+        except httptools.HttpParserError as exc:
+            self._reject(400, f"malformed request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._connections.discard(self)
+        self._cancel_timer()
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.fail(ConnectionError("client disconnected"))
+        task = self._active
+        if task is not None and not task.done():
+            task.cancel()  # the forwarder drops its upstream attempt at once
+
+    def pause_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self._active is None:
+            self._arm_timer(self._http.header_timeout, self._on_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._http.max_url_bytes:
+            raise RequestRejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if len(self._headers) > self._http.max_headers or self._header_bytes > self._http.max_header_bytes:
+            raise RequestRejected(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        req = Request(parser.get_method(), _origin_form(self._url), self._headers, self._client_ip)
+        http11 = parser.get_http_version() == "1.1"
+        hosts = 0
+        content_length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"host":
+                hosts += 1
+                req.host = value
+            elif lowered == b"content-length":
+                content_length = int(value)  # llhttp has validated it is digits, and the only one
+            elif lowered == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or chunked:
+                    raise RequestRejected(400, "Transfer-Encoding other than a single 'chunked'")
+                if not http11:
+                    raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
+                chunked = True
+            elif lowered == b"connection":
+                req.connection_tokens = http1.connection_tokens([(name, value)]) | req.connection_tokens
+            elif lowered == b"expect" and value.strip().lower() == b"100-continue":
+                req.expect_continue = http11
+        if hosts > 1:
+            raise RequestRejected(400, "several Host headers")
+        if hosts == 0 and http11:
+            raise RequestRejected(400, "missing Host header")
+        if chunked or (content_length or 0) > 0:
+            req.body = RequestBody(None if chunked else content_length, self._http.replay_buffer_bytes,
+                                   self._pause_reading, self._resume_reading)
+        self._parsing = req
+        self._request_keep_alive.append((http11, bool(parser.should_keep_alive())))
+        if self._active is None:
+            self._cancel_timer()
+            self._start(req)
+        else:
+            # Pipelined: answer in order; stop reading until the one in flight is done.
+            self._queue.append(req)
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is not None and req.body is not None:
+            req.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        if req is not None and req.body is not None:
+            req.body.finish()
+        self._parsing = None
+
+    # -- serving ---------------------------------------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        self.http11, self.keep_alive = self._request_keep_alive.popleft()
+        self._response_started = False
+        self._chunked_out = False
+        self._active = self.loop.create_task(self._serve(req))
+
+    async def _serve(self, req: Request) -> None:
+        try:
+            await forward(self._get_runtime(), req, self)
+        except Exception:
+            log.exception("forwarding failed")
+            if not self._response_started:
+                self.send_local(500, http1.error_body("internal_error", None, "see the sidecar's log"),
+                                b"application/json", [(b"x-sidecar-reason", b"internal_error")])
+            else:
+                self.abort()
+        finally:
+            self._active = None
+            self._upstream = None
+            self._after_response(req)
+
+    def _after_response(self, req: Request) -> None:
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        if not self.keep_alive or (req.body is not None and not req.body.complete):
+            # An unread body would be taken for the next request: close instead of guessing.
+            self._close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            return
+        self._resume_reading()
+        self._arm_timer(self._http.keepalive_timeout, self._on_idle_timeout)
+
+    # -- answers (called by the forwarder) -------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def send_local(self, status: int, body: bytes, content_type: bytes, headers: http1.Headers) -> None:
+        if self._response_started or self.transport is None or self._closing:
+            return
+        self._response_started = True
+        self.transport.write(http1.local_response(status, body, content_type, headers, self.keep_alive))
+
+    def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
+        self._response_started = True
+        self._chunked_out = chunked
+        self.keep_alive = keep_alive
+        self._upstream = upstream
+        if self.transport is not None and not self._closing:
+            self.transport.write(head)
+
+    def write_body(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if self._chunked_out:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    def end_response(self) -> None:
+        if self._chunked_out and self.transport is not None and not self._closing:
+            self.transport.write(b"0\r\n\r\n")
+        self._upstream = None
+
+    def abort(self) -> None:
+        """Cut the response short: the client sees a truncated body, never a second status line."""
+        self.keep_alive = False
+        if self.transport is not None:
+            self._closing = True
+            self.transport.abort()
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _reject(self, status: int, detail: str) -> None:
+        if self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.fail(ValueError(detail))
+        if self._active is None and not self._response_started:
+            self.keep_alive = False
+            body = http1.error_body("bad_request", None, detail)
+            if self.transport is not None:
+                self.transport.write(http1.local_response(
+                    status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False))
+        self._close()
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        self._reject(408, "request head not received in time")
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        self._close()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown_when_idle(self) -> None:
+        """For draining: close now if idle, else after the answer in flight."""
+        self.keep_alive = False
+        if self._active is None:
+            self._close()

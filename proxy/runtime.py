@@ -1,0 +1,120 @@
+"""One upstream's live state: its policy and the breaker, budget, targets, bulkhead and counters enforcing it.
+
+A reload builds a new ``UpstreamRuntime`` from the new policy and hands over what must survive: the breaker
+(when its policy did not change), the counters, and the connection pools (when the targets did not change).
+Requests already in flight keep the runtime they started with.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from proxy.breaker import CircuitBreaker, State, Transition
+from proxy.clock import Clock
+from proxy.config import UpstreamPolicy
+from proxy.limits import Bulkhead
+from proxy.metrics import UpstreamStats, UpstreamView
+from proxy.retry import RetryBudget, RetryRules
+from proxy.upstream.balancer import Balancer
+
+log = logging.getLogger("seawall.breaker")
+
+RECENT_TRANSITIONS = 20
+
+
+@dataclass(slots=True)
+class HealthStatus:
+    """The latest verdict of the active checks (see ``proxy.upstream.health``)."""
+
+    healthy: bool | None = None  # None until the first check ends
+    latency: float = 0.0
+    checked_at: float = 0.0  # wall time
+    detail: str = ""
+    consecutive_passes: int = 0
+    consecutive_failures: int = 0
+
+
+class UpstreamRuntime:
+    def __init__(self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None,
+                 idle_timeout: float = 30.0) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.clock = clock
+        self.stats = previous.stats if previous is not None else UpstreamStats()
+        self.recent_transitions: collections.deque[Transition] = (
+            previous.recent_transitions if previous is not None else collections.deque(maxlen=RECENT_TRANSITIONS)
+        )
+        same_breaker = previous is not None and previous.policy.breaker == policy.breaker
+        if previous is not None and same_breaker:
+            self.breaker = previous.breaker
+            self.breaker.on_transition = self._on_transition
+        else:
+            self.breaker = CircuitBreaker(policy.name, policy.breaker.settings(), self._on_transition)
+        retry = policy.retry
+        self.rules = RetryRules(retry.max_retries, retry.retry_kinds(), retry.retry_statuses(),
+                                frozenset(retry.methods))
+        if previous is not None and previous.policy.retry.budget == retry.budget:
+            self.budget = previous.budget
+        else:
+            self.budget = RetryBudget(retry.budget.ratio, retry.budget.min_per_second) if retry.budget else None
+        if previous is not None and previous.policy.targets == policy.targets and (
+            previous.policy.outlier == policy.outlier and previous.policy.balance == policy.balance
+        ):
+            self.balancer = previous.balancer
+        else:
+            self.balancer = Balancer(policy.targets, policy.balance, policy.outlier, idle_timeout)
+        self.bulkhead = Bulkhead(policy.limits, self.stats)
+        self.health = previous.health if previous is not None and previous.policy.health == policy.health \
+            else HealthStatus()
+        self.rng = random.Random()
+        self.enforce = policy.breaker.enforce
+        self.fallback = policy.fallback
+
+    def _on_transition(self, transition: Transition) -> None:
+        if transition.from_state is transition.to_state:
+            return  # a reset of a closed breaker changes nothing worth counting
+        self.stats.transition(transition.from_state.value, transition.to_state.value)
+        self.recent_transitions.append(transition)
+        log.warning(
+            "breaker %s: %s -> %s (%s)", self.name, transition.from_state.value, transition.to_state.value,
+            transition.reason,
+            extra={"event": "breaker_transition", "upstream": self.name,
+                   "from_state": transition.from_state.value, "to_state": transition.to_state.value,
+                   "reason": transition.reason, "wall_time": time.time()},
+        )
+
+    def effective_state(self) -> State:
+        return self.breaker.snapshot(self.clock.monotonic()).effective_state
+
+    def view(self) -> UpstreamView:
+        def health_up() -> tuple[bool, float] | None:
+            if self.policy.health is None or self.health.healthy is None:
+                return None
+            return self.health.healthy, self.health.latency
+
+        def ejected() -> list[tuple[str, bool]]:
+            if len(self.balancer.states) < 2:
+                return []
+            now = self.clock.monotonic()
+            return [(str(s.target), s.ejected(now)) for s in self.balancer.states]
+
+        def budget_remaining() -> float | None:
+            if self.budget is None:
+                return None
+            now = self.clock.monotonic()
+            _, retries = self.budget.totals(now)
+            return max(0.0, self.budget.allowance(now) - retries)
+
+        return UpstreamView(
+            name=self.name,
+            stats=self.stats,
+            breaker_state=lambda: self.effective_state().value,
+            connections=self.balancer.connection_counts,
+            health_up=health_up,
+            ejected_targets=ejected,
+            budget_remaining=budget_remaining,
+        )

@@ -1,0 +1,348 @@
+"""The running sidecar: listeners, admin server, checks, live reload, graceful shutdown.
+
+Shutdown follows uvicorn's order: stop accepting, let in-flight requests finish (up to ``drain_timeout``),
+close idle client connections and upstream pools, then exit. A second SIGTERM/SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from proxy.clock import Clock, SystemClock
+from proxy.config import Address, ConfigError, SidecarConfig, UpstreamPolicy, load_file
+from proxy.listener import ClientConnection
+from proxy.metrics import ProcessStats
+from proxy.runtime import UpstreamRuntime
+from proxy.tcp import TcpClient
+from proxy.upstream import health
+
+log = logging.getLogger("seawall.server")
+
+WATCH_INTERVAL = 0.5  # seconds between looks at the policy file
+
+
+class _Drainable(Protocol):
+    def shutdown_when_idle(self) -> None: ...
+
+
+@dataclass
+class Listener:
+    name: str
+    address: Address
+    protocol: str
+    server: asyncio.Server
+    connections: set[Any] = field(default_factory=set)
+
+
+@dataclass
+class LoadedFile:
+    path: str
+    sha256: str
+    loaded_at: float  # wall time
+
+
+class Sidecar:
+    def __init__(self, config_path: str | Path, clock: Clock | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.config_path = str(config_path)
+        self.clock = clock or SystemClock()
+        self.environ = environ
+        self.config: SidecarConfig | None = None
+        self.loaded: LoadedFile | None = None
+        self.runtimes: dict[str, UpstreamRuntime] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.process_stats = ProcessStats()
+        self.ready = False
+        self.started_at = time.time()
+        self.last_reload_error: list[str] = []
+        self._stop_checks: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._admin_runner: Any = None
+        self._stopping = False
+
+    # -- start -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = load_file(self.config_path, self.environ)
+        for warning in _warnings(self.config_path, self.environ):
+            log.warning("%s", warning, extra={"event": "config_warning"})
+        await self._apply(config)
+        from proxy.admin import start_admin
+
+        self._admin_runner = await start_admin(self, config.admin.listen)
+        self._spawn(self._sweep_pools())
+        self.ready = True
+        log.info("sidecar ready: %d upstream(s), admin on %s", len(config.upstreams), config.admin.listen,
+                 extra={"event": "ready", "config": self.config_path, "sha256": config.sha256})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, config: SidecarConfig) -> None:
+        """Bring the running state to ``config``: bind first (so a bad address changes nothing), then swap."""
+        old = self.config
+        new_policies = {u.name: u for u in config.upstreams}
+        to_bind = [u for u in config.upstreams
+                   if u.name not in self.listeners or self.listeners[u.name].address != u.listen
+                   or self.listeners[u.name].protocol != u.protocol]
+        bound: dict[str, Listener] = {}
+        try:
+            for policy in to_bind:
+                bound[policy.name] = await self._bind(policy, config)
+        except OSError:
+            for listener in bound.values():
+                listener.server.close()
+            raise
+        runtimes = {}
+        for name, policy in new_policies.items():
+            previous = self.runtimes.get(name)
+            if previous is not None and previous.policy.protocol != policy.protocol:
+                previous = None
+            runtimes[name] = UpstreamRuntime(policy, self.clock, previous,
+                                             idle_timeout=config.http.upstream_idle_timeout)
+        self.runtimes = runtimes  # new requests see the new policies from here on
+        self.config = config
+        for name, listener in bound.items():
+            replaced = self.listeners.get(name)
+            self.listeners[name] = listener
+            if replaced is not None:
+                self._spawn(self._retire(replaced, config.http.drain_timeout))
+        for name in [n for n in self.listeners if n not in new_policies]:
+            self._spawn(self._retire(self.listeners.pop(name), config.http.drain_timeout))
+        self._restart_checks(old, config)
+        self.loaded = LoadedFile(config.source, config.sha256, time.time())
+        self.process_stats.last_reload = self.loaded.loaded_at
+
+    async def _bind(self, policy: UpstreamPolicy, config: SidecarConfig) -> Listener:
+        loop = asyncio.get_running_loop()
+        name = policy.name
+        connections: set[Any] = set()
+
+        def get_runtime() -> UpstreamRuntime:
+            return self.runtimes[name]
+
+        if policy.protocol == "tcp":
+            def factory() -> asyncio.Protocol:
+                return TcpClient(get_runtime, connections)
+        else:
+            http, log_requests = config.http, config.logging.requests
+
+            def factory() -> asyncio.Protocol:
+                return ClientConnection(get_runtime, http, connections, log_requests)
+
+        server = await loop.create_server(factory, policy.listen.host, policy.listen.port, reuse_address=True,
+                                          backlog=2048)
+        log.info("listening for %s on %s (%s)", name, policy.listen, policy.protocol,
+                 extra={"event": "listener_started", "upstream": name, "listen": str(policy.listen)})
+        return Listener(name, policy.listen, policy.protocol, server, connections)
+
+    async def _retire(self, listener: Listener, drain_timeout: float) -> None:
+        """Stop accepting on a listener that was removed or moved; let its requests finish first."""
+        listener.server.close()
+        for conn in list(listener.connections):
+            conn.shutdown_when_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout):
+                while listener.connections:
+                    await asyncio.sleep(0.05)
+        for conn in list(listener.connections):
+            conn.close()
+        log.info("listener for %s on %s stopped", listener.name, listener.address,
+                 extra={"event": "listener_stopped", "upstream": listener.name})
+
+    def _restart_checks(self, old: SidecarConfig | None, new: SidecarConfig) -> None:
+        old_health = {u.name: (u.health, u.targets, u.protocol) for u in old.upstreams} if old else {}
+        for upstream in new.upstreams:
+            key = (upstream.health, upstream.targets, upstream.protocol)
+            if upstream.name in self._stop_checks and old_health.get(upstream.name) == key:
+                continue
+            self._stop_check(upstream.name)
+            if upstream.health is not None:
+                stop = asyncio.Event()
+                self._stop_checks[upstream.name] = stop
+                name = upstream.name
+                self._spawn(health.run_checks(lambda n=name: self.runtimes[n], stop))  # type: ignore[misc]
+        for name in [n for n in self._stop_checks if n not in {u.name for u in new.upstreams}]:
+            self._stop_check(name)
+
+    def _stop_check(self, name: str) -> None:
+        stop = self._stop_checks.pop(name, None)
+        if stop is not None:
+            stop.set()
+
+    async def _sweep_pools(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = asyncio.get_running_loop().time()
+            for rt in list(self.runtimes.values()):
+                for pool in rt.balancer.pools():
+                    pool.sweep(now)
+
+    # -- reload ----------------------------------------------------------------------------------------------
+
+    async def reload(self, trigger: str) -> bool:
+        """Load the file again; a broken one leaves everything as it was."""
+        async with self._reload_lock:
+            try:
+                config = load_file(self.config_path, self.environ)
+                await self._apply(config)
+            except ConfigError as exc:
+                self.process_stats.reloads["failure"] += 1
+                self.last_reload_error = [str(i) for i in exc.issues]
+                log.error("reload rejected (%s): keeping the running policy; %d error(s)", trigger,
+                          len(exc.issues), extra={"event": "reload_failed", "trigger": trigger,
+                                                  "errors": self.last_reload_error})
+                return False
+            except OSError as exc:
+                self.process_stats.reloads["failure"] += 1
+                self.last_reload_error = [f"cannot bind: {exc}"]
+                log.error("reload rejected (%s): %s", trigger, exc,
+                          extra={"event": "reload_failed", "trigger": trigger})
+                return False
+            self.process_stats.reloads["success"] += 1
+            self.last_reload_error = []
+            assert self.config is not None
+            log.info("policy reloaded (%s)", trigger, extra={"event": "reload", "trigger": trigger,
+                                                            "sha256": self.config.sha256})
+            return True
+
+    async def watch(self) -> None:
+        """Reload when the file's content changes and has stayed the same for one more look (editors save in
+        several steps: truncate, write, rename)."""
+        seen = self.loaded.sha256 if self.loaded else ""
+        candidate = None
+        while not self._stopping:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                digest = hashlib.sha256(Path(self.config_path).read_bytes()).hexdigest()
+            except OSError:
+                continue  # mid-rename: look again
+            if digest == seen:
+                candidate = None
+                continue
+            if digest != candidate:
+                candidate = digest
+                continue
+            seen = digest
+            candidate = None
+            await self.reload("file_changed")
+
+    # -- stop ------------------------------------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self.ready = False
+        timeout = drain_timeout if drain_timeout is not None else (
+            self.config.http.drain_timeout if self.config else 5.0)
+        log.info("draining (up to %gs)", timeout, extra={"event": "draining"})
+        for listener in self.listeners.values():
+            listener.server.close()
+        for listener in self.listeners.values():
+            for conn in list(listener.connections):
+                conn.shutdown_when_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(listener.connections for listener in self.listeners.values()
+                          if listener.protocol == "http"):
+                    await asyncio.sleep(0.05)
+        for listener in self.listeners.values():
+            for conn in list(listener.connections):
+                conn.close()
+        for name in list(self._stop_checks):
+            self._stop_check(name)
+        for task in list(self._tasks):
+            task.cancel()
+        for rt in self.runtimes.values():
+            for pool in rt.balancer.pools():
+                pool.abort_all()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped", extra={"event": "stopped"})
+
+
+def _warnings(path: str, environ: Mapping[str, str] | None) -> list[str]:
+    from proxy.config import load_text
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    _, issues = load_text(text, path, environ)
+    return [str(i) for i in issues if i.severity == "warning"]
+
+
+async def serve(config_path: str, demo: bool, watch: bool) -> int:
+    loop = asyncio.get_running_loop()
+    demo_runner = None
+    if demo:
+        from proxy.demo import DEMO_HOST, DEMO_PORT, start_demo
+
+        demo_runner = await start_demo()
+        log.info("demo upstream on http://%s:%d", DEMO_HOST, DEMO_PORT, extra={"event": "demo_started"})
+    sidecar = Sidecar(config_path)
+    try:
+        await sidecar.start()
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{config_path}: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_stop_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now", extra={"event": "forced_exit"})
+            os._exit(1)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
+    loop.add_signal_handler(signal.SIGINT, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, lambda: sidecar._spawn(sidecar.reload("SIGHUP")))
+    if watch:
+        sidecar._spawn(sidecar.watch())
+    await stop.wait()
+    await sidecar.stop()
+    if demo_runner is not None:
+        await demo_runner.cleanup()
+    return 0
+
+
+def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
+    from proxy import logs
+    from proxy.config import load_text
+
+    level = log_level
+    if level is None:
+        try:
+            config, _ = load_text(Path(config_path).read_text(encoding="utf-8"), config_path)
+            level = config.logging.level if config else "info"
+        except OSError:
+            level = "info"
+    logs.configure(level)
+    try:
+        import uvloop
+
+        return uvloop.run(serve(config_path, demo, watch))
+    except ImportError:
+        return asyncio.run(serve(config_path, demo, watch))

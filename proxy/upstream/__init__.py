@@ -1,0 +1,1 @@
+"""Talking to upstreams: connections, pools, target choice, outlier ejection, active checks."""

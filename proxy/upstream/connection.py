@@ -1,0 +1,308 @@
+"""One keep-alive HTTP/1.1 connection to a target, as an asyncio protocol.
+
+The response is parsed with llhttp (httptools) in strict mode: bad framing, CR/LF/NUL inside header values and
+similar tricks from a broken or malicious upstream end the exchange as ``BadResponse``. Body chunks go straight
+from ``data_received`` to the client's transport once the forwarder has decided to deliver the answer, so the
+body is never buffered whole, and back-pressure flows both ways through pause/resume_reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import TargetPool
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class ResponseHead:
+    __slots__ = ("content_length", "framing", "headers", "keep_alive", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        framing: str,
+        content_length: int | None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.framing = framing  # "length" | "chunked" | "eof" | "none"
+        self.content_length = content_length
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """Carries one exchange at a time; returns itself to its pool when the exchange ends cleanly."""
+
+    def __init__(self, pool: TargetPool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.busy = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_waiter: asyncio.Future[ResponseHead] | None = None
+        self._done_waiter: asyncio.Future[None] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head: ResponseHead | None = None
+        self._pending_body: list[bytes] = []
+        self._sink: Callable[[bytes], None] | None = None
+        self._complete = False
+        self._received_any = False
+        self._head_only = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_limit = 0.0
+        self._last_activity = 0.0
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._on_pause: Callable[[bool], None] | None = None
+        self.request_complete = True
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        if not self.busy:
+            # Bytes nobody asked for: the connection is out of step and must not be reused.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(BadResponse(f"upstream sent malformed HTTP: {exc}"))
+            return
+        if self._head_only and self._head is not None:
+            # llhttp cannot be told a HEAD answer has no body; start afresh for the next exchange.
+            self._parser = httptools.HttpResponseParser(self)
+            self._on_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.pool.forget(self)
+        if not self.busy:
+            return
+        head = self._head
+        if head is not None and head.framing == "eof" and exc is None and not self._complete:
+            self._on_complete()  # a close-delimited body ends with the connection
+            return
+        if not self._complete:
+            detail = "before the response head" if head is None else "in the middle of the body"
+            self._fail(ConnectionReset(f"upstream closed the connection {detail}",
+                                       sent_nothing=False))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionReset("upstream closed while receiving the body"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
+            self._headers = []
+            return
+        headers = self._headers
+        framing, length = "eof", None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                framing = "chunked"
+            elif lowered == b"content-length" and framing != "chunked":
+                framing, length = "length", int(value)
+        if self._head_only or status in _NO_BODY_STATUSES or (framing == "length" and length == 0):
+            framing = "none" if not (framing == "length" and length == 0) else "length"
+        keep_alive = self._parser.should_keep_alive() and framing != "eof"
+        self._head = ResponseHead(status, self._reason, headers, keep_alive, framing, length)
+        self._headers = []
+        self._cancel_timer()
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._head)
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            self._last_activity = self.loop.time()
+            sink(body)
+        else:
+            self._pending_body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._head is None:
+            return  # the end of an interim 1xx answer
+        if not self._head_only:
+            self._on_complete()
+
+    # -- the exchange ----------------------------------------------------------------------------------------
+
+    def begin(self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
+              ) -> asyncio.Future[ResponseHead]:
+        """Send a request head (and a body already in hand); the future resolves with the response head."""
+        assert self.transport is not None and not self.busy
+        self.busy = True
+        self._head = None
+        self._headers = []
+        self._pending_body = []
+        self._sink = None
+        self._complete = False
+        self._received_any = False
+        self._head_only = head_only
+        self._done_waiter = None
+        waiter = self.loop.create_future()
+        self._head_waiter = waiter
+        if self.closed or self.transport.is_closing():
+            waiter.set_exception(ConnectionReset("pooled connection was already closed", sent_nothing=True))
+            return waiter
+        self.transport.write(head + body if body else head)
+        self._timer = self.loop.call_later(head_timeout, self._on_head_timeout, head_timeout)
+        return waiter
+
+    @property
+    def received_any(self) -> bool:
+        return self._received_any
+
+    def write_body(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the upstream's socket buffer is full (a large upload to a slow reader)."""
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+
+    def deliver(self, sink: Callable[[bytes], None], idle_timeout: float) -> asyncio.Future[None]:
+        """Stream the body into ``sink``; the future resolves when the response is complete."""
+        waiter = self.loop.create_future()
+        self._done_waiter = waiter
+        for chunk in self._pending_body:
+            sink(chunk)
+        self._pending_body = []
+        if self._complete:
+            waiter.set_result(None)
+            return waiter
+        if self.closed:
+            waiter.set_exception(ConnectionReset("upstream closed the connection in the middle of the body"))
+            return waiter
+        self._sink = sink
+        self._idle_limit = idle_timeout
+        self._last_activity = self.loop.time()
+        self._timer = self.loop.call_later(idle_timeout, self._check_idle)
+        return waiter
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def finish(self) -> None:
+        """The exchange is over: back to the pool if the connection is clean, else closed."""
+        self.busy = False
+        self._sink = None
+        self._cancel_timer()
+        head = self._head
+        if (self._complete and head is not None and head.keep_alive and self.request_complete
+                and not self.closed and self.transport is not None and not self.transport.is_closing()):
+            if self.transport.is_reading() is False:
+                self.transport.resume_reading()
+            self.reused = True
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.busy = False
+        self._sink = None
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.pool.forget(self)
+
+    def abort(self) -> None:
+        """Drop the connection at once (client went away, timeout): nothing more is read or sent on it."""
+        self.busy = False
+        self._sink = None
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+            self.pool.forget(self)
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _on_complete(self) -> None:
+        self._complete = True
+        self._cancel_timer()
+        waiter = self._done_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._cancel_timer()
+        for waiter in (self._head_waiter, self._done_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                break
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+            self.pool.forget(self)
+
+    def _on_head_timeout(self, limit: float) -> None:
+        self._timer = None
+        self._fail(UpstreamTimedOut(f"no response head within {limit:g}s"))
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        silent = self.loop.time() - self._last_activity
+        if silent >= self._idle_limit:
+            self._fail(UpstreamTimedOut(f"response body stalled for {self._idle_limit:g}s"))
+        else:
+            self._timer = self.loop.call_later(self._idle_limit - silent, self._check_idle)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

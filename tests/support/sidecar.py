@@ -1,0 +1,131 @@
+"""Start a sidecar for a test: in-process (fast, same event loop) or as a real ``sidecar run`` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.server import Sidecar
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_policy(path: Path, upstreams: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None,
+                 admin_port: int | None = None, **top: Any) -> Path:
+    """A policy file with fast test-friendly defaults (short timeouts, no jitter), overridable per test."""
+    base_defaults: dict[str, Any] = {
+        "timeouts": {"connect": "500ms", "per_try": "2s", "total": "5s"},
+        "breaker": {"failure_threshold": 5, "window": "60s", "open_duration": "60s"},
+        "retry": {"max_retries": 0, "base_delay": "50ms", "max_delay": "200ms", "jitter": False},
+    }
+    for key, value in (defaults or {}).items():
+        if isinstance(value, dict) and isinstance(base_defaults.get(key), dict):
+            base_defaults[key] = {**base_defaults[key], **value}
+        else:
+            base_defaults[key] = value
+    document: dict[str, Any] = {
+        "admin": {"listen": f"127.0.0.1:{admin_port or free_port()}", "token_env": "SEAWALL_TEST_TOKEN"},
+        "defaults": base_defaults,
+        "upstreams": upstreams,
+        **top,
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(policy: Path) -> AsyncIterator[Sidecar]:
+    sidecar = Sidecar(policy)
+    await sidecar.start()
+    try:
+        yield sidecar
+    finally:
+        await sidecar.stop(drain_timeout=1.0)
+
+
+def admin_url(sidecar: Sidecar) -> str:
+    assert sidecar.config is not None
+    address = sidecar.config.admin.listen
+    return f"http://{address.host}:{address.port}"
+
+
+def listener_url(sidecar: Sidecar, upstream: str) -> str:
+    assert sidecar.config is not None
+    address = sidecar.config.upstream(upstream).listen
+    return f"http://{address.host}:{address.port}"
+
+
+class SidecarProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], admin: str, log_path: Path) -> None:
+        self.proc = proc
+        self.admin = admin
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+
+@contextlib.contextmanager
+def sidecar_process(policy: Path, *extra: str, env: dict[str, str] | None = None,
+                    ready_timeout: float = 15.0) -> Iterator[SidecarProcess]:
+    """``sidecar run --config policy`` as a real process; waits until /ready answers 200."""
+    document = yaml.safe_load(policy.read_text())
+    admin = "http://" + document["admin"]["listen"]
+    log_path = policy.with_suffix(".log")
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(policy), *extra],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+    handle = SidecarProcess(proc, admin, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{handle.log()}")
+            try:
+                with socket.create_connection((document["admin"]["listen"].rsplit(":", 1)[0],
+                                               int(document["admin"]["listen"].rsplit(":", 1)[1])), 0.2) as s:
+                    s.sendall(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    if s.recv(64).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar not ready in {ready_timeout}s:\n{handle.log()}")
+            time.sleep(0.05)
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
