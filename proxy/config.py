@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import types
@@ -47,7 +48,7 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError(f"expected a duration like 250ms, 1s or 2m, got {value!r}")
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
         raise ValueError(f"a duration must be a finite number ≥ 0, got {value!r}")
     return seconds
 
@@ -552,7 +553,7 @@ class _Reader:
                 return None
             if substituted != raw:
                 if node.style is None:  # plain scalar: resolve the result as YAML would have ("3" → 3)
-                    tag = self._resolver.resolve(yaml.ScalarNode, substituted, (True, False))
+                    tag = self._resolver.resolve(yaml.ScalarNode, substituted, (True, False))  # type: ignore[no-untyped-call]
                     return self._constructor.construct_object(yaml.ScalarNode(tag, substituted))
                 return substituted
         return self._constructor.construct_object(node)
@@ -571,6 +572,20 @@ def _merge(base: Sourced, override: Sourced) -> Sourced:
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _key_hint(cls: type, key: str, known: typing.Iterable[str]) -> str:
+    """A spelling hint, or else where the key belongs when it is a field of one of ``cls``'s sections."""
+    hint = _did_you_mean(key, known)
+    if hint:
+        return hint
+    for f, tp in model_fields(cls):
+        inner, _ = _unwrap_optional(tp)
+        if f.name in known and dataclasses.is_dataclass(inner):
+            names = [g.name for g in dataclasses.fields(inner)]
+            if key in names:
+                return f" (it belongs under {f.name}: {f.name}.{key})"
+    return ""
 
 
 def _type_name(tp: Any) -> str:
@@ -592,39 +607,54 @@ def model_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Any]]:
 
 
 class _Builder:
+    """Turns sourced YAML into dataclasses, reporting every bad key and value rather than stopping at the first.
+
+    A field whose value is bad is left at its default so the rest of the section is still checked; ``failed``
+    remembers it (by logical path, e.g. ``upstreams.api.timeouts.per_try``) so cross-field rules do not judge
+    a stand-in default.
+    """
+
     def __init__(self, reader: _Reader) -> None:
         self.reader = reader
+        self.failed: set[str] = set()
 
-    def build(self, cls: type, node: Sourced, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
+    def broken(self, where: str) -> bool:
+        """True when ``where`` or any section containing it failed to convert."""
+        parts = where.split(".")
+        return any(".".join(parts[:n]) in self.failed for n in range(1, len(parts) + 1))
+
+    def build(self, cls: type, node: Sourced, skip: tuple[str, ...] = (), where: str | None = None,
+              **fixed: Any) -> Any:
+        where = node.path if where is None else where
         if not isinstance(node.value, dict):
             self.reader.error(node, node.path, "expected a mapping of keys")
+            self.failed.add(where)
             return None
         known = {f.name for f in dataclasses.fields(cls)} - set(fixed) - set(skip)
         for key, child in node.value.items():
             if key not in known:
-                self.reader.error(child, child.path, f"unknown key{_did_you_mean(key, known)}")
+                self.reader.error(child, child.path, f"unknown key{_key_hint(cls, key, known)}")
         values: dict[str, Any] = dict(fixed)
-        failed = False
         for f, tp in model_fields(cls):
             if f.name in fixed or f.name in skip:
                 continue
             child = node.value.get(f.name)
             if child is None:
                 continue  # dataclass default applies
-            ok, value = self.convert(f, tp, child)
+            field_where = f"{where}.{f.name}" if where else f.name
+            ok, value = self.convert(f, tp, child, field_where)
             if ok:
                 values[f.name] = value
             else:
-                failed = True
-        if failed:
-            return None
+                self.failed.add(field_where)  # keep the default so the other keys are still checked
         try:
             return cls(**values)
         except TypeError as exc:  # a required field without a default
             self.reader.error(node, node.path, str(exc))
+            self.failed.add(where)
             return None
 
-    def convert(self, f: dataclasses.Field[Any], tp: Any, node: Sourced) -> tuple[bool, Any]:
+    def convert(self, f: dataclasses.Field[Any], tp: Any, node: Sourced, where: str) -> tuple[bool, Any]:
         info = f.metadata
         tp, optional = _unwrap_optional(tp)
         value = node.value
@@ -634,7 +664,7 @@ class _Builder:
             self.reader.error(node, node.path, "a value is required here")
             return False, None
         if dataclasses.is_dataclass(tp) and not info.get("parse"):
-            built = self.build(typing.cast(type, tp), node)
+            built = self.build(typing.cast(type, tp), node, where=where)
             return built is not None, built
         if typing.get_origin(tp) is tuple:
             items = value if isinstance(value, list) else None
@@ -701,9 +731,17 @@ class _Builder:
         return True, result
 
 
-def _check_upstream(reader: _Reader, up: UpstreamPolicy, node: Sourced) -> None:
-    """Cross-field rules: things each key allows alone but that make no sense together."""
+def _check_upstream(builder: _Builder, up: UpstreamPolicy, node: Sourced) -> None:
+    """Cross-field rules: things each key allows alone but that make no sense together.
+
+    A rule is skipped when one of its keys was itself invalid: it would judge the stand-in default, not what
+    the operator wrote, and the key already has its own error.
+    """
+    reader = builder.reader
     children = node.value if isinstance(node.value, dict) else {}
+
+    def ok(*keys: str) -> bool:
+        return not any(builder.broken(f"{node.path}.{key}") for key in keys)
 
     def at(*keys: str) -> Sourced:
         current: Sourced = node
@@ -715,9 +753,9 @@ def _check_upstream(reader: _Reader, up: UpstreamPolicy, node: Sourced) -> None:
         return current
 
     path = node.path
-    if "targets" not in children or not up.targets:
+    if ok("targets") and ("targets" not in children or not up.targets):
         reader.error(node, f"{path}.targets", "at least one target is required")
-    for target in up.targets:
+    for target in up.targets if ok("protocol") else ():
         wanted = "tcp" if up.protocol == "tcp" else "http"
         if target.scheme != wanted:
             example = "host:port" if wanted == "tcp" else "http://host:port"
@@ -726,23 +764,27 @@ def _check_upstream(reader: _Reader, up: UpstreamPolicy, node: Sourced) -> None:
     if "listen" not in children:
         reader.error(node, f"{path}.listen", "a listen address is required")
     retry = up.retry
-    if retry.max_delay < retry.base_delay:
+    if ok("retry.max_delay", "retry.base_delay") and retry.max_delay < retry.base_delay:
         reader.error(at("retry", "max_delay"), f"{path}.retry.max_delay",
                      f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
                      f"({format_duration(retry.base_delay)})")
     t = up.timeouts
-    if t.per_try > t.total:
+    if ok("timeouts.per_try", "timeouts.total") and t.per_try > t.total:
         reader.error(at("timeouts", "per_try"), f"{path}.timeouts.per_try",
                      f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})")
-    if t.connect > t.per_try:
+    if ok("timeouts.connect", "timeouts.per_try") and t.connect > t.per_try:
         reader.error(at("timeouts", "connect"), f"{path}.timeouts.connect",
                      f"connect ({format_duration(t.connect)}) is longer than per_try "
                      f"({format_duration(t.per_try)})")
     b = up.breaker
-    if (b.slow_call_rate_threshold is None) != (b.slow_call_duration is None):
+    if ok("breaker.slow_call_rate_threshold", "breaker.slow_call_duration") and (
+        (b.slow_call_rate_threshold is None) != (b.slow_call_duration is None)
+    ):
         reader.error(at("breaker"), f"{path}.breaker",
                      "slow_call_duration and slow_call_rate_threshold go together")
-    if up.outlier and up.outlier.max_ejection < up.outlier.base_ejection:
+    if ok("outlier.max_ejection", "outlier.base_ejection") and up.outlier and (
+        up.outlier.max_ejection < up.outlier.base_ejection
+    ):
         reader.error(at("outlier", "max_ejection"), f"{path}.outlier.max_ejection",
                      "max_ejection is shorter than base_ejection")
     if up.protocol == "tcp" and "fallback" in children:
@@ -811,16 +853,24 @@ def load_text(
             merged = _merge(Sourced(inherited, defaults.line, defaults.column, "defaults"), up_node)
             merged.path = up_node.path
             policy = builder.build(UpstreamPolicy, merged, name=name)
-            if policy is not None:
-                _check_upstream(reader, policy, merged)
+            if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
+                _check_upstream(builder, policy, merged)
                 upstreams.append(policy)
 
     if admin is not None:
-        seen: dict[Address, str] = {admin.listen: "admin.listen"}
-        listens = [("admin.listen", admin.listen, top.get("admin"))]
-        listens += [(f"upstreams.{u.name}.listen", u.listen, ups_node.value[u.name].value.get("listen"))
-                    for u in upstreams if ups_node is not None and isinstance(ups_node.value, dict)]
-        for path, address, node in listens[1:]:
+        admin_node = top.get("admin")
+        listens: list[tuple[str, Address, Sourced | None]] = []
+        if not builder.broken("admin.listen"):
+            listen_node = admin_node.value.get("listen") if admin_node and isinstance(admin_node.value, dict) \
+                else None
+            listens.append(("admin.listen", admin.listen, listen_node or admin_node))
+        for u in upstreams:
+            up_value = ups_node.value[u.name].value if ups_node is not None else {}
+            # An absent or invalid listen already has its error; its stand-in must not collide with others.
+            if "listen" in up_value and not builder.broken(f"upstreams.{u.name}.listen"):
+                listens.append((f"upstreams.{u.name}.listen", u.listen, up_value["listen"]))
+        seen: dict[Address, str] = {}
+        for path, address, node in listens:
             other = seen.get(address)
             if other is not None:
                 reader.error(node, path, f"{address} is already used by {other}")
@@ -850,7 +900,8 @@ def load_file(path: str | Path, environ: Mapping[str, str] | None = None) -> Sid
     """Load a policy file or raise ``ConfigError`` with every problem in it."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # Bytes decoded as-is (no newline translation), so ``sha256`` is the hash of the file on disk.
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([ConfigIssue(file, 0, 0, "", f"cannot read: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from proxy import http1
 from proxy.body import BodyAborted
+from proxy.config import Target
 from proxy.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
 from proxy.retry import backoff_delays, choose_delay, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
@@ -55,6 +56,7 @@ def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: 
 
 
 _SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
+_AUTHORITIES: dict[Target, bytes] = {}  # Host header value per target, encoded once
 
 
 def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
@@ -96,12 +98,12 @@ class Exchange:
     async def run(self) -> None:
         rt = self.rt
         stats = rt.stats
-        if not rt.bulkhead.try_enter():
-            if not await rt.bulkhead.enter():
-                stats.reject("overload")
-                self._local(503, "overload", "too many requests in flight to this upstream", decision=
-                            f"upstream={rt.name} reason=overload max_concurrent={rt.policy.limits.max_concurrent}")
-                return
+        if not rt.bulkhead.try_enter() and not await rt.bulkhead.enter():
+            stats.reject("overload")
+            limit = rt.policy.limits.max_concurrent
+            self._local(503, "overload", "too many requests in flight to this upstream",
+                        decision=f"upstream={rt.name} reason=overload max_concurrent={limit}")
+            return
         try:
             await self._attempts()
         finally:
@@ -249,7 +251,10 @@ class Exchange:
             framing = b"content-length: %d\r\n" % body.length
         else:
             framing = b"transfer-encoding: chunked\r\n"
-        head = _request_head(self.rt, req, state.target.authority.encode(), framing)
+        authority = _AUTHORITIES.get(state.target)
+        if authority is None:
+            authority = _AUTHORITIES[state.target] = state.target.authority.encode()
+        head = _request_head(self.rt, req, authority, framing)
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
         if body is not None and whole is None:
@@ -281,12 +286,15 @@ class Exchange:
         assert conn is not None
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
         keep_alive = client.keep_alive and (head.framing != "eof" or client_chunked)
-        client.start_response(_response_head(head, client_chunked, self.attempts, keep_alive), client_chunked,
-                              keep_alive, conn)
+        response_head = _response_head(head, client_chunked, self.attempts, keep_alive)
         status = head.status
         permit, self.permit = self.permit, None
+        whole = conn.complete_body()
         try:
-            if head.framing != "none":
+            if whole is not None:
+                client.respond_whole(response_head, whole, client_chunked, keep_alive)
+            else:
+                client.start_response(response_head, client_chunked, keep_alive, conn)
                 await conn.deliver(client.write_body, rt.policy.timeouts.per_try)
         except UpstreamError as exc:
             # Too late for a clean answer: the client sees the body cut short, never a second status line.
@@ -302,7 +310,8 @@ class Exchange:
             if permit is not None:
                 rt.breaker.record_ignored(permit)
             raise
-        client.end_response()
+        if whole is None:
+            client.end_response()
         now = rt.clock.monotonic()
         duration = now - self.started
         if not failed and permit is not None:
@@ -318,7 +327,7 @@ class Exchange:
     def _discard_answer(self) -> bool:
         """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""
         conn = self.conn
-        return conn is not None and conn._complete  # noqa: SLF001 - the connection's own state
+        return conn is not None and conn._complete
 
     def _release(self, abort: bool) -> None:
         pump, self.pump = self.pump, None

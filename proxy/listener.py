@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seawall.listener")
 
+# What a connection is doing, for its one timer: waiting for a request, reading a head, or serving one.
+_IDLE, _HEAD, _BUSY = 0, 1, 2
+
 
 class RequestRejected(Exception):
     def __init__(self, status: int, detail: str) -> None:
@@ -108,6 +111,8 @@ class ClientConnection(asyncio.Protocol):
         self._upstream: UpstreamConnection | None = None
         self._reading_paused = False
         self._request_keep_alive: deque[tuple[bool, bool]] = deque()
+        self._phase = _IDLE
+        self._phase_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -120,7 +125,9 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._arm_timer(self._http.keepalive_timeout, self._on_idle_timeout)
+        self._phase_since = self.loop.time()
+        self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout),
+                                           self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -170,7 +177,8 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         if self._active is None:
-            self._arm_timer(self._http.header_timeout, self._on_header_timeout)
+            self._phase = _HEAD
+            self._phase_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -217,7 +225,6 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = req
         self._request_keep_alive.append((http11, bool(parser.should_keep_alive())))
         if self._active is None:
-            self._cancel_timer()
             self._start(req)
         else:
             # Pipelined: answer in order; stop reading until the one in flight is done.
@@ -238,6 +245,7 @@ class ClientConnection(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------------------------
 
     def _start(self, req: Request) -> None:
+        self._phase = _BUSY
         self.http11, self.keep_alive = self._request_keep_alive.popleft()
         self._response_started = False
         self._chunked_out = False
@@ -269,7 +277,8 @@ class ClientConnection(asyncio.Protocol):
             self._start(self._queue.popleft())
             return
         self._resume_reading()
-        self._arm_timer(self._http.keepalive_timeout, self._on_idle_timeout)
+        self._phase = _IDLE
+        self._phase_since = self.loop.time()
 
     # -- answers (called by the forwarder) -------------------------------------------------------------------
 
@@ -290,6 +299,22 @@ class ClientConnection(asyncio.Protocol):
         self._upstream = upstream
         if self.transport is not None and not self._closing:
             self.transport.write(head)
+
+    def respond_whole(self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool) -> None:
+        """Head and a body already complete, in one write (one syscall for the common small answer)."""
+        self._response_started = True
+        self.keep_alive = keep_alive
+        if self.transport is None or self._closing:
+            return
+        if chunked:
+            parts = [head]
+            for chunk in chunks:
+                if chunk:
+                    parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            parts.append(b"0\r\n\r\n")
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.write(b"".join((head, *chunks)) if chunks else head)
 
     def write_body(self, data: bytes) -> None:
         transport = self.transport
@@ -325,13 +350,27 @@ class ClientConnection(asyncio.Protocol):
                     status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False))
         self._close()
 
-    def _on_header_timeout(self) -> None:
+    def _on_timer(self) -> None:
+        # One lazy timer per connection instead of arming and cancelling one per request: it wakes at the
+        # earliest deadline the connection could have and looks at what phase it is actually in.
         self._timer = None
-        self._reject(408, "request head not received in time")
-
-    def _on_idle_timeout(self) -> None:
-        self._timer = None
-        self._close()
+        if self._closing:
+            return
+        now = self.loop.time()
+        if self._phase == _HEAD:
+            limit = self._http.header_timeout
+            if now - self._phase_since >= limit:
+                self._reject(408, "request head not received in time")
+                return
+        elif self._phase == _IDLE:
+            limit = self._http.keepalive_timeout
+            if now - self._phase_since >= limit:
+                self._close()
+                return
+        else:
+            self._phase_since = now
+            limit = min(self._http.keepalive_timeout, self._http.header_timeout)
+        self._timer = self.loop.call_later(max(0.01, self._phase_since + limit - now), self._on_timer)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._closing:
@@ -342,10 +381,6 @@ class ClientConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and not self._closing:
             self._reading_paused = False
             self.transport.resume_reading()
-
-    def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, callback)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -39,6 +39,12 @@ class HealthStatus:
 
 
 class UpstreamRuntime:
+    stats: UpstreamStats
+    breaker: CircuitBreaker
+    budget: RetryBudget | None
+    balancer: Balancer
+    health: HealthStatus
+
     def __init__(self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None,
                  idle_timeout: float = 30.0) -> None:
         self.policy = policy

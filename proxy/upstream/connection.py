@@ -209,6 +209,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
 
+    def complete_body(self) -> list[bytes] | None:
+        """The whole body, if the response has already arrived complete (or has none)."""
+        if self._complete or (self._head is not None and self._head.framing == "none"):
+            chunks, self._pending_body = self._pending_body, []
+            return chunks
+        return None
+
     def deliver(self, sink: Callable[[bytes], None], idle_timeout: float) -> asyncio.Future[None]:
         """Stream the body into ``sink``; the future resolves when the response is complete."""
         waiter = self.loop.create_future()
