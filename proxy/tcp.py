@@ -1,10 +1,17 @@
 """L4: a byte relay for dependencies that do not speak HTTP (PostgreSQL, Redis, Kafka).
 
+    client connects ─▶ limits (max_concurrent)        ── over → closed at once, reason=overload
+                    ─▶ breaker.try_acquire(now)        ── open → closed at once, reason=breaker_open
+                    ─▶ pick target ─▶ connect (timeouts.connect)
+                          │ failed? → breaker + outlier record it; another target if one is left
+                          └ connected → breaker + outlier record a success; relay until both sides are done
+
 The breaker works at connection level: a failed or timed-out connect counts against it, a connect that
 succeeds counts for it. While it is open, a new client connection is closed at once, with no upstream attempt;
-connections already established are left alone. Bytes flow both ways with back-pressure (each side pauses
-reading while the other's send buffer is full) and half-close is passed on (EOF from one side becomes
-``write_eof`` on the other).
+connections already established are left alone (a database session in the middle of a transaction must not be
+cut because *other* connects failed). Bytes flow both ways with back-pressure (each side pauses reading while
+the other's send buffer is full) and half-close is passed on (EOF from one side becomes ``write_eof`` on the
+other), so "send the request, shut down writing, read the reply" clients work.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import TYPE_CHECKING
 from proxy.errors import UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
+    from proxy.breaker import Permit
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.balancer import TargetState
 
@@ -25,11 +33,11 @@ log = logging.getLogger("seawall.tcp")
 
 
 class _Side(asyncio.Protocol):
-    """One end of a relay; ``peer`` is the other end's transport."""
+    """One end of a relay; ``peer`` is the other end."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: _Side | None = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self.peer: _Side | None = None
+        self.peer = peer
         self.closed = False
         self.eof = False
 
@@ -39,34 +47,43 @@ class _Side(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
+    def _live_peer(self) -> asyncio.Transport | None:
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.closed:
-            peer.transport.write(data)
+        if peer is None or peer.transport is None or peer.closed:
+            return None
+        return peer.transport
+
+    def data_received(self, data: bytes) -> None:
+        out = self._live_peer()
+        if out is not None:
+            out.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.closed:
-            if peer.transport.can_write_eof():
-                peer.transport.write_eof()
-            if peer.eof:
+        out = self._live_peer()
+        if out is not None and self.peer is not None:
+            if out.can_write_eof():
+                out.write_eof()
+            if self.peer.eof:  # both directions are finished: nothing more can flow
                 self.close()
-                peer.close()
+                self.peer.close()
         return True  # keep our write side open: the other direction may still be talking
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
-            self.peer.transport.pause_reading()
+        # Our send buffer is full: stop reading from the side that fills it.
+        out = self._live_peer()
+        if out is not None:
+            out.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
-            self.peer.transport.resume_reading()
+        out = self._live_peer()
+        if out is not None:
+            out.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.peer is not None:
-            self.peer.close()
+            self.peer.close()  # ``close`` flushes what is buffered for the peer first
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -84,13 +101,20 @@ class TcpClient(_Side):
         self._task: asyncio.Task[None] | None = None
         self._rt: UpstreamRuntime | None = None
         self._admitted = False
+        self._target: TargetState | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._connections.add(self)
         rt = self._rt = self._get_runtime()
-        now = rt.clock.monotonic()
-        permit = rt.breaker.try_acquire(now)
+        # Limits first, then the breaker (the data path of DESIGN.md): an overload is never a breaker event.
+        if not rt.bulkhead.try_enter():
+            rt.stats.reject("overload")
+            rt.stats.answered(503, 0.0)
+            self.close()
+            return
+        self._admitted = True
+        permit = rt.breaker.try_acquire(rt.clock.monotonic())
         if permit is None and rt.enforce:
             rt.stats.reject("breaker_open")
             rt.stats.answered(503, 0.0)
@@ -98,68 +122,104 @@ class TcpClient(_Side):
             return
         if permit is None:
             rt.stats.reject("breaker_open_shadow")
-        if not rt.bulkhead.try_enter():
-            rt.stats.reject("overload")
-            rt.stats.answered(503, 0.0)
-            if permit is not None:
-                rt.breaker.record_ignored(permit)
-            self.close()
-            return
-        self._admitted = True
         assert self.transport is not None
         self.transport.pause_reading()  # hold the client's bytes until the upstream end exists
         self._task = asyncio.get_running_loop().create_task(self._open(rt, permit))
 
-    async def _open(self, rt: UpstreamRuntime, permit: object) -> None:
-        from proxy.breaker import Permit
-
-        assert permit is None or isinstance(permit, Permit)
+    async def _open(self, rt: UpstreamRuntime, permit: Permit | None) -> None:
+        """Connect to a target; on failure try another (nothing was sent yet, so it is always safe)."""
         started = rt.clock.monotonic()
-        tried: TargetState | None = None
+        tried: set[int] = set()
+        # Bounded: one try per target, and no more than the retry policy allows.
+        max_tries = min(len(rt.balancer.states), rt.policy.retry.max_retries + 1)
+        previous: TargetState | None = None
         try:
-            state = rt.balancer.pick(started, tried)
-            target = state.target
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(rt.policy.timeouts.connect):
-                    _, upstream = await loop.create_connection(_Side, target.host, target.port)
-            except (OSError, TimeoutError) as exc:
-                error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
-                now = rt.clock.monotonic()
-                rt.stats.failed(error.kind)
-                if permit is not None:
-                    rt.breaker.record_failure(permit, now, now - started)
-                rt.balancer.report(state, ok=False, now=now, kind=error.kind)
-                rt.stats.answered(502, now - started)
-                log.info("tcp connect to %s failed: %s", target, error,
-                         extra={"event": "tcp_connect_failed", "upstream": rt.name})
-                self.close()
-                return
-            now = rt.clock.monotonic()
-            if permit is not None:
-                rt.breaker.record_success(permit, now, now - started)
-            rt.balancer.report(state, ok=True, now=now)
-            rt.stats.answered(200, now - started)
-            if self.closed:
-                upstream.close()
-                return
-            upstream.peer = self
-            self.peer = upstream
-            assert self.transport is not None
-            self.transport.resume_reading()
+            while True:
+                state = rt.balancer.pick(rt.clock.monotonic(), previous)
+                tried.add(id(state))
+                upstream = await self._connect(rt, state, permit, started)
+                if upstream is not None:
+                    self._link(rt, state, upstream, started)
+                    return
+                previous = state
+                if len(tried) >= max_tries or self.closed:
+                    break
+                permit = rt.breaker.try_acquire(rt.clock.monotonic())
+                if permit is None and rt.enforce:
+                    break  # that failure opened the breaker: stop here
+            rt.stats.answered(502, rt.clock.monotonic() - started)
+            self.close()
         except asyncio.CancelledError:
             if permit is not None:
                 rt.breaker.record_ignored(permit)
             raise
+
+    async def _connect(
+        self, rt: UpstreamRuntime, state: TargetState, permit: Permit | None, started: float
+    ) -> _Side | None:
+        target = state.target
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(rt.policy.timeouts.connect):
+                # The upstream end knows its peer from the first byte: a server that speaks first (a MySQL
+                # greeting, an SMTP banner) must not lose its bytes before we link the two ends.
+                _, upstream = await loop.create_connection(lambda: _Side(peer=self), target.host, target.port)
+        except (OSError, TimeoutError) as exc:
+            error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
+            now = rt.clock.monotonic()
+            rt.stats.failed(error.kind)
+            if permit is not None:
+                rt.breaker.record_failure(permit, now, now - started)
+            ejected = rt.balancer.report(state, ok=False, now=now, kind=error.kind)
+            log.info(
+                "tcp connect to %s failed: %s",
+                target,
+                error,
+                extra={"event": "tcp_connect_failed", "upstream": rt.name, "target": str(target)},
+            )
+            if ejected:
+                log.warning(
+                    "target %s of %s ejected: %s",
+                    target,
+                    rt.name,
+                    ejected,
+                    extra={
+                        "event": "target_ejected",
+                        "upstream": rt.name,
+                        "target": str(target),
+                        "reason": ejected,
+                    },
+                )
+            return None
+        now = rt.clock.monotonic()
+        if permit is not None:
+            rt.breaker.record_success(permit, now, now - started)
+        rt.balancer.report(state, ok=True, now=now)
+        return upstream
+
+    def _link(self, rt: UpstreamRuntime, state: TargetState, upstream: _Side, started: float) -> None:
+        rt.stats.answered(200, rt.clock.monotonic() - started)
+        if self.closed:  # the client left while we connected
+            upstream.close()
+            return
+        self.peer = upstream
+        state.outstanding += 1  # least_request counts open relays per target
+        self._target = state
+        assert self.transport is not None
+        self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._connections.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._target is not None:
+            self._target.outstanding -= 1
+            self._target = None
         if self._admitted and self._rt is not None:
             self._admitted = False
             self._rt.bulkhead.leave()
 
     def shutdown_when_idle(self) -> None:
-        """Draining leaves established relays alone until the drain deadline."""
+        """Draining leaves established relays alone until the drain deadline (a byte stream has no idle
+        point the sidecar could recognise)."""

@@ -64,12 +64,15 @@ class Balancer:
             state.consecutive_failures = 0
             self._decay(state, now, outlier)
             return None
+        if state.ejected(now):
+            # A late answer from before the ejection: the target is already out, and its count must start
+            # from zero when it comes back.
+            return None
         state.consecutive_failures += 1
-        if state.consecutive_failures < outlier.consecutive_failures or state.ejected(now):
+        if state.consecutive_failures < outlier.consecutive_failures:
             return None
-        allowed = len(self.states) * outlier.max_ejected_percent // 100
-        if sum(1 for s in self.states if s.ejected(now)) >= allowed:
-            return None
+        if self.ejected_count(now) >= self.max_ejected(outlier):
+            return None  # at the cap: the target stays in (failures keep counting) and the breaker decides
         self._decay(state, now, outlier)
         state.ejections += 1
         state.total_ejections += 1
@@ -79,6 +82,13 @@ class Balancer:
         state.consecutive_failures = 0
         state.ejection_reason = f"{outlier.consecutive_failures}_consecutive_{kind or 'failures'}"
         return state.ejection_reason
+
+    def max_ejected(self, outlier: OutlierPolicy) -> int:
+        """How many targets may be out at once: the floor of ``max_ejected_percent`` of them."""
+        return len(self.states) * outlier.max_ejected_percent // 100
+
+    def ejected_count(self, now: float) -> int:
+        return sum(1 for s in self.states if s.ejected(now))
 
     @staticmethod
     def _decay(state: TargetState, now: float, outlier: OutlierPolicy) -> None:
