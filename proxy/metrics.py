@@ -25,36 +25,47 @@ class MetricSpec:
 
 METRICS: dict[str, MetricSpec] = {
     "sidecar_requests_total": MetricSpec(
-        "counter", ("upstream", "code"), "Answers given to clients, by status code (proxied and local)."),
+        "counter", ("upstream", "code"), "Answers given to clients, by status code (proxied and local)."
+    ),
     "sidecar_request_duration_seconds": MetricSpec(
-        "histogram", ("upstream",), "Time from request head received to response complete."),
+        "histogram", ("upstream",), "Time from request head received to response complete."
+    ),
     "sidecar_breaker_state": MetricSpec(
-        "gauge", ("upstream", "state"), "1 for the breaker's current state, 0 for the others."),
+        "gauge", ("upstream", "state"), "1 for the breaker's current state, 0 for the others."
+    ),
     "sidecar_breaker_transitions_total": MetricSpec(
-        "counter", ("upstream", "from_state", "to_state"), "Breaker state changes."),
+        "counter", ("upstream", "from_state", "to_state"), "Breaker state changes."
+    ),
     "sidecar_retries_total": MetricSpec("counter", ("upstream",), "Retries sent (attempts after the first)."),
     "sidecar_rejected_total": MetricSpec(
-        "counter", ("upstream", "reason"),
+        "counter",
+        ("upstream", "reason"),
         "Requests answered or cut short by the sidecar itself: breaker_open, overload, retry_budget, "
-        "breaker_open_shadow (would have been rejected in shadow mode)."),
+        "breaker_open_shadow (would have been rejected in shadow mode).",
+    ),
     "sidecar_upstream_failures_total": MetricSpec(
-        "counter", ("upstream", "kind"), "Failed attempts: connect_error, timeout, reset, bad_response, 5xx."),
+        "counter", ("upstream", "kind"), "Failed attempts: connect_error, timeout, reset, bad_response, 5xx."
+    ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
     "sidecar_pending_requests": MetricSpec("gauge", ("upstream",), "Requests waiting for a concurrency slot."),
     "sidecar_upstream_connections": MetricSpec(
-        "gauge", ("upstream", "state"), "Pooled upstream connections, idle or active."),
+        "gauge", ("upstream", "state"), "Pooled upstream connections, idle or active."
+    ),
     "sidecar_health_check_up": MetricSpec(
-        "gauge", ("upstream",), "1 if the upstream passes its active check, 0 if not (absent: no check)."),
-    "sidecar_health_check_duration_seconds": MetricSpec(
-        "gauge", ("upstream",), "Latency of the last active check."),
+        "gauge", ("upstream",), "1 if the upstream passes its active check, 0 if not (absent: no check)."
+    ),
+    "sidecar_health_check_duration_seconds": MetricSpec("gauge", ("upstream",), "Latency of the last active check."),
     "sidecar_health_checks_total": MetricSpec("counter", ("upstream", "result"), "Active checks run."),
     "sidecar_target_ejected": MetricSpec(
-        "gauge", ("upstream", "target"), "1 while outlier detection keeps the target out of rotation."),
+        "gauge", ("upstream", "target"), "1 while outlier detection keeps the target out of rotation."
+    ),
     "sidecar_retry_budget_remaining": MetricSpec(
-        "gauge", ("upstream",), "Retries the budget still allows in its window."),
+        "gauge", ("upstream",), "Retries the budget still allows in its window."
+    ),
     "sidecar_config_reloads_total": MetricSpec("counter", ("result",), "Policy reloads: success or failure."),
     "sidecar_config_last_reload_success_timestamp_seconds": MetricSpec(
-        "gauge", (), "When the running policy was loaded (Unix time)."),
+        "gauge", (), "When the running policy was loaded (Unix time)."
+    ),
 }
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -125,8 +136,9 @@ class SidecarCollector(Collector):
         families: dict[str, Metric] = {}
         for name, spec in METRICS.items():
             plain = name.removesuffix("_total") if spec.kind == "counter" else name
-            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
-                   "histogram": HistogramMetricFamily}[spec.kind]
+            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[
+                spec.kind
+            ]
             families[name] = cls(plain, spec.help, labels=list(spec.labels))
 
         def add(name: str, labels: list[str], value: float) -> None:
@@ -141,7 +153,8 @@ class SidecarCollector(Collector):
                 running += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
             families["sidecar_request_duration_seconds"].add_metric(  # type: ignore[attr-defined]
-                [up], buckets, stats.duration_sum)
+                [up], buckets, stats.duration_sum
+            )
             current = view.breaker_state()
             for state in BREAKER_STATES:
                 add("sidecar_breaker_state", [up, state], 1.0 if state == current else 0.0)

@@ -29,8 +29,10 @@ _POSTGRES_SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 async def _http_probe(target: Target, health: HealthPolicy) -> str | None:
     reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
-        writer.write(b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: seawall-health\r\nconnection: close\r\n\r\n"
-                     % (health.path.encode(), target.authority.encode()))
+        writer.write(
+            b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: seawall-health\r\nconnection: close\r\n\r\n"
+            % (health.path.encode(), target.authority.encode())
+        )
         line = await reader.readline()
         parts = line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -99,9 +101,12 @@ def record(rt: UpstreamRuntime, passed: bool, latency: float, detail: str) -> No
         if before is None or (before and status.consecutive_failures >= health.unhealthy_threshold):
             status.healthy = False
     if status.healthy != before:
-        log.warning("upstream %s is %s", rt.name, "healthy" if status.healthy else "unhealthy",
-                    extra={"event": "health_changed", "upstream": rt.name, "healthy": status.healthy,
-                           "detail": detail})
+        log.warning(
+            "upstream %s is %s",
+            rt.name,
+            "healthy" if status.healthy else "unhealthy",
+            extra={"event": "health_changed", "upstream": rt.name, "healthy": status.healthy, "detail": detail},
+        )
 
 
 async def run_checks(get_runtime: Callable[[], UpstreamRuntime], stop: asyncio.Event) -> None:
