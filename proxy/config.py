@@ -441,8 +441,10 @@ class ConfigIssue:
     severity: str = "error"
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         prefix = "warning: " if self.severity == "warning" else ""
+        if not self.line and not self.path:  # about the file as a whole (missing, unreadable)
+            return f"{self.file}: {prefix}{self.message}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         return f"{where}: {self.path or '<root>'}: {prefix}{self.message}"
 
 

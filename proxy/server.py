@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.clock import Clock, SystemClock
-from proxy.config import Address, ConfigError, SidecarConfig, UpstreamPolicy, load_file
+from proxy.config import Address, ConfigError, SidecarConfig, UpstreamPolicy, load_file, load_text
 from proxy.listener import ClientConnection
 from proxy.metrics import ProcessStats
 from proxy.runtime import UpstreamRuntime
@@ -71,6 +71,10 @@ class Sidecar:
         self._reload_lock = asyncio.Lock()
         self._admin_runner: Any = None
         self._stopping = False
+        self._seen_digest = ""  # the file content the last load or reload attempt read
+        # Runtimes a listener may need that are not in ``runtimes``: staged ones (a listener bound before the
+        # swap) and retired ones (a removed listener still draining its in-flight requests).
+        self._spare_runtimes: dict[str, UpstreamRuntime] = {}
 
     # -- start -----------------------------------------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class Sidecar:
         for warning in _warnings(self.config_path, self.environ):
             log.warning("%s", warning, extra={"event": "config_warning"})
         await self._apply(config)
+        self._seen_digest = config.sha256
         from proxy.admin import start_admin
 
         self._admin_runner = await start_admin(self, config.admin.listen)
@@ -99,14 +104,7 @@ class Sidecar:
         to_bind = [u for u in config.upstreams
                    if u.name not in self.listeners or self.listeners[u.name].address != u.listen
                    or self.listeners[u.name].protocol != u.protocol]
-        bound: dict[str, Listener] = {}
-        try:
-            for policy in to_bind:
-                bound[policy.name] = await self._bind(policy, config)
-        except OSError:
-            for listener in bound.values():
-                listener.server.close()
-            raise
+        # Built before binding, so a client that connects to a new listener before the swap finds a runtime.
         runtimes = {}
         for name, policy in new_policies.items():
             previous = self.runtimes.get(name)
@@ -114,15 +112,33 @@ class Sidecar:
                 previous = None
             runtimes[name] = UpstreamRuntime(policy, self.clock, previous,
                                              idle_timeout=config.http.upstream_idle_timeout)
+        for policy in to_bind:
+            self._spare_runtimes.setdefault(policy.name, runtimes[policy.name])
+        bound: dict[str, Listener] = {}
+        try:
+            for policy in to_bind:
+                bound[policy.name] = await self._bind(policy, config)
+        except OSError:
+            for listener in bound.values():
+                listener.server.close()
+            for policy in to_bind:
+                if self._spare_runtimes.get(policy.name) is runtimes[policy.name]:
+                    del self._spare_runtimes[policy.name]
+            raise
+        removed = {n: self.runtimes[n] for n in self.listeners if n not in new_policies and n in self.runtimes}
         self.runtimes = runtimes  # new requests see the new policies from here on
         self.config = config
+        for name in new_policies:
+            if self._spare_runtimes.get(name) is runtimes[name]:
+                del self._spare_runtimes[name]
+        self._spare_runtimes.update(removed)
         for name, listener in bound.items():
             replaced = self.listeners.get(name)
             self.listeners[name] = listener
             if replaced is not None:
                 self._spawn(self._retire(replaced, config.http.drain_timeout))
         for name in [n for n in self.listeners if n not in new_policies]:
-            self._spawn(self._retire(self.listeners.pop(name), config.http.drain_timeout))
+            self._spawn(self._retire(self.listeners.pop(name), config.http.drain_timeout, removed=True))
         self._restart_checks(old, config)
         self.loaded = LoadedFile(config.source, config.sha256, time.time())
         self.process_stats.last_reload = self.loaded.loaded_at
@@ -133,7 +149,8 @@ class Sidecar:
         connections: set[Any] = set()
 
         def get_runtime() -> UpstreamRuntime:
-            return self.runtimes[name]
+            runtime = self.runtimes.get(name)
+            return runtime if runtime is not None else self._spare_runtimes[name]
 
         if policy.protocol == "tcp":
             def factory() -> asyncio.Protocol:
@@ -150,8 +167,11 @@ class Sidecar:
                  extra={"event": "listener_started", "upstream": name, "listen": str(policy.listen)})
         return Listener(name, policy.listen, policy.protocol, server, connections)
 
-    async def _retire(self, listener: Listener, drain_timeout: float) -> None:
-        """Stop accepting on a listener that was removed or moved; let its requests finish first."""
+    async def _retire(self, listener: Listener, drain_timeout: float, removed: bool = False) -> None:
+        """Stop accepting on a listener that was removed or moved; let its requests finish first.
+
+        A removed upstream's runtime stays reachable (``_spare_runtimes``) until its connections are gone, then
+        its pooled upstream connections are closed."""
         listener.server.close()
         for conn in list(listener.connections):
             conn.shutdown_when_idle()
@@ -161,6 +181,11 @@ class Sidecar:
                     await asyncio.sleep(0.05)
         for conn in list(listener.connections):
             conn.close()
+        if removed and listener.name not in self.runtimes:
+            runtime = self._spare_runtimes.pop(listener.name, None)
+            if runtime is not None:
+                for pool in runtime.balancer.pools():
+                    pool.abort_all()
         log.info("listener for %s on %s stopped", listener.name, listener.address,
                  extra={"event": "listener_stopped", "upstream": listener.name})
 
@@ -195,18 +220,33 @@ class Sidecar:
     # -- reload ----------------------------------------------------------------------------------------------
 
     async def reload(self, trigger: str) -> bool:
-        """Load the file again; a broken one leaves everything as it was."""
+        """Load the file again; a broken one leaves everything as it was.
+
+        The whole file is validated before anything changes; then ``_apply`` binds new listeners before it
+        swaps policies, so a reload either happens completely or not at all.
+        """
         async with self._reload_lock:
             try:
-                config = load_file(self.config_path, self.environ)
+                data = Path(self.config_path).read_bytes()
+            except OSError as exc:
+                return self._reject(trigger, [f"{self.config_path}: cannot read: {exc.strerror or exc}"])
+            # Whatever the outcome, the watcher need not act on these bytes again.
+            self._seen_digest = hashlib.sha256(data).hexdigest()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return self._reject(trigger, [f"{self.config_path}: not UTF-8 text: {exc.reason}"])
+            config, issues = load_text(text, self.config_path, self.environ)
+            for issue in issues:
+                if issue.severity == "warning":
+                    log.warning("%s", issue, extra={"event": "config_warning"})
+            if config is None:
+                return self._reject(trigger, [str(i) for i in issues if i.severity == "error"])
+            if self.config is not None and config.admin.listen != self.config.admin.listen:
+                log.warning("admin.listen changed to %s: the admin server stays on %s until a restart",
+                            config.admin.listen, self.config.admin.listen, extra={"event": "config_warning"})
+            try:
                 await self._apply(config)
-            except ConfigError as exc:
-                self.process_stats.reloads["failure"] += 1
-                self.last_reload_error = [str(i) for i in exc.issues]
-                log.error("reload rejected (%s): keeping the running policy; %d error(s)", trigger,
-                          len(exc.issues), extra={"event": "reload_failed", "trigger": trigger,
-                                                  "errors": self.last_reload_error})
-                return False
             except OSError as exc:
                 self.process_stats.reloads["failure"] += 1
                 self.last_reload_error = [f"cannot bind: {exc}"]
@@ -220,24 +260,33 @@ class Sidecar:
                                                             "sha256": self.config.sha256})
             return True
 
-    async def watch(self) -> None:
+    def _reject(self, trigger: str, errors: list[str]) -> bool:
+        """A reload that changes nothing: count it and log every error on its own line (file:line:col)."""
+        self.process_stats.reloads["failure"] += 1
+        self.last_reload_error = errors
+        for error in errors:
+            log.error("%s", error, extra={"event": "config_error", "trigger": trigger})
+        log.error("reload rejected (%s): keeping the running policy; %d error(s)", trigger, len(errors),
+                  extra={"event": "reload_failed", "trigger": trigger, "errors": errors})
+        return False
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Reload when the file's content changes and has stayed the same for one more look (editors save in
-        several steps: truncate, write, rename)."""
-        seen = self.loaded.sha256 if self.loaded else ""
+        several steps: truncate, write, rename). Content, not mtime, decides: a save that changes nothing and
+        a SIGHUP reload that already read these bytes trigger nothing."""
         candidate = None
         while not self._stopping:
-            await asyncio.sleep(WATCH_INTERVAL)
+            await asyncio.sleep(interval)
             try:
                 digest = hashlib.sha256(Path(self.config_path).read_bytes()).hexdigest()
             except OSError:
                 continue  # mid-rename: look again
-            if digest == seen:
+            if digest == self._seen_digest:
                 candidate = None
                 continue
             if digest != candidate:
-                candidate = digest
+                candidate = digest  # changed: wait one more look for the editor to finish
                 continue
-            seen = digest
             candidate = None
             await self.reload("file_changed")
 

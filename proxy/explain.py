@@ -1,0 +1,304 @@
+"""``sidecar explain PATH [UPSTREAM]``: what a policy will actually do, in plain words.
+
+For each upstream: the effective policy after ``defaults`` are merged in, then its consequences, computed the
+way ``proxy.forwarder`` behaves (each try gets ``min(per_try, time left)``; a retry starts only if its backoff
+ends before ``total``; every failed try is recorded by the breaker; the retry budget caps retries to a share of
+recent requests), and finally the contradictions: settings that quietly cancel each other out.
+
+``explain_upstream`` is pure (a policy in, an ``Explanation`` out) so tests can check the arithmetic directly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO
+
+import yaml
+
+from proxy.check import check_file
+from proxy.config import UpstreamPolicy, format_duration
+from proxy.schema import to_plain
+
+# Outcomes the forwarder records as breaker failures, in the words of ``x-sidecar-reason``.
+_HTTP_FAILURES = ("connect_error", "timeout", "reset", "bad_response", "5xx answers")
+_NEVER_RETRIED_BY_DEFAULT = ("POST", "PATCH")
+_WIDTH = 110
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _d(seconds: float) -> str:
+    return format_duration(round(seconds, 6))
+
+
+@dataclass
+class Explanation:
+    name: str
+    attempts: int  # 1 + max_retries (http)
+    backoffs: list[float]  # before retry 1, 2, … (no jitter: the longest each can be)
+    unbounded_wait: float  # attempts × per_try + backoffs
+    worst_wait: float  # bounded by total
+    attempts_when_timing_out: int  # tries that can start when every try runs to per_try
+    amplification: float  # worst-case upstream requests per client request, without the budget
+    consequences: list[str] = field(default_factory=list)
+    contradictions: list[str] = field(default_factory=list)
+
+
+def _backoffs(policy: UpstreamPolicy) -> list[float]:
+    retry = policy.retry
+    delays, delay = [], retry.base_delay
+    for _ in range(retry.max_retries):
+        delays.append(min(delay, retry.max_delay))
+        delay = min(delay * 2, retry.max_delay) if delay < retry.max_delay else delay
+    return delays
+
+
+def _attempts_when_timing_out(policy: UpstreamPolicy, backoffs: list[float]) -> int:
+    """Simulates the forwarder's deadline checks with every try running the full per_try."""
+    t = policy.timeouts
+    now, tries = 0.0, 0
+    for index in range(1 + policy.retry.max_retries):
+        if now >= t.total:
+            break
+        tries += 1
+        now += min(t.per_try, t.total - now)
+        if index < len(backoffs):
+            if now + backoffs[index] >= t.total:  # forwarder: a retry must start before the deadline
+                break
+            now += backoffs[index]
+    return tries
+
+
+def _retried_outcomes(policy: UpstreamPolicy) -> str:
+    retry = policy.retry
+    words: list[str] = []
+    for value in retry.retry_on:
+        if isinstance(value, int):
+            words.append(str(value))
+        elif value == "gateway_error":
+            words.append("502/503/504")
+        elif value == "retriable_4xx":
+            words.append("409")
+        else:
+            words.append(value)
+    return ", ".join(words) if words else "nothing"
+
+
+def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = None) -> Explanation:
+    t, retry, breaker = policy.timeouts, policy.retry, policy.breaker
+    http = policy.protocol == "http"
+    backoffs = _backoffs(policy) if http else []
+    attempts = 1 + retry.max_retries if http else 1
+    unbounded = attempts * t.per_try + sum(backoffs) if http else t.connect
+    worst = min(t.total, unbounded) if http else t.connect
+    timing_out = _attempts_when_timing_out(policy, backoffs) if http else 1
+    budget = retry.budget
+    budget_closed = budget is not None and budget.ratio == 0 and budget.min_per_second == 0
+    retries_possible = http and retry.max_retries > 0 and bool(retry.methods) and bool(retry.retry_on)
+    amplification = float(attempts) if retries_possible and not budget_closed else 1.0
+    ex = Explanation(policy.name, attempts, backoffs, unbounded, worst, timing_out, amplification)
+    say, flag = ex.consequences.append, ex.contradictions.append
+
+    # -- waiting ---------------------------------------------------------------------------------------------
+    if http:
+        parts = f"{attempts} attempt{'s' if attempts > 1 else ''} × {_d(t.per_try)} per_try"
+        if backoffs:
+            parts += " + backoff " + " + ".join(_d(b) for b in backoffs)
+        bound = "bounded by" if unbounded > t.total else "within"
+        say(
+            f"A caller waits at most {_d(worst)} for response headers: {parts} = {_d(unbounded)}, {bound} "
+            f"total {_d(t.total)}. Connecting counts within each try (at most {_d(t.connect)})."
+        )
+        if policy.limits.max_pending > 0 and policy.limits.pending_timeout > 0:
+            say(
+                f"When {policy.limits.max_concurrent} requests are already in flight, up to "
+                f"{policy.limits.max_pending} more wait up to {_d(policy.limits.pending_timeout)} for a slot "
+                "(that wait counts against total); beyond that they are answered 503 overload at once."
+            )
+        say(
+            f"Once headers arrive the body streams without the total bound; a gap longer than "
+            f"{_d(t.per_try)} between chunks cuts it off."
+        )
+    else:
+        say(
+            f"A client connection waits at most {_d(t.connect)} for the upstream connection to open; after "
+            "that bytes are relayed as-is, without timeouts or retries (tcp)."
+        )
+
+    # -- retries and load ------------------------------------------------------------------------------------
+    if not http:
+        say("Nothing is retried: a tcp upstream is a byte relay (the retry settings do not apply).")
+    elif not retries_possible:
+        say("Nothing is retried: every request makes exactly one attempt (1× upstream load).")
+    else:
+        methods = ", ".join(retry.methods)
+        say(
+            f"Retried: {_retried_outcomes(policy)} — for {methods} requests only, up to {retry.max_retries} "
+            f"time{'s' if retry.max_retries > 1 else ''}, on another target when there is one. An upstream's "
+            f"Retry-After is honoured up to max_delay {_d(retry.max_delay)}."
+        )
+        if replay_buffer_bytes is not None:
+            say(f"Requests with bodies over {replay_buffer_bytes} bytes are streamed and never retried.")
+        if retry.jitter:
+            say("Backoff has full jitter: each delay is a random draw between 0 and the value shown.")
+        if budget is None:
+            say(
+                f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries); no retry budget "
+                "caps it, so a failing upstream gets every retry."
+            )
+        elif not budget_closed:
+            floor = budget.min_per_second
+            capped = 1 + min(budget.ratio, retry.max_retries)
+            text = (
+                f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries) without the "
+                f"budget; the retry budget caps it to about {capped:g}× (retries ≤ {budget.ratio:g} × "
+                f"requests) plus {floor:g} retries/s"
+            )
+            if retry.max_retries > budget.ratio and floor > 0:
+                crossover = floor / (retry.max_retries - budget.ratio)
+                text += f"; below ≈{crossover:.3g} requests/s that floor still allows every retry"
+            say(text + ".")
+        if http and timing_out < attempts:
+            say(
+                f"When every try times out, only {timing_out} of the {attempts} attempts fit in total "
+                f"{_d(t.total)}; the rest only happen for failures that come back fast."
+            )
+
+    # -- the breaker -----------------------------------------------------------------------------------------
+    counted = ", ".join(_HTTP_FAILURES) if http else "connect_error, timeout (on connect)"
+    say(
+        f"Counted as failures by the breaker: {counted}. Not counted: "
+        + (
+            "4xx answers, client aborts and requests the sidecar rejected itself."
+            if http
+            else "connections the client closes."
+        )
+    )
+    opens = (
+        f"{breaker.failure_threshold} failure{'s' if breaker.failure_threshold > 1 else ''} within {_d(breaker.window)}"
+    )
+    if breaker.failure_rate_threshold is not None:
+        opens += (
+            f", or when {breaker.failure_rate_threshold:g}% of at least {breaker.minimum_calls} calls in "
+            "the window fail"
+        )
+    if breaker.slow_call_rate_threshold is not None and breaker.slow_call_duration is not None:
+        opens += (
+            f", or when {breaker.slow_call_rate_threshold:g}% of them take {_d(breaker.slow_call_duration)} or longer"
+        )
+    if not http:
+        reject = "refusing connections"
+    elif policy.fallback is not None:
+        reject = f"answering {policy.fallback.status} from the fallback"
+    else:
+        reject = "answering 503 breaker_open with Retry-After"
+    say(
+        f"The breaker opens after {opens}. It then stays open {_d(breaker.open_duration)}, {reject}; "
+        f"then lets {_count(breaker.half_open_max_calls, 'probe')} through: a success closes it, a failure "
+        f"keeps it open another {_d(breaker.open_duration)}."
+    )
+    if http and retries_possible and breaker.failure_threshold <= attempts:
+        say(
+            f"Every failed try counts, so one request's {attempts} attempts alone can reach the threshold "
+            f"of {breaker.failure_threshold}."
+        )
+    if not breaker.enforce:
+        say("Shadow mode (enforce: false): the breaker is evaluated and reported but never rejects a request.")
+    if policy.health is not None:
+        h = policy.health
+        say(
+            f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
+            + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
+        )
+
+    # -- contradictions --------------------------------------------------------------------------------------
+    if t.per_try < t.connect:
+        flag(
+            f"per_try ({_d(t.per_try)}) is shorter than connect ({_d(t.connect)}): a slow connect is cut off "
+            "by per_try first, so connect never applies."
+        )
+    if http and retries_possible and backoffs and t.total < t.per_try + backoffs[0]:
+        flag(
+            f"total ({_d(t.total)}) is shorter than one try plus one backoff ({_d(t.per_try)} + "
+            f"{_d(backoffs[0])}): after a timed-out try no retry can start, so retries are dead for timeouts."
+        )
+    if http and budget_closed and retry.max_retries > 0:
+        flag(
+            "retry.budget has ratio 0 and min_per_second 0: no retry is ever allowed, so max_retries "
+            f"{retry.max_retries} has no effect (set budget: null to turn the budget off instead)."
+        )
+    if http and retry.max_retries > 0 and not retry.methods:
+        flag("retry.methods is empty: max_retries has no effect.")
+    if http and retry.max_retries > 0 and not retry.retry_on:
+        flag("retry.retry_on is empty: max_retries has no effect.")
+    risky = [m for m in retry.methods if m in _NEVER_RETRIED_BY_DEFAULT] if http and retry.max_retries else []
+    if risky:
+        flag(
+            f"{' and '.join(risky)} {'is' if len(risky) == 1 else 'are'} in retry.methods: a request the "
+            "upstream processed but whose answer was lost is sent again, so it may be applied twice. Only "
+            "safe when the upstream's handlers are idempotent."
+        )
+    if breaker.slow_call_duration is not None and http and breaker.slow_call_duration >= t.per_try:
+        flag(
+            f"slow_call_duration ({_d(breaker.slow_call_duration)}) is not shorter than per_try "
+            f"({_d(t.per_try)}): a try is cut off as a timeout before it can count as slow."
+        )
+    if breaker.open_duration == 0:
+        flag(
+            "breaker.open_duration is 0: an open breaker lets the next request through at once, so it never sheds load."
+        )
+    if http and policy.limits.pending_timeout >= t.total and policy.limits.max_pending > 0:
+        flag(
+            f"limits.pending_timeout ({_d(policy.limits.pending_timeout)}) is not shorter than total "
+            f"({_d(t.total)}): a request can spend its whole deadline queued and then fail without a try."
+        )
+    if policy.health is not None and policy.health.timeout >= policy.health.interval:
+        flag(
+            f"health.timeout ({_d(policy.health.timeout)}) is not shorter than health.interval "
+            f"({_d(policy.health.interval)}): checks pile up on a hanging upstream."
+        )
+    return ex
+
+
+def render(policy: UpstreamPolicy, ex: Explanation) -> str:
+    targets = ", ".join(str(target) for target in policy.targets)
+    lines = [f"upstream {policy.name} ({policy.protocol}): {policy.listen} → {targets}", "", "  effective policy:"]
+    effective = to_plain(policy)
+    effective.pop("listen", None)
+    effective.pop("targets", None)
+    body = yaml.safe_dump(effective, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    lines += ["    " + line for line in body.rstrip().splitlines()]
+    lines += ["", "  what it means:"]
+    for text in ex.consequences:
+        lines += textwrap.wrap(text, _WIDTH, initial_indent="    - ", subsequent_indent="      ")
+    if ex.contradictions:
+        lines += ["", "  contradictions:"]
+        for text in ex.contradictions:
+            lines += textwrap.wrap(text, _WIDTH, initial_indent="    ! ", subsequent_indent="      ")
+    return "\n".join(lines) + "\n"
+
+
+def explain_command(path: str, upstream: str | None, out: IO[str], environ: Mapping[str, str] | None = None) -> int:
+    report = check_file(path, environ)
+    if report.config is None:
+        for issue in report.issues:
+            out.write(f"{issue}\n")
+        return 1
+    config = report.config
+    policies = list(config.upstreams)
+    if upstream is not None:
+        names = [u.name for u in policies]
+        if upstream not in names:
+            close = difflib.get_close_matches(upstream, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.write(f"{path}: no upstream named {upstream!r}{hint}; it has: {', '.join(names)}\n")
+            return 1
+        policies = [config.upstream(upstream)]
+    blocks = [render(p, explain_upstream(p, config.http.replay_buffer_bytes)) for p in policies]
+    out.write("\n".join(blocks))
+    return 0
