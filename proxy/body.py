@@ -69,6 +69,14 @@ class RequestBody:
         self._error = error
         self._wake()
 
+    async def wait_ready(self) -> None:
+        """Until the body is complete, or too large to keep (then it streams), or broken (BodyAborted)."""
+        while not self.complete and self.replayable and self._error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self._error is not None:
+            raise BodyAborted(str(self._error))
+
     @property
     def whole(self) -> bytes | None:
         """The entire body, if it has all arrived and was kept."""

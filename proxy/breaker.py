@@ -227,6 +227,15 @@ class CircuitBreaker:
         self._probes_in_flight += 1
         return Permit(self._generation, probe=True)
 
+    def rejecting(self, now: float) -> bool:
+        """Would ``try_acquire`` refuse because the breaker is open? (A peek: takes no probe slot.)"""
+        if self._override is not None and not self._override_expired(now):
+            return self._override is Override.FORCE_OPEN
+        if self._state is State.OPEN:
+            assert self._opened_at is not None
+            return now - self._opened_at < self.settings.open_duration
+        return False
+
     def retry_in(self, now: float) -> float:
         """Seconds until a refused caller may expect a probe to be admitted."""
         if self._override is Override.FORCE_OPEN and not self._override_expired(now):

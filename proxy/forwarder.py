@@ -105,6 +105,26 @@ class Exchange:
                         decision=f"upstream={rt.name} reason=overload max_concurrent={limit}")
             return
         try:
+            body = self.req.body
+            if body is not None and not body.complete and body.replayable:
+                # Read a small body whole before any upstream sees it: a malformed one (bad chunk size) is then
+                # answered 400 with nothing forwarded, and a retry can replay it. Large bodies stream.
+                if rt.enforce and rt.breaker.rejecting(rt.clock.monotonic()):
+                    stats.reject("breaker_open")
+                    self._breaker_open(rt.clock.monotonic())
+                    return
+                if self.req.expect_continue:
+                    self.req.expect_continue = False
+                    self.client.send_continue()
+                try:
+                    async with asyncio.timeout(rt.policy.timeouts.per_try):
+                        await body.wait_ready()
+                except TimeoutError:
+                    self._local(408, "bad_request", "request body not received in time",
+                                decision=f"upstream={rt.name} reason=body_timeout")
+                    return
+                except BodyAborted:
+                    return  # the listener has answered 400 and is closing
             await self._attempts()
         finally:
             rt.bulkhead.leave()

@@ -35,6 +35,8 @@ _IDLE, _HEAD, _BUSY = 0, 1, 2
 
 
 class RequestRejected(Exception):
+    """A request the sidecar answers itself with a 4xx and closes the connection on."""
+
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
@@ -193,7 +195,10 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        req = Request(parser.get_method(), _origin_form(self._url), self._headers, self._client_ip)
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise RequestRejected(405, "CONNECT is not served: a listener only forwards to its own targets")
+        req = Request(method, _origin_form(self._url), self._headers, self._client_ip)
         http11 = parser.get_http_version() == "1.1"
         hosts = 0
         content_length: int | None = None
@@ -342,7 +347,8 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, status: int, detail: str) -> None:
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.fail(ValueError(detail))
-        if self._active is None and not self._response_started:
+        if not self._response_started:
+            self._response_started = True
             self.keep_alive = False
             body = http1.error_body("bad_request", None, detail)
             if self.transport is not None:

@@ -27,7 +27,10 @@ def free_port() -> int:
 
 def write_policy(path: Path, upstreams: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None,
                  admin_port: int | None = None, **top: Any) -> Path:
-    """A policy file with fast test-friendly defaults (short timeouts, no jitter), overridable per test."""
+    """A policy file with fast test-friendly defaults (short timeouts, no jitter, no retries), overridable per test.
+
+    Upstreams without a ``listen`` get a free loopback port.
+    """
     base_defaults: dict[str, Any] = {
         "timeouts": {"connect": "500ms", "per_try": "2s", "total": "5s"},
         "breaker": {"failure_threshold": 5, "window": "60s", "open_duration": "60s"},
@@ -38,6 +41,8 @@ def write_policy(path: Path, upstreams: dict[str, dict[str, Any]], defaults: dic
             base_defaults[key] = {**base_defaults[key], **value}
         else:
             base_defaults[key] = value
+    for upstream in upstreams.values():
+        upstream.setdefault("listen", f"127.0.0.1:{free_port()}")  # tests name no ports of their own
     document: dict[str, Any] = {
         "admin": {"listen": f"127.0.0.1:{admin_port or free_port()}", "token_env": "SEAWALL_TEST_TOKEN"},
         "defaults": base_defaults,
@@ -68,6 +73,13 @@ def listener_url(sidecar: Sidecar, upstream: str) -> str:
     assert sidecar.config is not None
     address = sidecar.config.upstream(upstream).listen
     return f"http://{address.host}:{address.port}"
+
+
+def policy_listen(policy: Path, upstream: str) -> tuple[str, int]:
+    """(host, port) an upstream's listener has in a policy file."""
+    listen = yaml.safe_load(policy.read_text())["upstreams"][upstream]["listen"]
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
 
 
 class SidecarProcess:

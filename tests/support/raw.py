@@ -1,0 +1,100 @@
+"""Raw-socket peers: an upstream that records every byte and counts the requests it parsed, and a client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httptools
+
+from tests.support.sidecar import free_port
+
+
+@dataclass
+class RecordingUpstream:
+    """Answers every well-formed request with a fixed 200; remembers all it was sent, per connection."""
+
+    port: int
+    connections: list[bytearray] = field(default_factory=list)
+    requests: list[tuple[bytes, list[tuple[bytes, bytes]], bytes]] = field(default_factory=list)
+    response: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(bytes(c) for c in self.connections)
+
+
+class _Recorder(asyncio.Protocol):
+    def __init__(self, upstream: RecordingUpstream) -> None:
+        self.upstream = upstream
+        self.buffer = bytearray()
+        upstream.connections.append(self.buffer)
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body = b"", [], bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.upstream.requests.append((self.url, self.headers, bytes(self.body)))
+        assert self.transport is not None
+        self.transport.write(self.upstream.response)
+
+
+@contextlib.asynccontextmanager
+async def recording_upstream(response: bytes | None = None) -> AsyncIterator[RecordingUpstream]:
+    upstream = RecordingUpstream(port=free_port())
+    if response is not None:
+        upstream.response = response
+    server = await asyncio.get_running_loop().create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port)
+    try:
+        yield upstream
+    finally:
+        server.close()
+
+
+async def exchange(host: str, port: int, payload: bytes, read_timeout: float = 2.0) -> bytes:
+    """Send raw bytes, read until the sidecar closes or goes quiet."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(payload)
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return b"".join(chunks)
