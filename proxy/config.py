@@ -491,6 +491,16 @@ def substitute_env(text: str, environ: Mapping[str, str]) -> str:
     return _ENV_REF.sub(replace, text)
 
 
+class _Unresolved:
+    """A value whose environment reference could not be resolved: already reported, judged no further."""
+
+    def __repr__(self) -> str:
+        return "<unresolved>"
+
+
+UNRESOLVED: Any = _Unresolved()
+
+
 class _Reader:
     def __init__(self, file: str, environ: Mapping[str, str]) -> None:
         self.file = file
@@ -552,7 +562,7 @@ class _Reader:
                 substituted = substitute_env(raw, self.environ)
             except ValueError as exc:
                 self.issues.append(ConfigIssue(self.file, line, column, path, str(exc)))
-                return None
+                return UNRESOLVED
             if substituted != raw:
                 if node.style is None:  # plain scalar: resolve the result as YAML would have ("3" → 3)
                     tag = self._resolver.resolve(yaml.ScalarNode, substituted, (True, False))  # type: ignore[no-untyped-call]
@@ -660,6 +670,8 @@ class _Builder:
         info = f.metadata
         tp, optional = _unwrap_optional(tp)
         value = node.value
+        if value is UNRESOLVED:
+            return False, None
         if value is None:
             if optional:
                 return True, None
@@ -684,6 +696,8 @@ class _Builder:
 
     def _scalar(self, info: Mapping[str, Any], tp: Any, node: Sourced) -> tuple[bool, Any]:
         value = node.value
+        if value is UNRESOLVED:
+            return False, None
         if isinstance(value, dict | list):
             self.reader.error(node, node.path, "expected a single value, not a " +
                               ("mapping" if isinstance(value, dict) else "list"))
@@ -824,7 +838,7 @@ def load_text(
         node = top["allow_non_loopback"]
         if isinstance(node.value, bool):
             allow_non_loopback = node.value
-        else:
+        elif node.value is not UNRESOLVED:
             reader.error(node, "allow_non_loopback", f"expected true or false, got {node.value!r}")
 
     defaults = top.get("defaults") or Sourced({}, 0, 0, "defaults")
