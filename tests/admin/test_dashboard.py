@@ -1,0 +1,93 @@
+"""The live page in headless Chromium: it loads, an upstream flips to open within 2 s, a screenshot is kept."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.upstream import scripted_upstream
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def routed(request: web.Request) -> web.StreamResponse:
+    if request.path.startswith("/fail"):
+        return web.Response(status=503, text="down")
+    return web.Response(text="ok")
+
+
+async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: Path) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api")
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed")
+    dead = f"http://127.0.0.1:{free_port()}"
+    check = {"path": "/health", "interval": "200ms", "timeout": "300ms", "unhealthy_threshold": 1}
+    async with scripted_upstream(routed) as up, scripted_upstream(routed) as up2:
+        policy = write_policy(tmp_path / "p.yaml", {
+            "payments": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url], "health": check,
+                         "breaker": {"failure_threshold": 3, "open_duration": "45s"},
+                         "retry": {"budget": {"ratio": 0.2, "min_per_second": 1}}},
+            "data-service": {"listen": f"127.0.0.1:{free_port()}", "targets": [up2.url, dead],
+                             "health": check, "outlier": {"consecutive_failures": 1, "base_ejection": "60s"},
+                             "retry": {"max_retries": 2, "base_delay": "10ms", "max_delay": "10ms"}},
+            "recommendations": {"listen": f"127.0.0.1:{free_port()}", "targets": [up2.url],
+                                "health": {**check, "critical": False},
+                                "breaker": {"failure_threshold": 2, "enforce": False}},
+        })
+        async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
+            # Some history for the page to show: traffic, a shadow-mode trip, a target ejection.
+            for _ in range(4):
+                async with session.get(listener_url(sidecar, "data-service") + "/") as response:
+                    assert response.status == 200
+            for _ in range(3):
+                async with session.get(listener_url(sidecar, "recommendations") + "/fail") as response:
+                    await response.read()
+            for _ in range(5):
+                async with session.get(listener_url(sidecar, "payments") + "/") as response:
+                    await response.read()
+            await wait_for(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
+
+            async with playwright_api.async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    await page.goto(f"{admin_url(sidecar)}/dashboard")
+                    payments = page.locator('[data-upstream="payments"]')
+                    await payments.wait_for(timeout=5000)
+                    assert await payments.get_attribute("data-state") == "closed"
+                    assert await page.locator('[data-upstream="recommendations"]').get_attribute(
+                        "data-state") == "open"
+
+                    # Open the breaker with real failing traffic, then time how long the page takes to show it.
+                    for _ in range(3):
+                        async with session.get(listener_url(sidecar, "payments") + "/fail") as response:
+                            assert response.status == 503
+                    assert sidecar.runtimes["payments"].effective_state().value == "open"
+                    opened = time.monotonic()
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=2000)
+                    shown_after = time.monotonic() - opened
+                    assert shown_after < 2.0
+                    state_text = await payments.locator('[data-role="state"]').inner_text()
+                    assert state_text.strip().lower() == "open"
+                    assert "3_failures_in_60s" in await payments.inner_text()
+                    assert await page.locator("#overall").inner_text() == "UNHEALTHY"
+                    assert "ejected" in await page.locator('[data-upstream="data-service"]').inner_text()
+                    # A few rejected requests, so the page shows them, then the picture a person looks at.
+                    for _ in range(2):
+                        async with session.get(listener_url(sidecar, "payments") + "/") as response:
+                            assert response.headers["x-sidecar-reason"] == "breaker_open"
+                    await page.wait_for_timeout(700)
+                    await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
+                    assert errors == []
+                finally:
+                    await browser.close()
