@@ -272,6 +272,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.busy = False
         self._sink = None
         self._cancel_timer()
+        for waiter in (self._head_waiter, self._done_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionReset("exchange abandoned"))
+                waiter.exception()  # retrieved: nobody may be waiting any more
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
