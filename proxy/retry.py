@@ -12,6 +12,7 @@ Sleeping is the caller's business (through its ``Clock``); nothing here touches 
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import random
 from collections.abc import Iterator
@@ -61,12 +62,14 @@ def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | No
         return None
     text = value.decode("latin-1") if isinstance(value, bytes) else value
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "²" (latin-1 \xb2) is a digit to isdigit() but not to float()
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # asctime and "-0000" dates parse naive; HTTP dates are always UTC, not local time
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now_epoch)
 
 
@@ -128,7 +131,9 @@ class RetryBudget:
     def try_spend(self, now: float) -> bool:
         """Take one retry from the budget, or refuse."""
         requests, retries = self.totals(now)
-        if retries >= self._min_per_second * self.window + self._ratio * requests:
+        # This retry must fit too (retries + 1 ≤ allowance), else 0.2 · 1 request would allow a whole retry;
+        # the epsilon keeps products like 0.29 · 100 = 28.999999999999996 from losing a retry to rounding.
+        if retries + 1 > self._min_per_second * self.window + self._ratio * requests + 1e-9:
             return False
         self._retries[self._slot(now)] += 1
         return True
