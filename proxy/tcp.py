@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seawall.tcp")
 
+EARLY_BUFFER_LIMIT = 256 * 1024  # client bytes held while the upstream connect is in progress
+
 
 class _Side(asyncio.Protocol):
     """One end of a relay; ``peer`` is the other end."""
@@ -102,6 +104,10 @@ class TcpClient(_Side):
         self._rt: UpstreamRuntime | None = None
         self._admitted = False
         self._target: TargetState | None = None
+        # Bytes the client sent before the upstream end existed. ``pause_reading`` in ``connection_made`` is
+        # not enough: uvloop starts reading only after ``connection_made`` returns and ignores a pause before.
+        self._early: list[bytes] = []
+        self._early_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -125,6 +131,21 @@ class TcpClient(_Side):
         assert self.transport is not None
         self.transport.pause_reading()  # hold the client's bytes until the upstream end exists
         self._task = asyncio.get_running_loop().create_task(self._open(rt, permit))
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > EARLY_BUFFER_LIMIT and self.transport is not None:
+                self.transport.pause_reading()  # reading has started by now, so this pause holds
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is None:
+            self.eof = True  # passed on by ``_link`` once the upstream end exists
+            return True
+        return super().eof_received()
 
     async def _open(self, rt: UpstreamRuntime, permit: Permit | None) -> None:
         """Connect to a target; on failure try another (nothing was sent yet, so it is always safe)."""
@@ -205,7 +226,16 @@ class TcpClient(_Side):
         self.peer = upstream
         state.outstanding += 1  # least_request counts open relays per target
         self._target = state
-        assert self.transport is not None
+        assert upstream.transport is not None and self.transport is not None
+        early, self._early, self._early_size = self._early, [], 0
+        if early:
+            upstream.transport.writelines(early)
+        if self.eof:
+            upstream.transport.write_eof()
+            if upstream.eof:
+                self.close()
+                upstream.close()
+                return
         self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:

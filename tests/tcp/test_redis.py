@@ -1,0 +1,129 @@
+"""Redis behind the sidecar (a real ``sidecar run`` process, a real ``redis-server``, the ``redis`` client)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.support.sidecar import sidecar_process
+from tests.tcp.conftest import RedisServer, metric, poll, tcp_policy
+
+LOCAL = "127.0.0.1"
+
+
+def client(port: int) -> redis.Redis:
+    # No client-side retries: each command is one connection attempt the test can count.
+    return redis.Redis(host=LOCAL, port=port, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
+def admin_json(admin: str, path: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(admin + path, timeout=5) as response:
+            body: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:  # /health answers 503 when unhealthy, with the same body
+        body = json.load(exc)
+    return body
+
+
+def breaker_state(admin: str) -> str:
+    state: str = admin_json(admin, "/breakers")["cache"]["state"]
+    return state
+
+
+def closed_at_once(port: int) -> float:
+    started = time.monotonic()
+    with socket.create_connection((LOCAL, port), 2) as sock:
+        sock.settimeout(2)
+        assert sock.recv(1) == b""  # closed by the sidecar, nothing relayed
+    return time.monotonic() - started
+
+
+def test_redis_through_the_sidecar_with_breaker_and_ping_checks(tmp_path: Path, redis_server: RedisServer) -> None:
+    policy, listen = tcp_policy(
+        tmp_path,
+        "cache",
+        [f"{LOCAL}:{redis_server.port}"],
+        breaker={"failure_threshold": 2, "open_duration": "1s"},
+        health={"interval": "100ms", "timeout": "1s", "probe": "redis", "unhealthy_threshold": 1},
+    )
+    with sidecar_process(policy) as sidecar:
+        admin = sidecar.admin
+        # Commands work through the relay, pipelined ones included.
+        r = client(listen)
+        assert r.ping()
+        r.set("seawall", "up")
+        assert r.get("seawall") == b"up"
+        pipe = r.pipeline()
+        for i in range(100):
+            pipe.incr("counter", i)
+        assert pipe.execute()[-1] == sum(range(100))
+        big = b"v" * (2 * 1024 * 1024)
+        r.set("big", big)
+        assert r.get("big") == big
+        poll(
+            lambda: admin_json(admin, "/health")["checks"].get("cache", {}).get("healthy") is True,
+            5,
+            "redis PING check passes",
+        )
+        r.close()
+
+        # The server goes away: connects fail, two of them open the breaker.
+        redis_server.stop()
+        for _ in range(2):
+            try:
+                client(listen).ping()
+            except redis.ConnectionError:
+                pass
+            else:
+                raise AssertionError("a command succeeded with redis down")
+        assert breaker_state(admin) == "open"
+        opened = time.monotonic()
+        failures = metric(admin, 'sidecar_upstream_failures_total{kind="connect_error",upstream="cache"}')
+        assert failures == 2
+
+        # New connections are closed at once, with no upstream attempt, and counted.
+        assert closed_at_once(listen) < 0.05
+        assert metric(admin, 'sidecar_rejected_total{reason="breaker_open",upstream="cache"}') >= 1
+        assert metric(admin, 'sidecar_upstream_failures_total{kind="connect_error",upstream="cache"}') == failures
+        poll(lambda: admin_json(admin, "/health")["checks"]["cache"]["healthy"] is False, 5, "redis PING check fails")
+        with_client = client(listen)
+        try:
+            with_client.ping()
+        except redis.ConnectionError:
+            pass
+        else:
+            raise AssertionError("the breaker let a connection through")
+
+        # Back up: after open_duration the next connection is the probe, and its success closes the breaker.
+        redis_server.start()
+
+        def works() -> bool:
+            try:
+                return bool(client(listen).ping())
+            except redis.ConnectionError:
+                return False
+
+        poll(works, 5, "redis reachable through the sidecar again", interval=0.05)
+        assert time.monotonic() - opened >= 1.0
+        assert breaker_state(admin) == "closed"
+        assert client(listen).get("seawall") is None  # a fresh server (no persistence): really restarted
+        poll(
+            lambda: admin_json(admin, "/health")["checks"]["cache"]["healthy"] is True,
+            5,
+            "redis PING check passes again",
+        )
+        assert (
+            metric(
+                admin, 'sidecar_breaker_transitions_total{from_state="half_open",to_state="closed",upstream="cache"}'
+            )
+            == 1
+        )

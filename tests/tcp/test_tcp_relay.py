@@ -1,0 +1,217 @@
+"""The L4 relay against scripted TCP servers: half-close, back-pressure, server-first bytes, overload, and
+a breaker that refuses new connections while leaving established ones alone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from proxy.server import Sidecar
+from tests.support.sidecar import free_port, running_sidecar, wait_for
+from tests.tcp.conftest import echo, tcp_policy, tcp_server
+
+LOCAL = "127.0.0.1"
+
+
+async def roundtrip(port: int, payload: bytes = b"ping") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(payload)
+    await writer.drain()
+    async with asyncio.timeout(2):
+        assert await reader.readexactly(len(payload)) == payload
+    return reader, writer
+
+
+async def refused_quickly(port: int) -> float:
+    """Connect and return how long it took to see the sidecar close the connection."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    try:
+        async with asyncio.timeout(2):
+            data = await reader.read(1)
+    finally:
+        writer.close()
+    assert data == b""
+    return time.monotonic() - started
+
+
+def relays(sidecar: Sidecar, name: str) -> int:
+    return len(sidecar.listeners[name].connections)
+
+
+async def test_half_close_the_client_shuts_down_writing_and_still_gets_the_reply(tmp_path: Path) -> None:
+    async def count_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # until the client's EOF arrives through the relay
+        writer.write(b"got %d bytes" % len(data))
+        await writer.drain()
+
+    async with tcp_server(count_then_reply) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy):
+            reader, writer = await asyncio.open_connection(LOCAL, listen)
+            writer.write(b"x" * 100_000)
+            writer.write_eof()
+            async with asyncio.timeout(5):
+                assert await reader.read() == b"got 100000 bytes"
+            writer.close()
+
+
+async def test_large_transfer_is_byte_exact_and_bounded_by_back_pressure(tmp_path: Path) -> None:
+    total = 48 * 1024 * 1024
+    payload = os.urandom(1024 * 1024) * (total // (1024 * 1024))
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy) as sidecar:
+            reader, writer = await asyncio.open_connection(LOCAL, listen)
+            sent = 0
+
+            async def send() -> None:
+                nonlocal sent
+                view = memoryview(payload)
+                for offset in range(0, total, 65536):
+                    writer.write(view[offset : offset + 65536])
+                    await writer.drain()
+                    sent = offset + 65536
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            try:
+                # Nobody reads the echo: the sender must stall once the kernel buffers are full, and the
+                # sidecar must not soak the rest up in memory.
+                last, stable_since = -1, time.monotonic()
+                deadline = time.monotonic() + 10
+                while time.monotonic() - stable_since < 0.3:
+                    assert time.monotonic() < deadline, "the sender never stalled"
+                    if sent != last:
+                        last, stable_since = sent, time.monotonic()
+                    await asyncio.sleep(0.02)
+                assert not sender.done() and sent < total
+                (client_side,) = sidecar.listeners["svc"].connections
+                assert client_side.transport is not None and client_side.peer is not None
+                assert client_side.peer.transport is not None
+                buffered = (
+                    client_side.transport.get_write_buffer_size() + client_side.peer.transport.get_write_buffer_size()
+                )
+                assert buffered < 2 * 1024 * 1024, buffered
+
+                digest = hashlib.sha256()
+                received = 0
+                async with asyncio.timeout(30):
+                    while chunk := await reader.read(1 << 20):
+                        digest.update(chunk)
+                        received += len(chunk)
+                    await sender
+                assert received == total
+                assert digest.digest() == hashlib.sha256(payload).digest()
+            finally:
+                sender.cancel()
+                writer.close()
+
+
+async def test_a_server_that_speaks_first_is_heard(tmp_path: Path) -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hello\r\n")  # before the client has said anything (SMTP, MySQL do this)
+        await writer.drain()
+        line = await reader.readline()
+        writer.write(b"echo " + line)
+        await writer.drain()
+
+    async with tcp_server(greet) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy):
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(LOCAL, listen)
+                async with asyncio.timeout(2):
+                    assert await reader.readline() == b"220 hello\r\n"
+                    writer.write(b"hi\r\n")
+                    assert await reader.readline() == b"echo hi\r\n"
+                writer.close()
+
+
+async def test_overload_closes_at_once_and_does_not_count_against_the_breaker(tmp_path: Path) -> None:
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(
+            tmp_path,
+            "svc",
+            [f"{LOCAL}:{port}"],
+            limits={"max_concurrent": 1, "max_pending": 0},
+            breaker={"failure_threshold": 1},
+        )
+        async with running_sidecar(policy) as sidecar:
+            rt = sidecar.runtimes["svc"]
+            _, held = await roundtrip(listen)
+            for _ in range(3):
+                assert await refused_quickly(listen) < 0.05
+            assert rt.stats.rejected.get("overload") == 3
+            assert rt.effective_state().value == "closed"
+            held.close()
+            await wait_for(lambda: rt.stats.inflight == 0)
+            _, again = await roundtrip(listen)  # the slot is free again
+            again.close()
+
+
+async def test_breaker_opens_on_connect_failures_and_leaves_established_relays_alone(tmp_path: Path) -> None:
+    async with tcp_server(echo) as (server, port):
+        policy, listen = tcp_policy(
+            tmp_path, "svc", [f"{LOCAL}:{port}"], breaker={"failure_threshold": 2, "open_duration": "60s"}
+        )
+        async with running_sidecar(policy) as sidecar:
+            rt = sidecar.runtimes["svc"]
+            reader, writer = await roundtrip(listen, b"before")
+            server.close()  # stop accepting; the established connection stays up
+            for _ in range(2):
+                assert await refused_quickly(listen) < 1.0  # a refused connect upstream: closed, counted
+            assert rt.stats.failures.get("connect_error") == 2
+            assert rt.effective_state().value == "open"
+
+            # New connections: closed at once, with no upstream attempt.
+            assert await refused_quickly(listen) < 0.05
+            assert rt.stats.rejected.get("breaker_open") == 1
+            assert rt.stats.failures.get("connect_error") == 2
+
+            # The relay opened before the breaker tripped still carries bytes both ways.
+            writer.write(b"after")
+            await writer.drain()
+            async with asyncio.timeout(2):
+                assert await reader.readexactly(5) == b"after"
+            writer.close()
+
+
+async def test_a_dead_target_is_skipped_and_ejected(tmp_path: Path) -> None:
+    dead = free_port()  # nothing listens there
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(
+            tmp_path,
+            "svc",
+            [f"{LOCAL}:{dead}", f"{LOCAL}:{port}"],
+            retry={"max_retries": 1},
+            outlier={"consecutive_failures": 2, "base_ejection": "30s", "max_ejected_percent": 50},
+            breaker={"failure_threshold": 50},
+        )
+        async with running_sidecar(policy) as sidecar:
+            rt = sidecar.runtimes["svc"]
+            for _ in range(6):  # every connection works: a failed connect moves on to the other target
+                _, writer = await roundtrip(listen)
+                writer.close()
+            dead_state, live_state = rt.balancer.states
+            assert dead_state.ejected(rt.clock.monotonic())
+            assert dead_state.ejection_reason == "2_consecutive_connect_error"
+            assert rt.stats.failures.get("connect_error") == 2  # ejected after two: never tried again
+            await wait_for(lambda: live_state.outstanding == 0)
+
+
+async def test_a_client_that_leaves_while_connecting_frees_its_slot(tmp_path: Path) -> None:
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"], limits={"max_concurrent": 2})
+        async with running_sidecar(policy) as sidecar:
+            rt = sidecar.runtimes["svc"]
+            for _ in range(10):
+                _, writer = await asyncio.open_connection(LOCAL, listen)
+                writer.close()
+            await wait_for(lambda: rt.stats.inflight == 0 and relays(sidecar, "svc") == 0)
+            assert rt.balancer.states[0].outstanding == 0
+            _, writer = await roundtrip(listen)
+            writer.close()
