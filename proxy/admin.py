@@ -53,7 +53,7 @@ log = logging.getLogger("seawall.admin")
 _STATIC = Path(__file__).with_name("static")
 T = TypeVar("T")
 
-FRESH_WAIT = 0.02  # longest wait for the main loop before a cached report is served instead
+FRESH_WAIT = 0.01  # longest wait for the main loop before a cached report is served instead
 PUBLISH_INTERVAL = 0.25  # how often the main loop refreshes the cached reports (and its heartbeat)
 LIVE_STALL = 10.0  # /live fails when the main loop has not ticked for this long: a wedged data plane
 SWITCH_INTERVAL = 0.001  # GIL hand-over bound; only matters while the admin thread is waiting for the GIL

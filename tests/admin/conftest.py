@@ -97,9 +97,16 @@ def prometheus_server(tmp: Path, admin_port: int) -> Iterator[str]:
     )
     log = (tmp / "prometheus.log").open("wb")
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
     )
     with stopping(proc):
         wait_http(f"http://127.0.0.1:{port}/-/ready", 20.0, proc)
@@ -132,8 +139,11 @@ def nginx_upstream(tmp: Path) -> Iterator[str]:
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
-    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "nginx-error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "nginx-error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with stopping(proc):
         wait_http(f"http://127.0.0.1:{port}/", 10.0, proc)
         yield f"http://127.0.0.1:{port}"

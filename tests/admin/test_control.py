@@ -17,8 +17,7 @@ from tests.support.upstream import scripted_upstream, status
 
 async def test_token_guards_mutating_calls(tmp_path: Path, token: str) -> None:
     async with scripted_upstream() as up:
-        policy = write_policy(tmp_path / "p.yaml", {"pay": {"listen": f"127.0.0.1:{free_port()}",
-                                                            "targets": [up.url]}})
+        policy = write_policy(tmp_path / "p.yaml", {"pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url]}})
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             url = f"{admin_url(sidecar)}/breakers/pay/force-open"
             async with session.post(url) as response:
@@ -34,8 +33,9 @@ async def test_token_guards_mutating_calls(tmp_path: Path, token: str) -> None:
             async with session.post(url, headers={**auth, "Origin": "http://evil.example"}) as response:
                 assert response.status == 403 and (await response.json())["error"] == "foreign_origin"
             # Same-origin by Host, but a DNS name (rebinding) is not a page this server served.
-            async with session.post(url, headers={**auth, "Origin": "http://rebound.example:1",
-                                                  "Host": "rebound.example:1"}) as response:
+            async with session.post(
+                url, headers={**auth, "Origin": "http://rebound.example:1", "Host": "rebound.example:1"}
+            ) as response:
                 assert response.status == 403
             assert sidecar.runtimes["pay"].breaker.override is None
             async with session.post(url, headers=auth) as response:
@@ -63,8 +63,7 @@ async def test_force_open_with_ttl_ends_by_itself_and_is_logged(
 ) -> None:
     caplog.set_level(logging.INFO)
     async with scripted_upstream() as up:
-        policy = write_policy(tmp_path / "p.yaml", {"pay": {"listen": f"127.0.0.1:{free_port()}",
-                                                            "targets": [up.url]}})
+        policy = write_policy(tmp_path / "p.yaml", {"pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url]}})
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             admin = admin_url(sidecar)
             auth = {"Authorization": f"Bearer {token}", "X-Operator": "alice"}
@@ -104,9 +103,10 @@ async def test_force_open_with_ttl_ends_by_itself_and_is_logged(
 async def test_force_close_lets_traffic_through_an_open_breaker(tmp_path: Path, token: str) -> None:
     async with scripted_upstream() as up:
         up.then(status(500), status(500))
-        policy = write_policy(tmp_path / "p.yaml", {"pay": {"listen": f"127.0.0.1:{free_port()}",
-                                                            "targets": [up.url],
-                                                            "breaker": {"failure_threshold": 2}}})
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {"pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url], "breaker": {"failure_threshold": 2}}},
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             pay = listener_url(sidecar, "pay") + "/"
             for _ in range(2):

@@ -14,8 +14,16 @@ from tests.support.sidecar import admin_url, free_port, listener_url, running_si
 from tests.support.upstream import scripted_upstream
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 async def routed(request: web.Request) -> web.StreamResponse:
@@ -31,17 +39,31 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
     dead = f"http://127.0.0.1:{free_port()}"
     check = {"path": "/health", "interval": "200ms", "timeout": "300ms", "unhealthy_threshold": 1}
     async with scripted_upstream(routed) as up, scripted_upstream(routed) as up2:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "payments": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url], "health": check,
-                         "breaker": {"failure_threshold": 3, "open_duration": "45s"},
-                         "retry": {"budget": {"ratio": 0.2, "min_per_second": 1}}},
-            "data-service": {"listen": f"127.0.0.1:{free_port()}", "targets": [up2.url, dead],
-                             "health": check, "outlier": {"consecutive_failures": 1, "base_ejection": "60s"},
-                             "retry": {"max_retries": 2, "base_delay": "10ms", "max_delay": "10ms"}},
-            "recommendations": {"listen": f"127.0.0.1:{free_port()}", "targets": [up2.url],
-                                "health": {**check, "critical": False},
-                                "breaker": {"failure_threshold": 2, "enforce": False}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "payments": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "health": check,
+                    "breaker": {"failure_threshold": 3, "open_duration": "45s"},
+                    "retry": {"budget": {"ratio": 0.2, "min_per_second": 1}},
+                },
+                "data-service": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up2.url, dead],
+                    "health": check,
+                    "outlier": {"consecutive_failures": 1, "base_ejection": "60s"},
+                    "retry": {"max_retries": 2, "base_delay": "10ms", "max_delay": "10ms"},
+                },
+                "recommendations": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up2.url],
+                    "health": {**check, "critical": False},
+                    "breaker": {"failure_threshold": 2, "enforce": False},
+                },
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             # Some history for the page to show: traffic, a shadow-mode trip, a target ejection.
             for _ in range(4):
@@ -65,8 +87,7 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                     payments = page.locator('[data-upstream="payments"]')
                     await payments.wait_for(timeout=5000)
                     assert await payments.get_attribute("data-state") == "closed"
-                    assert await page.locator('[data-upstream="recommendations"]').get_attribute(
-                        "data-state") == "open"
+                    assert await page.locator('[data-upstream="recommendations"]').get_attribute("data-state") == "open"
 
                     # Open the breaker with real failing traffic, then time how long the page takes to show it.
                     for _ in range(3):

@@ -24,10 +24,12 @@ async def status_from_path(request: web.Request) -> web.StreamResponse:
 
 async def test_metrics_counters_equal_what_client_and_upstream_counted(tmp_path: Path) -> None:
     async with scripted_upstream(status_from_path) as up:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url],
-                    "breaker": {"failure_threshold": 4}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url], "breaker": {"failure_threshold": 4}},
+            },
+        )
         plan = ["/s/200"] * 9 + ["/s/404"] * 3 + ["/s/201"] * 2 + ["/s/503"] * 4 + ["/s/200"] * 5
         client_codes: collections.Counter[int] = collections.Counter()
         reasons: collections.Counter[str] = collections.Counter()
@@ -38,9 +40,7 @@ async def test_metrics_counters_equal_what_client_and_upstream_counted(tmp_path:
                     client_codes[response.status] += 1
                     if "x-sidecar-reason" in response.headers:
                         reasons[response.headers["x-sidecar-reason"]] += 1
-            upstream_codes = collections.Counter(
-                int(r.path.rsplit("/", 1)[-1]) for r in up.requests
-            )
+            upstream_codes = collections.Counter(int(r.path.rsplit("/", 1)[-1]) for r in up.requests)
             samples = await scrape(session, admin_url(sidecar))
         # The 4th 503 trips the breaker: the last five requests never reached the upstream.
         assert upstream_codes == {200: 9, 404: 3, 201: 2, 503: 4}
@@ -55,8 +55,10 @@ async def test_metrics_counters_equal_what_client_and_upstream_counted(tmp_path:
         assert sample(samples, "sidecar_retries_total", upstream="pay") == 0
         assert sample(samples, "sidecar_breaker_state", upstream="pay", state="open") == 1
         assert sample(samples, "sidecar_breaker_state", upstream="pay", state="closed") == 0
-        assert sample(samples, "sidecar_breaker_transitions_total", upstream="pay", from_state="closed",
-                      to_state="open") == 1
+        assert (
+            sample(samples, "sidecar_breaker_transitions_total", upstream="pay", from_state="closed", to_state="open")
+            == 1
+        )
         assert sample(samples, "sidecar_inflight_requests", upstream="pay") == 0
         assert sample(samples, "sidecar_config_reloads_total", result="success") == 0
         # Every family exported is declared in the one table, and nothing else is.
@@ -68,14 +70,21 @@ async def test_metrics_counters_equal_what_client_and_upstream_counted(tmp_path:
 
 async def test_retries_counted_once_per_extra_attempt(tmp_path: Path) -> None:
     async with scripted_upstream() as up:
+
         async def fail(_: web.Request) -> web.StreamResponse:
             return web.Response(status=503)
 
         up.then(fail, fail)
-        policy = write_policy(tmp_path / "p.yaml", {
-            "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url],
-                    "retry": {"max_retries": 3, "base_delay": "10ms", "max_delay": "20ms"}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "pay": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "retry": {"max_retries": 3, "base_delay": "10ms", "max_delay": "20ms"},
+                },
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             async with session.get(listener_url(sidecar, "pay") + "/") as response:
                 assert response.status == 200 and response.headers["x-sidecar-attempts"] == "3"
@@ -88,10 +97,16 @@ async def test_retries_counted_once_per_extra_attempt(tmp_path: Path) -> None:
 
 async def test_shadow_mode_never_rejects_but_counts(tmp_path: Path) -> None:
     async with scripted_upstream(status_from_path) as up:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url],
-                    "breaker": {"failure_threshold": 2, "enforce": False}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "pay": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "breaker": {"failure_threshold": 2, "enforce": False},
+                },
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             seen = []
             for _ in range(7):
@@ -116,11 +131,17 @@ async def test_shadow_mode_never_rejects_but_counts(tmp_path: Path) -> None:
 async def test_local_answers_explain_the_decision(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     async with scripted_upstream(status_from_path) as up:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url],
-                    "breaker": {"failure_threshold": 2, "open_duration": "7s"}},
-            "gone": {"listen": f"127.0.0.1:{free_port()}", "targets": [dead]},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "pay": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "breaker": {"failure_threshold": 2, "open_duration": "7s"},
+                },
+                "gone": {"listen": f"127.0.0.1:{free_port()}", "targets": [dead]},
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             for _ in range(2):
                 async with session.get(listener_url(sidecar, "pay") + "/s/502") as response:
@@ -128,8 +149,7 @@ async def test_local_answers_explain_the_decision(tmp_path: Path) -> None:
             async with session.get(listener_url(sidecar, "pay") + "/s/200") as response:
                 assert response.status == 503
                 decision = dict(part.split("=", 1) for part in response.headers["x-sidecar-decision"].split())
-                assert decision == {"upstream": "pay", "state": "open", "reason": "2_failures_in_60s",
-                                    "retry_in": "7s"}
+                assert decision == {"upstream": "pay", "state": "open", "reason": "2_failures_in_60s", "retry_in": "7s"}
                 assert response.headers["retry-after"] == "7"
             async with session.get(listener_url(sidecar, "gone") + "/") as response:
                 assert response.status == 502
@@ -140,11 +160,14 @@ async def test_local_answers_explain_the_decision(tmp_path: Path) -> None:
 async def test_prometheus_sees_the_tripped_breaker(tmp_path: Path) -> None:
     async with scripted_upstream(status_from_path) as up:
         admin_port = free_port()
-        policy = write_policy(tmp_path / "p.yaml", {
-            "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url],
-                    "breaker": {"failure_threshold": 2}},
-            "ledger": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url]},
-        }, admin_port=admin_port)
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "pay": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url], "breaker": {"failure_threshold": 2}},
+                "ledger": {"listen": f"127.0.0.1:{free_port()}", "targets": [up.url]},
+            },
+            admin_port=admin_port,
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             # Prometheus starts while the sidecar is up; trip after, so the scrape must see the change.
             with prometheus_server(tmp_path, admin_port) as prometheus:
