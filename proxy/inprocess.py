@@ -1,0 +1,458 @@
+"""The in-process API (the original design's ``common_utils.circuit_breaker``), on the sidecar's own cores.
+
+::
+
+    @circuit_breaker(name="data-service", failure_threshold=5, timeout=60.0, fallback=lambda *a, **k: {"cached": False})
+    @retry_with_backoff(max_retries=3, base_delay=1.0, exceptions=(ConnectionError,))
+    async def fetch_features(symbol: str) -> dict[str, float]: ...
+
+    health_check_endpoint({"database": db_ping, "cache": redis_ping})
+
+- ``circuit_breaker`` wraps sync and async functions. While the breaker is open it calls ``fallback`` with the
+  same arguments, or raises ``CircuitOpenError`` (with ``retry_in``). Exceptions in ``expected_exceptions``
+  count as failures; any other ``Exception`` means the dependency answered (like a 4xx) and counts as a
+  success; cancellation and other ``BaseException`` s give no verdict.
+- ``retry_with_backoff`` retries on ``exceptions`` with ``base_delay · 2ⁿ`` capped at ``max_delay`` (1 s → 2 s →
+  4 s by default, no jitter, as the original design specifies). It never retries ``CircuitOpenError``: once the
+  breaker has opened, more attempts would only be refused.
+- Breakers live in a registry by name, so ``/health`` and ``health_check_endpoint`` can report them.
+
+The core (``proxy.breaker``) is single-threaded by design; here each breaker gets a lock held only around core
+calls, never around the user's function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import inspect
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, cast
+
+from proxy.breaker import BreakerSettings, CircuitBreaker, Permit, Snapshot, State, Transition
+from proxy.clock import Clock, SystemClock
+from proxy.retry import backoff_delays
+
+__all__ = [
+    "BreakerRegistry",
+    "CircuitOpenError",
+    "InProcessBreaker",
+    "all_breakers",
+    "circuit_breaker",
+    "get_breaker",
+    "health_check_endpoint",
+    "health_check_endpoint_async",
+    "reset",
+    "retry_with_backoff",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger("seawall.inprocess")
+
+
+class CircuitOpenError(Exception):
+    """The breaker refused the call; ``retry_in`` is the number of seconds until it will try a probe."""
+
+    def __init__(self, name: str, retry_in: float) -> None:
+        super().__init__(f"circuit {name!r} is open; retry in {retry_in:.3g}s")
+        self.name = name
+        self.retry_in = retry_in
+
+
+class InProcessBreaker:
+    """One named breaker: the pure core, its clock, and a lock so threads can share it."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings,
+        clock: Clock | None = None,
+        on_transition: Callable[[Transition], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.clock: Clock = clock or SystemClock()
+        self._listener = on_transition
+        # Reentrant: an on_transition listener may read the breaker's snapshot.
+        self._lock = threading.RLock()
+        self._core = CircuitBreaker(name, settings, on_transition=self._on_transition)
+
+    @property
+    def settings(self) -> BreakerSettings:
+        return self._core.settings
+
+    def _on_transition(self, transition: Transition) -> None:
+        log.warning(
+            "circuit %s: %s -> %s (%s)",
+            transition.breaker,
+            transition.from_state.value,
+            transition.to_state.value,
+            transition.reason,
+        )
+        if self._listener is not None:
+            self._listener(transition)
+
+    def acquire(self) -> Permit | None:
+        with self._lock:
+            return self._core.try_acquire(self.clock.monotonic())
+
+    def record_success(self, permit: Permit, duration: float = 0.0) -> None:
+        with self._lock:
+            self._core.record_success(permit, self.clock.monotonic(), duration)
+
+    def record_failure(self, permit: Permit, duration: float = 0.0) -> None:
+        with self._lock:
+            self._core.record_failure(permit, self.clock.monotonic(), duration)
+
+    def record_ignored(self, permit: Permit) -> None:
+        with self._lock:
+            self._core.record_ignored(permit)
+
+    def reset(self) -> None:
+        """Manual reset: failures to 0, state CLOSED, any override cleared."""
+        with self._lock:
+            self._core.reset(self.clock.monotonic())
+
+    def retry_in(self) -> float:
+        with self._lock:
+            return self._core.retry_in(self.clock.monotonic())
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._core.snapshot(self.clock.monotonic())
+
+    @property
+    def state(self) -> State:
+        return self.snapshot().effective_state
+
+    @property
+    def failures(self) -> int:
+        return self.snapshot().failures_in_window
+
+    def open_error(self) -> CircuitOpenError:
+        return CircuitOpenError(self.name, self.retry_in())
+
+
+class BreakerRegistry:
+    """Breakers by name. The first registration of a name decides its settings; later ones share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._breakers: dict[str, InProcessBreaker] = {}
+
+    def get_or_create(
+        self,
+        name: str,
+        settings: BreakerSettings,
+        clock: Clock | None = None,
+        on_transition: Callable[[Transition], None] | None = None,
+    ) -> InProcessBreaker:
+        with self._lock:
+            breaker = self._breakers.get(name)
+            if breaker is None:
+                breaker = InProcessBreaker(name, settings, clock, on_transition)
+                self._breakers[name] = breaker
+            elif breaker.settings != settings:
+                log.warning("circuit %s already registered with other settings; sharing the first", name)
+            return breaker
+
+    def get(self, name: str) -> InProcessBreaker:
+        with self._lock:
+            try:
+                return self._breakers[name]
+            except KeyError:
+                known = ", ".join(sorted(self._breakers)) or "none"
+                raise KeyError(f"no circuit breaker named {name!r} (registered: {known})") from None
+
+    def all(self) -> dict[str, InProcessBreaker]:
+        with self._lock:
+            return dict(self._breakers)
+
+    def reset(self, name: str) -> None:
+        self.get(name).reset()
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._breakers.pop(name, None)
+
+
+REGISTRY = BreakerRegistry()
+
+
+def get_breaker(name: str) -> InProcessBreaker:
+    """The registered breaker called ``name``; KeyError (listing the known names) if there is none."""
+    return REGISTRY.get(name)
+
+
+def all_breakers() -> dict[str, InProcessBreaker]:
+    return REGISTRY.all()
+
+
+def reset(name: str) -> None:
+    """Manual reset of one breaker: failures to 0, state CLOSED."""
+    REGISTRY.reset(name)
+
+
+def _qualified_name(func: Callable[..., Any]) -> str:
+    # Callable objects and partials have no __qualname__; fall back to their type's.
+    owner = func if hasattr(func, "__qualname__") else type(func)
+    return f"{owner.__module__}.{owner.__qualname__}"
+
+
+# -- circuit_breaker -------------------------------------------------------------------------------------------
+
+
+def circuit_breaker(
+    name: str | None = None,
+    failure_threshold: int = 5,
+    timeout: float = 60.0,
+    fallback: Callable[..., Any] | None = None,
+    expected_exceptions: tuple[type[BaseException], ...] = (Exception,),
+    clock: Clock | None = None,
+    *,
+    window: float = 60.0,
+    half_open_max_calls: int = 1,
+    on_transition: Callable[[Transition], None] | None = None,
+    registry: BreakerRegistry | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Guard a sync or async function with the named breaker (``timeout`` is the open duration, in seconds).
+
+    ``name`` defaults to the function's qualified name. ``fallback`` may be sync or async for an async function.
+    """
+    settings = BreakerSettings(
+        failure_threshold=failure_threshold,
+        window=window,
+        open_duration=timeout,
+        half_open_max_calls=half_open_max_calls,
+    )
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        breaker = (registry or REGISTRY).get_or_create(name or _qualified_name(func), settings, clock, on_transition)
+        monotonic = breaker.clock.monotonic
+
+        def settle(permit: Permit, started: float, exc: BaseException | None) -> None:
+            duration = monotonic() - started
+            if exc is None:
+                breaker.record_success(permit, duration)
+            elif isinstance(exc, expected_exceptions):
+                breaker.record_failure(permit, duration)
+            elif isinstance(exc, Exception):
+                breaker.record_success(permit, duration)  # the dependency answered, with an error of ours
+            else:
+                breaker.record_ignored(permit)  # cancelled or interrupted: no verdict, free a probe slot
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                permit = breaker.acquire()
+                if permit is None:
+                    if fallback is None:
+                        raise breaker.open_error()
+                    result = fallback(*args, **kwargs)
+                    return await result if inspect.isawaitable(result) else result
+                started = monotonic()
+                try:
+                    value = await func(*args, **kwargs)
+                except BaseException as exc:
+                    settle(permit, started, exc)
+                    raise
+                settle(permit, started, None)
+                return value
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            permit = breaker.acquire()
+            if permit is None:
+                if fallback is None:
+                    raise breaker.open_error()
+                return cast(R, fallback(*args, **kwargs))
+            started = monotonic()
+            try:
+                value = func(*args, **kwargs)
+            except BaseException as exc:
+                settle(permit, started, exc)
+                raise
+            settle(permit, started, None)
+            return value
+
+        return sync_wrapper
+
+    return decorate
+
+
+# -- retry_with_backoff ----------------------------------------------------------------------------------------
+
+
+def retry_with_backoff(
+    max_retries: int = 3,
+    base_delay: float = 1.0,
+    max_delay: float = 4.0,
+    exceptions: tuple[type[BaseException], ...] = (Exception,),
+    jitter: bool = False,
+    clock: Clock | None = None,
+    *,
+    sleeper: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Retry a sync or async function on ``exceptions``, up to ``max_retries`` times after the first call.
+
+    Sync functions wait with ``sleeper`` (``time.sleep``); async ones with ``clock.sleep``. The last exception
+    is re-raised when the retries run out.
+    """
+    if max_retries < 0:
+        raise ValueError("max_retries must be ≥ 0")
+
+    def retryable(exc: BaseException) -> bool:
+        return isinstance(exc, exceptions) and not isinstance(exc, CircuitOpenError)
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        label = _qualified_name(func)
+        if inspect.iscoroutinefunction(func):
+            waiter: Clock = clock or SystemClock()
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                delays = backoff_delays(base_delay, max_delay, jitter, rng)
+                for attempt in range(max_retries + 1):
+                    try:
+                        return await func(*args, **kwargs)
+                    except BaseException as exc:
+                        if attempt == max_retries or not retryable(exc):
+                            raise
+                        delay = next(delays)
+                        log.info("retry %d/%d of %s in %.3gs: %r", attempt + 1, max_retries, label, delay, exc)
+                    await waiter.sleep(delay)
+                raise AssertionError("unreachable")  # the loop returns or raises
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            delays = backoff_delays(base_delay, max_delay, jitter, rng)
+            for attempt in range(max_retries + 1):
+                try:
+                    return func(*args, **kwargs)
+                except BaseException as exc:
+                    if attempt == max_retries or not retryable(exc):
+                        raise
+                    delay = next(delays)
+                    log.info("retry %d/%d of %s in %.3gs: %r", attempt + 1, max_retries, label, delay, exc)
+                sleeper(delay)
+            raise AssertionError("unreachable")
+
+        return sync_wrapper
+
+    return decorate
+
+
+# -- health ----------------------------------------------------------------------------------------------------
+
+HealthCheck = Callable[[], bool | Awaitable[bool]]
+
+
+def _check_result(healthy: bool, started: float, error: str | None) -> dict[str, Any]:
+    return {
+        "healthy": healthy,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        "error": error,
+    }
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _run_sync_check(check: HealthCheck) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        result = check()
+        if inspect.isawaitable(result):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                result = asyncio.run(_await(result))
+            else:
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited: close it rather than leak a warning
+                return _check_result(False, started, "async check inside a running loop: use the async endpoint")
+        return _check_result(bool(result), started, None)
+    except Exception as exc:
+        return _check_result(False, started, _describe(exc))
+
+
+async def _await(result: Awaitable[bool]) -> bool:
+    return await result
+
+
+async def _run_async_check(check: HealthCheck, timeout: float | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+        return _check_result(bool(result), started, None)
+    except TimeoutError:
+        return _check_result(False, started, f"timed out after {timeout:g}s")
+    except Exception as exc:
+        return _check_result(False, started, _describe(exc))
+
+
+def _report(
+    checks: dict[str, dict[str, Any]], include_circuit_breakers: bool, registry: BreakerRegistry | None
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "status": "healthy",
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+        "checks": checks,
+    }
+    not_closed = False
+    if include_circuit_breakers:
+        breakers: dict[str, Any] = {}
+        for name, breaker in sorted((registry or REGISTRY).all().items()):
+            snap = breaker.snapshot()
+            state = snap.effective_state
+            not_closed |= state is not State.CLOSED
+            breakers[name] = {"state": state.value, "failures": snap.failures_in_window, "retry_in": snap.retry_in}
+        report["circuit_breakers"] = breakers
+    # A failed check means a dependency is down; an open breaker means callers are on their fallbacks.
+    if any(not c["healthy"] for c in checks.values()):
+        report["status"] = "unhealthy"
+    elif not_closed:
+        report["status"] = "degraded"
+    return report
+
+
+def health_check_endpoint(
+    checks: Mapping[str, HealthCheck],
+    include_circuit_breakers: bool = True,
+    *,
+    registry: BreakerRegistry | None = None,
+) -> dict[str, Any]:
+    """``{status, timestamp, checks, circuit_breakers}``: unhealthy if a check fails, degraded if a breaker is
+    not closed, healthy otherwise. Checks run one after another; an async check is run to completion only when
+    no event loop is running (else use ``health_check_endpoint_async``)."""
+    results = {name: _run_sync_check(check) for name, check in checks.items()}
+    return _report(results, include_circuit_breakers, registry)
+
+
+async def health_check_endpoint_async(
+    checks: Mapping[str, HealthCheck],
+    include_circuit_breakers: bool = True,
+    *,
+    timeout: float | None = 5.0,
+    registry: BreakerRegistry | None = None,
+) -> dict[str, Any]:
+    """As ``health_check_endpoint``, with the checks run concurrently, each bounded by ``timeout`` seconds."""
+    names = list(checks)
+    results = await asyncio.gather(*(_run_async_check(checks[name], timeout) for name in names))
+    return _report(dict(zip(names, results, strict=True)), include_circuit_breakers, registry)
