@@ -70,12 +70,15 @@ def test_three_errors_in_one_file_in_one_run(tmp_path: Path) -> None:
 def test_the_real_command_exits_1_and_prints_every_error(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(THREE_ERRORS)
-    done = subprocess.run([sys.executable, "-m", "proxy", "check", str(path)], capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 1
     assert [line.split(": ")[1] for line in done.stdout.splitlines()[:3]] == [
-        "upstreams.api.breaker.failure_treshold", "upstreams.db.breaker.failure_threshold",
-        "upstreams.db.retry.max_delay"]
+        "upstreams.api.breaker.failure_treshold",
+        "upstreams.db.breaker.failure_threshold",
+        "upstreams.db.retry.max_delay",
+    ]
     assert "Traceback" not in done.stderr
 
 
@@ -106,8 +109,10 @@ upstreams:
 
 def test_a_bad_value_does_not_trigger_rules_about_its_stand_in_default() -> None:
     """per_try is invalid; judging 'default per_try 5s > total 2s' would be a second, false error."""
-    text = "upstreams:\n  a:\n    listen: 127.0.0.1:15001\n    targets: [http://a:80]\n" \
-           "    timeouts: {per_try: -1s, total: 2s}\n"
+    text = (
+        "upstreams:\n  a:\n    listen: 127.0.0.1:15001\n    targets: [http://a:80]\n"
+        "    timeouts: {per_try: -1s, total: 2s}\n"
+    )
     _, issues = load_text(text, "p.yaml")
     assert [i.path for i in issues] == ["upstreams.a.timeouts.per_try"]
     assert "expected a duration" in issues[0].message
@@ -117,15 +122,22 @@ def test_a_key_at_the_wrong_level_says_where_it_belongs() -> None:
     text = "upstreams:\n  a:\n    listen: 127.0.0.1:15001\n    targets: [http://a:80]\n    open_duration: 5s\n"
     _, issues = load_text(text, "p.yaml")
     assert [str(i) for i in issues] == [
-        "p.yaml:5:5: upstreams.a.open_duration: unknown key (it belongs under breaker: breaker.open_duration)"]
+        "p.yaml:5:5: upstreams.a.open_duration: unknown key (it belongs under breaker: breaker.open_duration)"
+    ]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("admin: {listen: [\n", "p.yaml:2:1: <root>: invalid YAML:"),
-    ("upstreams:\n  a: {listen: 127.0.0.1:1, targets: [http://a:80]}\n  a: {}\n", "p.yaml:3:3: upstreams.a: duplicate key"),
-    ("upstreams: [a, b]\n", "p.yaml:1:1: upstreams: expected a mapping"),
-    ("- just\n- a list\n", "p.yaml:1:1: <root>: the policy file must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("admin: {listen: [\n", "p.yaml:2:1: <root>: invalid YAML:"),
+        (
+            "upstreams:\n  a: {listen: 127.0.0.1:1, targets: [http://a:80]}\n  a: {}\n",
+            "p.yaml:3:3: upstreams.a: duplicate key",
+        ),
+        ("upstreams: [a, b]\n", "p.yaml:1:1: upstreams: expected a mapping"),
+        ("- just\n- a list\n", "p.yaml:1:1: <root>: the policy file must be a mapping"),
+    ],
+)
 def test_broken_documents_are_one_line_errors(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(text)
@@ -154,12 +166,14 @@ def test_warnings_are_printed_but_exit_0(tmp_path: Path) -> None:
 
 def test_env_references_resolve_and_an_unset_one_without_default_is_an_error(tmp_path: Path) -> None:
     text = GOOD.replace("http://127.0.0.1:18080", '"${SEAWALL_TEST_TARGET:-http://fallback:9000}"').replace(
-        "127.0.0.1:15000", "${SEAWALL_TEST_UNSET_LISTEN}")
+        "127.0.0.1:15000", "${SEAWALL_TEST_UNSET_LISTEN}"
+    )
     config, issues = load_text(text, "p.yaml", environ={"SEAWALL_TEST_TARGET": "http://api:8080"})
     assert config is None
     assert [str(i) for i in issues] == [
         "p.yaml:7:13: upstreams.demo.listen: environment variable SEAWALL_TEST_UNSET_LISTEN is not set "
-        "(write ${SEAWALL_TEST_UNSET_LISTEN:-default} to give one)"]
+        "(write ${SEAWALL_TEST_UNSET_LISTEN:-default} to give one)"
+    ]
     config, _ = load_text(text, "p.yaml", environ={"SEAWALL_TEST_UNSET_LISTEN": "127.0.0.1:15009"})
     assert config is not None
     assert str(config.upstream("demo").targets[0]) == "http://fallback:9000"  # unset → the default

@@ -13,8 +13,10 @@ from proxy.explain import explain_command, explain_upstream
 
 def policy(upstream: str = "", defaults: str = "") -> UpstreamPolicy:
     text = (
-        "defaults:\n  retry: {jitter: false}\n" + defaults
-        + "upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n" + upstream
+        "defaults:\n  retry: {jitter: false}\n"
+        + defaults
+        + "upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n"
+        + upstream
     )
     config, issues = load_text(text, "p.yaml", environ={})
     assert config is not None, [str(i) for i in issues]
@@ -39,8 +41,11 @@ def test_the_original_design_numbers() -> None:
 
 
 def test_backoff_is_capped_by_max_delay() -> None:
-    ex = explain_upstream(policy("    retry: {max_retries: 5, base_delay: 250ms, max_delay: 1s}\n"
-                                 "    timeouts: {per_try: 1s, total: 30s}\n"))
+    ex = explain_upstream(
+        policy(
+            "    retry: {max_retries: 5, base_delay: 250ms, max_delay: 1s}\n    timeouts: {per_try: 1s, total: 30s}\n"
+        )
+    )
     assert ex.backoffs == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert ex.worst_wait == ex.unbounded_wait == 6 * 1.0 + 3.75
 
@@ -82,8 +87,9 @@ def test_per_try_shorter_than_connect_is_flagged() -> None:
 
 
 def test_tcp_upstreams_are_not_retried() -> None:
-    config, _ = load_text("upstreams:\n  db:\n    protocol: tcp\n    listen: 127.0.0.1:15432\n"
-                          "    targets: [db:5432]\n", "p.yaml")
+    config, _ = load_text(
+        "upstreams:\n  db:\n    protocol: tcp\n    listen: 127.0.0.1:15432\n    targets: [db:5432]\n", "p.yaml"
+    )
     assert config is not None
     ex = explain_upstream(config.upstream("db"))
     assert ex.attempts == 1 and ex.amplification == 1.0
@@ -92,8 +98,10 @@ def test_tcp_upstreams_are_not_retried() -> None:
 
 def test_command_for_one_upstream_and_for_an_unknown_one(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n"
-                    "  db:\n    protocol: tcp\n    listen: 127.0.0.1:15432\n    targets: [db:5432]\n")
+    path.write_text(
+        "upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n"
+        "  db:\n    protocol: tcp\n    listen: 127.0.0.1:15432\n    targets: [db:5432]\n"
+    )
     out = io.StringIO()
     assert explain_command(str(path), "db", out) == 0
     text = out.getvalue()
@@ -106,8 +114,10 @@ def test_command_for_one_upstream_and_for_an_unknown_one(tmp_path: Path) -> None
 
 def test_command_on_a_broken_file_prints_the_errors(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n"
-                    "    breaker: {failure_threshold: 0}\n")
+    path.write_text(
+        "upstreams:\n  api:\n    listen: 127.0.0.1:15001\n    targets: [http://api:8000]\n"
+        "    breaker: {failure_threshold: 0}\n"
+    )
     out = io.StringIO()
     assert explain_command(str(path), None, out) == 1
     assert out.getvalue().startswith(f"{path}:5:15: upstreams.api.breaker.failure_threshold: must be ≥ 1")

@@ -30,7 +30,8 @@ def test_the_committed_schema_is_what_sidecar_schema_prints() -> None:
     out = io.StringIO()
     assert schema_command(out) == 0
     assert COMMITTED.read_text(encoding="utf-8") == out.getvalue(), (
-        "config/sidecar.schema.json is stale: regenerate it with `sidecar schema > config/sidecar.schema.json`")
+        "config/sidecar.schema.json is stale: regenerate it with `sidecar schema > config/sidecar.schema.json`"
+    )
 
 
 def _properties(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any], list[str]]]:
@@ -80,7 +81,7 @@ BASE = {"upstreams": {"a": {"listen": "127.0.0.1:15001", "targets": ["http://a:8
 
 
 def _with(path: str, value: Any) -> dict[str, Any]:
-    doc = json.loads(json.dumps(BASE))
+    doc: dict[str, Any] = json.loads(json.dumps(BASE))
     *parents, last = path.split(".")
     node = doc
     for key in parents:
@@ -89,18 +90,21 @@ def _with(path: str, value: Any) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    ("upstreams.a.breaker.failure_threshold", -1),
-    ("upstreams.a.breaker.failure_treshold", 3),
-    ("upstreams.a.timeouts.per_try", "5 seconds"),
-    ("upstreams.a.protocol", "udp"),
-    ("upstreams.a.listen", "localhost"),
-    ("upstreams.a.retry.jitter", "sometimes"),
-    ("upstreams.a.retry.retry_on", ["teapot"]),
-    ("defaults.listen", "127.0.0.1:1"),
-    ("admin.port", 9901),
-    ("upstreams.bad name", {"listen": "127.0.0.1:1", "targets": ["http://a:80"]}),
-])
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("upstreams.a.breaker.failure_threshold", -1),
+        ("upstreams.a.breaker.failure_treshold", 3),
+        ("upstreams.a.timeouts.per_try", "5 seconds"),
+        ("upstreams.a.protocol", "udp"),
+        ("upstreams.a.listen", "localhost"),
+        ("upstreams.a.retry.jitter", "sometimes"),
+        ("upstreams.a.retry.retry_on", ["teapot"]),
+        ("defaults.listen", "127.0.0.1:1"),
+        ("admin.port", 9901),
+        ("upstreams.bad name", {"listen": "127.0.0.1:1", "targets": ["http://a:80"]}),
+    ],
+)
 def test_schema_and_loader_reject_the_same_mistakes(
     path: str, value: Any, validator: jsonschema.Draft202012Validator
 ) -> None:
@@ -110,16 +114,19 @@ def test_schema_and_loader_reject_the_same_mistakes(
     assert config is None, "the loader accepted it"
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    ("upstreams.a.breaker.failure_threshold", "${THRESHOLD:-3}"),
-    ("upstreams.a.timeouts.per_try", 2.5),
-    ("upstreams.a.timeouts.per_try", "1500ms"),
-    ("upstreams.a.listen", "${LISTEN:-127.0.0.1:15009}"),
-    ("upstreams.a.retry.retry_on", [503, "5xx", "gateway_error", "timeout"]),
-    ("upstreams.a.retry.budget", None),
-    ("upstreams.a.health", {"path": "/ready", "interval": "5s"}),
-    ("allow_non_loopback", True),
-])
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("upstreams.a.breaker.failure_threshold", "${THRESHOLD:-3}"),
+        ("upstreams.a.timeouts.per_try", 2.5),
+        ("upstreams.a.timeouts.per_try", "1500ms"),
+        ("upstreams.a.listen", "${LISTEN:-127.0.0.1:15009}"),
+        ("upstreams.a.retry.retry_on", [503, "5xx", "gateway_error", "timeout"]),
+        ("upstreams.a.retry.budget", None),
+        ("upstreams.a.health", {"path": "/ready", "interval": "5s"}),
+        ("allow_non_loopback", True),
+    ],
+)
 def test_schema_and_loader_accept_the_same_good_values(
     path: str, value: Any, validator: jsonschema.Draft202012Validator
 ) -> None:
