@@ -84,12 +84,18 @@ def tcp_policy(tmp_path: Path, name: str, targets: list[str], **overrides: Any) 
     return write_policy(tmp_path / "policy.yaml", {name: upstream}), listen
 
 
-def metric(admin: str, series: str) -> float:
-    """One sample from the sidecar's /metrics (0 when the series is absent)."""
+def metric(admin: str, name: str, **labels: str) -> float:
+    """One sample from the sidecar's /metrics, matched on name and labels in any order (0 when absent)."""
     with urllib.request.urlopen(admin + "/metrics", timeout=5) as response:
         text = response.read().decode()
-    match = re.search(r"^" + re.escape(series) + r" (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return 0.0
 
 
 def poll(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
