@@ -209,24 +209,28 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
-    failure_threshold: int = meta(
-        "Failures within `window` that open the breaker.", default=5, minimum=1
+    failure_threshold: int = meta("Failures within `window` that open the breaker.", default=5, minimum=1)
+    window: float = meta(
+        "The sliding window failures are counted in.", default=60.0, duration=True, exclusive_minimum=0
     )
-    window: float = meta("The sliding window failures are counted in.", default=60.0, duration=True,
-                         exclusive_minimum=0)
-    open_duration: float = meta("How long an open breaker rejects before it lets a probe through.",
-                                default=60.0, duration=True)
+    open_duration: float = meta(
+        "How long an open breaker rejects before it lets a probe through.", default=60.0, duration=True
+    )
     half_open_max_calls: int = meta("Probes allowed at once while half-open.", default=1, minimum=1)
     failure_rate_threshold: float | None = meta(
         "Also open when this percentage of the calls in `window` failed (needs `minimum_calls`). Off when null.",
-        default=None, exclusive_minimum=0, maximum=100,
+        default=None,
+        exclusive_minimum=0,
+        maximum=100,
     )
     slow_call_duration: float | None = meta(
         "A call taking at least this long counts as slow. Off when null.", default=None, duration=True
     )
     slow_call_rate_threshold: float | None = meta(
         "Also open when this percentage of the calls in `window` were slow. Off when null.",
-        default=None, exclusive_minimum=0, maximum=100,
+        default=None,
+        exclusive_minimum=0,
+        maximum=100,
     )
     minimum_calls: int = meta("Calls in `window` before the rate thresholds are judged.", default=10, minimum=1)
     enforce: bool = meta(
@@ -249,10 +253,12 @@ class BreakerPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RetryBudgetPolicy:
-    ratio: float = meta("Retries may add at most this share of the requests in the last 10 s.", default=0.2,
-                        minimum=0, maximum=10)
-    min_per_second: float = meta("A floor of retries per second allowed regardless of traffic.", default=10.0,
-                                 minimum=0)
+    ratio: float = meta(
+        "Retries may add at most this share of the requests in the last 10 s.", default=0.2, minimum=0, maximum=10
+    )
+    min_per_second: float = meta(
+        "A floor of retries per second allowed regardless of traffic.", default=10.0, minimum=0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,77 +300,92 @@ class RetryPolicy:
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
     path: str = meta("HTTP path probed with GET (http upstreams).", default="/health")
-    interval: float = meta("Time between checks (with ±10% jitter).", default=10.0, duration=True,
-                           exclusive_minimum=0)
+    interval: float = meta("Time between checks (with ±10% jitter).", default=10.0, duration=True, exclusive_minimum=0)
     timeout: float = meta("Time allowed for one check.", default=2.0, duration=True, exclusive_minimum=0)
     critical: bool = meta("A failing critical upstream makes /health answer 503 (unhealthy).", default=True)
-    healthy_threshold: int = meta("Consecutive passes before a failing upstream counts as healthy.", default=1,
-                                  minimum=1)
-    unhealthy_threshold: int = meta("Consecutive failures before a healthy upstream counts as unhealthy.",
-                                    default=2, minimum=1)
+    healthy_threshold: int = meta(
+        "Consecutive passes before a failing upstream counts as healthy.", default=1, minimum=1
+    )
+    unhealthy_threshold: int = meta(
+        "Consecutive failures before a healthy upstream counts as unhealthy.", default=2, minimum=1
+    )
     probe: str = meta(
         "tcp upstreams: connect (a TCP connect), redis (PING → +PONG) or postgres (an SSLRequest answered).",
-        default="connect", choices=("connect", "redis", "postgres"),
+        default="connect",
+        choices=("connect", "redis", "postgres"),
     )
 
 
 @dataclass(frozen=True, slots=True)
 class FallbackPolicy:
-    status: int = meta("Status of the answer given while the breaker is open.", default=503, minimum=200,
-                       maximum=599)
+    status: int = meta("Status of the answer given while the breaker is open.", default=503, minimum=200, maximum=599)
     body: str = meta("Body of that answer.", default="")
     content_type: str = meta("Its Content-Type.", default="text/plain; charset=utf-8")
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsPolicy:
-    max_concurrent: int = meta("Requests (tcp: connections) in flight to the upstream at once.", default=1024,
-                               minimum=1)
-    max_pending: int = meta("Requests waiting for a slot; more are answered 503 overload at once.",
-                            default=1024, minimum=0)
+    max_concurrent: int = meta(
+        "Requests (tcp: connections) in flight to the upstream at once.", default=1024, minimum=1
+    )
+    max_pending: int = meta(
+        "Requests waiting for a slot; more are answered 503 overload at once.", default=1024, minimum=0
+    )
     pending_timeout: float = meta("Longest wait for a slot before 503 overload.", default=1.0, duration=True)
 
 
 @dataclass(frozen=True, slots=True)
 class OutlierPolicy:
     consecutive_failures: int = meta("Consecutive failures of one target that eject it.", default=5, minimum=1)
-    interval: float = meta("Each interval a target stays in, its ejection multiplier decays by one.",
-                           default=10.0, duration=True, exclusive_minimum=0)
-    base_ejection: float = meta("First ejection time; grows with each repeat ejection.", default=30.0,
-                                duration=True)
+    interval: float = meta(
+        "Each interval a target stays in, its ejection multiplier decays by one.",
+        default=10.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    base_ejection: float = meta("First ejection time; grows with each repeat ejection.", default=30.0, duration=True)
     max_ejection: float = meta("Cap on one ejection time.", default=300.0, duration=True)
-    max_ejected_percent: int = meta("Never eject more than this share of the targets.", default=50,
-                                    minimum=0, maximum=100)
+    max_ejected_percent: int = meta(
+        "Never eject more than this share of the targets.", default=50, minimum=0, maximum=100
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamPolicy:
     name: str
-    listen: Address = meta("Where this upstream's listener accepts connections.", default=Address("127.0.0.1", 0),
-                           parse=parse_address)
-    targets: tuple[Target, ...] = meta("Where requests go: http://host:port (http) or host:port (tcp).",
-                                       default=(), parse=parse_target)
-    protocol: str = meta("http: L7 proxy with retries; tcp: byte relay with a connection-level breaker.",
-                         default="http", choices=("http", "tcp"))
-    balance: str = meta("How a target is chosen among several.", default="round_robin",
-                        choices=("round_robin", "least_request"))
-    preserve_host: bool = meta("Forward the client's Host header instead of the target's authority.",
-                               default=False)
+    listen: Address = meta(
+        "Where this upstream's listener accepts connections.", default=Address("127.0.0.1", 0), parse=parse_address
+    )
+    targets: tuple[Target, ...] = meta(
+        "Where requests go: http://host:port (http) or host:port (tcp).", default=(), parse=parse_target
+    )
+    protocol: str = meta(
+        "http: L7 proxy with retries; tcp: byte relay with a connection-level breaker.",
+        default="http",
+        choices=("http", "tcp"),
+    )
+    balance: str = meta(
+        "How a target is chosen among several.", default="round_robin", choices=("round_robin", "least_request")
+    )
+    preserve_host: bool = meta("Forward the client's Host header instead of the target's authority.", default=False)
     timeouts: Timeouts = meta("Connect, per-try and total deadlines.", factory=Timeouts)
     breaker: BreakerPolicy = meta("When to stop sending traffic, and for how long.", factory=BreakerPolicy)
     retry: RetryPolicy = meta("When and how to try again.", factory=RetryPolicy)
     health: HealthPolicy | None = meta("Active checks, run without traffic. Off when absent.", default=None)
-    fallback: FallbackPolicy | None = meta("The answer given while the breaker is open (default: 503).",
-                                           default=None)
+    fallback: FallbackPolicy | None = meta("The answer given while the breaker is open (default: 503).", default=None)
     limits: LimitsPolicy = meta("Bulkhead: in-flight and pending bounds.", factory=LimitsPolicy)
-    outlier: OutlierPolicy | None = meta("Per-target ejection for upstreams with several targets.",
-                                         factory=OutlierPolicy)
+    outlier: OutlierPolicy | None = meta(
+        "Per-target ejection for upstreams with several targets.", factory=OutlierPolicy
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class AdminPolicy:
-    listen: Address = meta("Admin server: /health /ready /live /metrics /breakers /dashboard.",
-                           default=Address("127.0.0.1", 9901), parse=parse_address)
+    listen: Address = meta(
+        "Admin server: /health /ready /live /metrics /breakers /dashboard.",
+        default=Address("127.0.0.1", 9901),
+        parse=parse_address,
+    )
     token_env: str | None = meta(
         "Environment variable holding the bearer token that mutating admin calls need.",
         default="SIDECAR_ADMIN_TOKEN",
@@ -373,22 +394,33 @@ class AdminPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HttpServerPolicy:
-    header_timeout: float = meta("A client must send a whole request head within this time (slowloris).",
-                                 default=10.0, duration=True, exclusive_minimum=0)
-    keepalive_timeout: float = meta("Idle client connections are closed after this.", default=75.0,
-                                    duration=True, exclusive_minimum=0)
+    header_timeout: float = meta(
+        "A client must send a whole request head within this time (slowloris).",
+        default=10.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    keepalive_timeout: float = meta(
+        "Idle client connections are closed after this.", default=75.0, duration=True, exclusive_minimum=0
+    )
     max_header_bytes: int = meta("Largest request head accepted (431 above).", default=65536, minimum=1024)
     max_headers: int = meta("Most header fields in a request (431 above).", default=100, minimum=8)
     max_url_bytes: int = meta("Longest request target (414 above).", default=8192, minimum=256)
     replay_buffer_bytes: int = meta(
         "Request bodies up to this size are kept so they can be replayed on retry; larger ones are streamed "
         "and not retried.",
-        default=65536, minimum=0,
+        default=65536,
+        minimum=0,
     )
-    drain_timeout: float = meta("On SIGTERM, how long in-flight requests may take to finish.", default=20.0,
-                                duration=True)
-    upstream_idle_timeout: float = meta("Pooled upstream connections idle longer than this are closed.",
-                                        default=30.0, duration=True, exclusive_minimum=0)
+    drain_timeout: float = meta(
+        "On SIGTERM, how long in-flight requests may take to finish.", default=20.0, duration=True
+    )
+    upstream_idle_timeout: float = meta(
+        "Pooled upstream connections idle longer than this are closed.",
+        default=30.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,8 +572,13 @@ class _Reader:
                 child_path = f"{path}.{key}" if path else key
                 if key in children:
                     self.issues.append(
-                        ConfigIssue(self.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                                    child_path, "duplicate key")
+                        ConfigIssue(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            key_node.start_mark.column + 1,
+                            child_path,
+                            "duplicate key",
+                        )
                     )
                     continue
                 child = self._node(value_node, child_path)
@@ -635,8 +672,9 @@ class _Builder:
         parts = where.split(".")
         return any(".".join(parts[:n]) in self.failed for n in range(1, len(parts) + 1))
 
-    def build(self, cls: type, node: Sourced, skip: tuple[str, ...] = (), where: str | None = None,
-              **fixed: Any) -> Any:
+    def build(
+        self, cls: type, node: Sourced, skip: tuple[str, ...] = (), where: str | None = None, **fixed: Any
+    ) -> Any:
         where = node.path if where is None else where
         if not isinstance(node.value, dict):
             self.reader.error(node, node.path, "expected a mapping of keys")
@@ -699,8 +737,9 @@ class _Builder:
         if value is UNRESOLVED:
             return False, None
         if isinstance(value, dict | list):
-            self.reader.error(node, node.path, "expected a single value, not a " +
-                              ("mapping" if isinstance(value, dict) else "list"))
+            self.reader.error(
+                node, node.path, "expected a single value, not a " + ("mapping" if isinstance(value, dict) else "list")
+            )
             return False, None
         try:
             if info.get("parse"):
@@ -730,8 +769,9 @@ class _Builder:
             return False, None
         choices = info.get("choices")
         if choices and result not in choices:
-            self.reader.error(node, node.path,
-                              f"must be one of {', '.join(choices)}{_did_you_mean(str(result), choices)}")
+            self.reader.error(
+                node, node.path, f"must be one of {', '.join(choices)}{_did_you_mean(str(result), choices)}"
+            )
             return False, None
         if isinstance(result, int | float) and not isinstance(result, bool):
             low, high, above = info.get("minimum"), info.get("maximum"), info.get("exclusive_minimum")
@@ -775,34 +815,47 @@ def _check_upstream(builder: _Builder, up: UpstreamPolicy, node: Sourced) -> Non
         wanted = "tcp" if up.protocol == "tcp" else "http"
         if target.scheme != wanted:
             example = "host:port" if wanted == "tcp" else "http://host:port"
-            reader.error(at("targets"), f"{path}.targets",
-                         f"{target} is not a {wanted} target (write {example} for protocol {up.protocol})")
+            reader.error(
+                at("targets"),
+                f"{path}.targets",
+                f"{target} is not a {wanted} target (write {example} for protocol {up.protocol})",
+            )
     if "listen" not in children:
         reader.error(node, f"{path}.listen", "a listen address is required")
     retry = up.retry
     if ok("retry.max_delay", "retry.base_delay") and retry.max_delay < retry.base_delay:
-        reader.error(at("retry", "max_delay"), f"{path}.retry.max_delay",
-                     f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
-                     f"({format_duration(retry.base_delay)})")
+        reader.error(
+            at("retry", "max_delay"),
+            f"{path}.retry.max_delay",
+            f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
+            f"({format_duration(retry.base_delay)})",
+        )
     t = up.timeouts
     if ok("timeouts.per_try", "timeouts.total") and t.per_try > t.total:
-        reader.error(at("timeouts", "per_try"), f"{path}.timeouts.per_try",
-                     f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})")
+        reader.error(
+            at("timeouts", "per_try"),
+            f"{path}.timeouts.per_try",
+            f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})",
+        )
     if ok("timeouts.connect", "timeouts.per_try") and t.connect > t.per_try:
-        reader.error(at("timeouts", "connect"), f"{path}.timeouts.connect",
-                     f"connect ({format_duration(t.connect)}) is longer than per_try "
-                     f"({format_duration(t.per_try)})")
+        reader.error(
+            at("timeouts", "connect"),
+            f"{path}.timeouts.connect",
+            f"connect ({format_duration(t.connect)}) is longer than per_try ({format_duration(t.per_try)})",
+        )
     b = up.breaker
     if ok("breaker.slow_call_rate_threshold", "breaker.slow_call_duration") and (
         (b.slow_call_rate_threshold is None) != (b.slow_call_duration is None)
     ):
-        reader.error(at("breaker"), f"{path}.breaker",
-                     "slow_call_duration and slow_call_rate_threshold go together")
-    if ok("outlier.max_ejection", "outlier.base_ejection") and up.outlier and (
-        up.outlier.max_ejection < up.outlier.base_ejection
+        reader.error(at("breaker"), f"{path}.breaker", "slow_call_duration and slow_call_rate_threshold go together")
+    if (
+        ok("outlier.max_ejection", "outlier.base_ejection")
+        and up.outlier
+        and (up.outlier.max_ejection < up.outlier.base_ejection)
     ):
-        reader.error(at("outlier", "max_ejection"), f"{path}.outlier.max_ejection",
-                     "max_ejection is shorter than base_ejection")
+        reader.error(
+            at("outlier", "max_ejection"), f"{path}.outlier.max_ejection", "max_ejection is shorter than base_ejection"
+        )
     if up.protocol == "tcp" and "fallback" in children:
         reader.error(at("fallback"), f"{path}.fallback", "a tcp upstream has no HTTP fallback answer")
 
@@ -877,8 +930,7 @@ def load_text(
         admin_node = top.get("admin")
         listens: list[tuple[str, Address, Sourced | None]] = []
         if not builder.broken("admin.listen"):
-            listen_node = admin_node.value.get("listen") if admin_node and isinstance(admin_node.value, dict) \
-                else None
+            listen_node = admin_node.value.get("listen") if admin_node and isinstance(admin_node.value, dict) else None
             listens.append(("admin.listen", admin.listen, listen_node or admin_node))
         for u in upstreams:
             up_value = ups_node.value[u.name].value if ups_node is not None else {}
@@ -893,9 +945,13 @@ def load_text(
             seen[address] = path
         for path, address, node in listens:
             if not address.is_loopback and not allow_non_loopback:
-                reader.error(node, path,
-                             f"{address} is not a loopback address: reachable from other hosts "
-                             "(set allow_non_loopback: true to silence this)", severity="warning")
+                reader.error(
+                    node,
+                    path,
+                    f"{address} is not a loopback address: reachable from other hosts "
+                    "(set allow_non_loopback: true to silence this)",
+                    severity="warning",
+                )
 
     errors = [i for i in reader.issues if i.severity == "error"]
     if errors or admin is None or http is None or logging_policy is None:
