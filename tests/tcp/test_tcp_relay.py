@@ -59,6 +59,28 @@ async def test_half_close_the_client_shuts_down_writing_and_still_gets_the_reply
             writer.close()
 
 
+async def test_half_close_the_server_finishes_first_and_still_hears_the_client(tmp_path: Path) -> None:
+    heard: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def bye_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        writer.write_eof()  # done talking, still listening
+        heard.set_result(await reader.read())
+
+    async with tcp_server(bye_then_listen) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy) as sidecar:
+            reader, writer = await asyncio.open_connection(LOCAL, listen)
+            async with asyncio.timeout(5):
+                assert await reader.read() == b"bye"  # the server's EOF came through
+                writer.write(b"late words")
+                writer.write_eof()
+                assert await heard == b"late words"
+            # Both directions finished: the relay is gone and its slot is free.
+            await wait_for(lambda: relays(sidecar, "svc") == 0 and sidecar.runtimes["svc"].stats.inflight == 0)
+            writer.close()
+
+
 async def test_large_transfer_is_byte_exact_and_bounded_by_back_pressure(tmp_path: Path) -> None:
     total = 48 * 1024 * 1024
     payload = os.urandom(1024 * 1024) * (total // (1024 * 1024))
