@@ -2,6 +2,9 @@
 
 Over the limits the sidecar answers 503 ``overload`` at once; an overload is the sidecar protecting the
 upstream, never a sign the upstream failed, so it never counts against the breaker.
+
+HTTP requests may wait in line (``enter``); TCP connections only ever ``try_enter``: a relay slot is held for
+the life of a connection, so waiting for one would mostly mean a client hanging on a silent socket.
 """
 
 from __future__ import annotations
