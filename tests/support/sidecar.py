@@ -19,10 +19,19 @@ import yaml
 from proxy.server import Sidecar
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, never the same one twice in a test run (the kernel may hand a
+    just-closed port out again before the test that asked for it has bound it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def write_policy(path: Path, upstreams: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None,
