@@ -249,7 +249,9 @@ class PostgresCluster:
 
 @pytest.fixture(scope="module")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    # initdb on PATH first; otherwise where Debian's ``postgresql`` package puts it (not on PATH there).
+    on_path = shutil.which("initdb")
+    bindirs = [str(Path(on_path).parent)] if on_path else sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bindirs:
         pytest.skip("PostgreSQL server binaries are not installed")
     as_user: list[str] = []
