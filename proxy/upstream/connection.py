@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+class _OutOfStep(Exception):
+    """The upstream sent more than the one answer asked for (a second response, a body to a HEAD)."""
+
+
 class ResponseHead:
     __slots__ = ("content_length", "framing", "headers", "keep_alive", "reason", "status")
 
@@ -77,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._on_pause: Callable[[bool], None] | None = None
         self.request_complete = True
+        self._out_of_step = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -92,8 +97,12 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(BadResponse(f"upstream sent malformed HTTP: {exc}"))
-            return
+            if not isinstance(exc.__context__, _OutOfStep):
+                self._fail(BadResponse(f"upstream sent malformed HTTP: {exc}"))
+                return
+            # Extra bytes after the answer would reach the client as the start of its next response: drop
+            # them, and never reuse the connection.
+            self._out_of_step = True
         if self._head_only and self._head is not None:
             # llhttp cannot be told a HEAD answer has no body; start afresh for the next exchange.
             self._parser = httptools.HttpResponseParser(self)
@@ -127,6 +136,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._head is not None:
+            raise _OutOfStep  # a second response to one request
+
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
 
@@ -158,6 +171,8 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(self._head)
 
     def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            raise _OutOfStep  # a body to a HEAD request
         sink = self._sink
         if sink is not None:
             self._last_activity = self.loop.time()
@@ -249,7 +264,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self._cancel_timer()
         head = self._head
-        if (self._complete and head is not None and head.keep_alive and self.request_complete
+        if (self._complete and head is not None and head.keep_alive and self.request_complete and not self._out_of_step
                 and not self.closed and self.transport is not None and not self.transport.is_closing()):
             if self.transport.is_reading() is False:
                 self.transport.resume_reading()
