@@ -84,9 +84,7 @@ def trees_for(
     """The run's artifact root and each logged model's, with the files listed for each (by URI)."""
     trees = [ArtifactTree("artifacts", run.artifact_uri, files.get(run.artifact_uri, ()))]
     trees.extend(
-        ArtifactTree(
-            f"models/{model.model_id}", model.artifact_location, files.get(model.artifact_location, ())
-        )
+        ArtifactTree(f"models/{model.model_id}", model.artifact_location, files.get(model.artifact_location, ()))
         for model in logged_models
     )
     return trees

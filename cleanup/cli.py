@@ -57,7 +57,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 
 def _cron(text: str) -> str:
-    from cleanup.schedule import validate_cron  # noqa: PLC0415 - croniter is only needed with --schedule
+    from cleanup.schedule import validate_cron  # croniter is only needed with --schedule
 
     try:
         return validate_cron(text)
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
 
-    from cleanup.runner import Runner  # noqa: PLC0415 - keeps `--help` fast (mlflow imports take seconds)
+    from cleanup.runner import Runner  # deferred: keeps `--help` fast (mlflow imports take seconds)
 
     try:
         runner = Runner.from_args(args, policy, stop)
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return EXIT_FAILED
     if args.schedule:
-        from cleanup.schedule import run_on_schedule  # noqa: PLC0415
+        from cleanup.schedule import run_on_schedule
 
         run_on_schedule(args.schedule, runner.run_once, stop)
         return EXIT_OK

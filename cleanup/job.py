@@ -167,12 +167,10 @@ class CleanupJob:
             current = self.store.get_run(run.run_id, self.policy.metric)
             if current is None:
                 return RunResult(decision, Outcome.SKIPPED, "already deleted")
-            if current != run:
+            if not current.same_state_as(run):
                 return RunResult(decision, Outcome.SKIPPED, "changed since planning")
             if registered := self.store.versions_of_run(run.run_id):
-                return RunResult(
-                    decision, Outcome.SKIPPED, "registered since planning: " + ", ".join(registered)
-                )
+                return RunResult(decision, Outcome.SKIPPED, "registered since planning: " + ", ".join(registered))
             models = [
                 model
                 for model in snapshot.logged_models_by_run.get(run.run_id, [])
@@ -201,9 +199,7 @@ class CleanupJob:
                     self.purger.purge_logged_model(model_id)
                 self.purger.purge_run(run.run_id)
             log.info("deleted run %s (%s): %s, %d bytes", run.run_id, run.name, decision.reason, size)
-            return RunResult(
-                decision, Outcome.DELETED, bytes=size, archive=archive_dir, logged_models=model_ids
-            )
+            return RunResult(decision, Outcome.DELETED, bytes=size, archive=archive_dir, logged_models=model_ids)
         except ArchiveVerificationError as error:
             log.error("run %s not deleted: %s", run.run_id, error)
             return RunResult(decision, Outcome.FAILED, f"archive verification failed: {error}")

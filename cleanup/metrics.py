@@ -34,12 +34,8 @@ class CleanupMetrics:
             "Unix time the last cleanup finished without errors",
             registry=r,
         )
-        self.last_run = Gauge(
-            f"{PREFIX}_last_run_timestamp_seconds", "Unix time the last cleanup finished", registry=r
-        )
-        self.last_duration = Gauge(
-            f"{PREFIX}_last_run_duration_seconds", "Wall time of the last cleanup", registry=r
-        )
+        self.last_run = Gauge(f"{PREFIX}_last_run_timestamp_seconds", "Unix time the last cleanup finished", registry=r)
+        self.last_duration = Gauge(f"{PREFIX}_last_run_duration_seconds", "Wall time of the last cleanup", registry=r)
         self.runs_planned = Gauge(
             f"{PREFIX}_runs_planned", "Runs in the last plan, by decision", ["decision"], registry=r
         )

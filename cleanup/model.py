@@ -6,6 +6,7 @@ needs no server, no mlflow import and no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ class RunRecord:
     """What the policy needs to know about one run.
 
     ``metric`` is the run's latest value of the ranking metric (``None`` when it was never logged).
-    Equality of two records is how the job detects that a run changed between planning and deletion.
+    ``same_state_as`` is how the job detects that a run changed between planning and deletion.
     """
 
     run_id: str
@@ -59,6 +60,23 @@ class RunRecord:
     name: str = ""
     end_time_ms: int | None = None
     artifact_uri: str = ""
+
+    def same_state_as(self, other: RunRecord) -> bool:
+        """Equality that treats NaN metrics as equal (``nan != nan`` would make every NaN run "changed")."""
+        return self.fingerprint() == other.fingerprint()
+
+    def fingerprint(self) -> tuple[object, ...]:
+        metric = "nan" if self.metric is not None and math.isnan(self.metric) else self.metric
+        return (
+            self.run_id,
+            self.experiment_id,
+            self.status,
+            self.start_time_ms,
+            self.end_time_ms,
+            metric,
+            tuple(sorted(self.tags.items())),
+            self.artifact_uri,
+        )
 
     @property
     def parent_run_id(self) -> str | None:

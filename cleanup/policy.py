@@ -18,6 +18,7 @@ warning is raised (``allow_missing_metric`` overrides).
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,8 +102,13 @@ class Plan:
 
 
 def real_value(value: float | None) -> float | None:
-    """The value if it can be ranked; NaN, ±inf and missing rank below every real value."""
-    return value if value is not None and math.isfinite(value) else None
+    """The value if it can be ranked; NaN, ±inf and missing rank below every real value.
+
+    MLflow's SQL stores save ±inf as ±sys.float_info.max and hand that back, so those count as inf too.
+    """
+    if value is None or not math.isfinite(value) or abs(value) >= sys.float_info.max:
+        return None
+    return value
 
 
 def competition_ranks(runs: Sequence[RunRecord], mode: MetricMode) -> dict[str, int]:
@@ -233,9 +239,7 @@ def plan_retention(
     return Plan(now, policy, tuple(experiment_plans), all_warnings)
 
 
-def _keep_parents_of_kept(
-    runs_by_experiment: Mapping[str, Sequence[RunRecord]], reasons: dict[str, list[str]]
-) -> None:
+def _keep_parents_of_kept(runs_by_experiment: Mapping[str, Sequence[RunRecord]], reasons: dict[str, list[str]]) -> None:
     """Keep every ancestor of a kept run, so nested runs never lose their parent."""
     parent_of = {
         run.run_id: parent

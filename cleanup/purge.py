@@ -18,7 +18,7 @@ class PurgeUnavailableError(RuntimeError):
 class Purger:
     def __init__(self, backend_store_uri: str) -> None:
         try:
-            from mlflow.tracking import _get_store  # noqa: PLC0415 — deferred, see module docstring
+            from mlflow.tracking import _get_store  # deferred, see module docstring
         except ImportError as error:  # pragma: no cover - depends on the installed mlflow flavour
             raise PurgeUnavailableError(f"--purge needs the MLflow tracking store: {error}") from error
         try:

@@ -108,9 +108,7 @@ class Runner:
         policy = report.plan.policy
         decisions = report.plan.decisions
         for action in Action:
-            self.metrics.runs_planned.labels(action.value).set(
-                sum(1 for d in decisions if d.action is action)
-            )
+            self.metrics.runs_planned.labels(action.value).set(sum(1 for d in decisions if d.action is action))
         self.metrics.probably_crashed.set(
             sum(
                 1
