@@ -115,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         self._request_keep_alive: deque[tuple[bool, bool]] = deque()
         self._phase = _IDLE
         self._phase_since = 0.0
+        self._deferred_reject: tuple[int, str] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class ClientConnection(asyncio.Protocol):
                                            self._on_timer)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._deferred_reject is not None:
             return
         try:
             self._parser.feed_data(data)
@@ -281,6 +282,11 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             self._start(self._queue.popleft())
             return
+        if self._deferred_reject is not None:
+            # Every request before the malformed one has had its answer: now it gets its own.
+            self._response_started = False
+            self._reject(*self._deferred_reject)
+            return
         self._resume_reading()
         self._phase = _IDLE
         self._phase_since = self.loop.time()
@@ -347,6 +353,16 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, status: int, detail: str) -> None:
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.fail(ValueError(detail))
+        if self._active is not None and (self._parsing is None or self._parsing in self._queue):
+            # Pipelined behind a request still in flight: answering now would hand the client this 400 as the
+            # answer to that earlier request (which the upstream is processing). Answer in order instead.
+            if self._parsing is not None:
+                self._queue.remove(self._parsing)
+                self._request_keep_alive.pop()
+            self._parsing = None
+            self._deferred_reject = (status, detail)
+            self._pause_reading()
+            return
         if not self._response_started:
             self._response_started = True
             self.keep_alive = False
