@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,24 @@ async def get(
         return response.status, dict(response.headers), await response.text()
 
 
+async def fresh_text(session: aiohttp.ClientSession, url: str, timeout: float = 5.0) -> str:
+    """An admin report reflecting the data plane now: the admin server may answer from a report published a
+    moment ago (``x-seawall-report: cached``) when the main loop is slow to respond; then ask again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with session.get(url) as response:
+            text = await response.text()
+            if response.headers.get("x-seawall-report") != "cached":
+                return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url}: only cached reports for {timeout}s")
+        await asyncio.sleep(0.02)
+
+
 async def breakers(session: aiohttp.ClientSession, sidecar: Sidecar) -> dict[str, Any]:
-    async with session.get(admin_url(sidecar) + "/breakers") as response:
-        assert response.status == 200
-        body: dict[str, Any] = await response.json()
-        return body
+    body: dict[str, Any] = json.loads(await fresh_text(session, admin_url(sidecar) + "/breakers"))
+    return body
+
+
+async def metrics(session: aiohttp.ClientSession, sidecar: Sidecar) -> str:
+    return await fresh_text(session, admin_url(sidecar) + "/metrics")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.balancing.conftest import metrics
+from tests.support.sidecar import free_port, listener_url, running_sidecar, wait_for, write_policy
 from tests.support.upstream import delay, scripted_upstream
 
 
@@ -47,10 +48,9 @@ async def test_two_served_four_refused_at_once(tmp_path: Path) -> None:
 
             tasks = [asyncio.create_task(one()) for _ in range(6)]
             await wait_for(lambda: sum(t.done() for t in tasks) == 4, timeout=2.0)
-            async with session.get(admin_url(sidecar) + "/metrics") as response:
-                metrics = await response.text()
-            assert 'sidecar_inflight_requests{upstream="api"} 2.0' in metrics
-            assert 'sidecar_pending_requests{upstream="api"} 0.0' in metrics
+            exposition = await metrics(session, sidecar)
+            assert 'sidecar_inflight_requests{upstream="api"} 2.0' in exposition
+            assert 'sidecar_pending_requests{upstream="api"} 0.0' in exposition
             release.set()
             results = await asyncio.gather(*tasks)
 

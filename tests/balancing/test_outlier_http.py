@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from proxy.clock import ManualClock
-from tests.balancing.conftest import breakers, get, manual_sidecar
-from tests.support.sidecar import admin_url, free_port, write_policy
+from tests.balancing.conftest import breakers, get, manual_sidecar, metrics
+from tests.support.sidecar import free_port, write_policy
 from tests.support.upstream import scripted_upstream, status
 
 
@@ -50,14 +50,13 @@ async def test_failing_target_is_ejected_and_returns_after_its_ejection_time(tmp
         assert bad_state["ejected"] is True and bad_state["ejection_reason"] == "2_consecutive_5xx"
         assert bad_state["ejected_until"] is not None
         assert state["state"] == "closed"  # 2 failures: far from the breaker's threshold
-        async with session.get(admin_url(sidecar) + "/metrics") as response:
-            metrics = await response.text()
+        exposition = await metrics(session, sidecar)
         # Label order in the exposition is the library's business: look for both orders.
         for url, value in ((bad.url, "1.0"), (good.url, "0.0")):
             assert (
-                f'sidecar_target_ejected{{target="{url}",upstream="api"}} {value}' in metrics
-                or f'sidecar_target_ejected{{upstream="api",target="{url}"}} {value}' in metrics
-            ), metrics
+                f'sidecar_target_ejected{{target="{url}",upstream="api"}} {value}' in exposition
+                or f'sidecar_target_ejected{{upstream="api",target="{url}"}} {value}' in exposition
+            ), exposition
 
         # While ejected, all traffic goes to the healthy target.
         for _ in range(10):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -84,10 +87,36 @@ def tcp_policy(tmp_path: Path, name: str, targets: list[str], **overrides: Any) 
     return write_policy(tmp_path / "policy.yaml", {name: upstream}), listen
 
 
+def fresh(admin: str, path: str, timeout: float = 5.0) -> bytes:
+    """GET an admin report that reflects the data plane *now*.
+
+    The admin server may answer from a report published up to a few hundred ms ago when the data plane's loop
+    is slow to respond (``x-seawall-report: cached``); a test checking what just happened asks again.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(admin + path, timeout=5) as response:
+                body: bytes = response.read()
+                cached = response.headers.get("x-seawall-report") == "cached"
+        except urllib.error.HTTPError as exc:  # /health answers 503 when unhealthy, with the same body
+            body = exc.read()
+            cached = exc.headers.get("x-seawall-report") == "cached"
+        if not cached:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: only cached reports for {timeout}s")
+        time.sleep(0.02)
+
+
+def admin_json(admin: str, path: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(fresh(admin, path))
+    return body
+
+
 def metric(admin: str, name: str, **labels: str) -> float:
     """One sample from the sidecar's /metrics, matched on name and labels in any order (0 when absent)."""
-    with urllib.request.urlopen(admin + "/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = fresh(admin, "/metrics").decode()
     for line in text.splitlines():
         match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
         if match is None or match.group(1) != name:
@@ -96,6 +125,17 @@ def metric(admin: str, name: str, **labels: str) -> float:
         if found == labels:
             return float(match.group(3))
     return 0.0
+
+
+def seconds_open(admin: str, name: str) -> float:
+    """From the breaker's own transition log: time from its last opening to its last closing."""
+    transitions = admin_json(admin, "/breakers")[name]["recent_transitions"]
+
+    def last(to_state: str) -> datetime.datetime:
+        at = next(t["at"] for t in transitions if t["to"] == to_state)  # newest first
+        return datetime.datetime.fromisoformat(at.replace("Z", "+00:00"))
+
+    return (last("closed") - last("open")).total_seconds()
 
 
 def poll(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:

@@ -10,8 +10,7 @@ import psycopg
 import pytest
 
 from tests.support.sidecar import sidecar_process
-from tests.tcp.conftest import PostgresCluster, metric, poll, tcp_policy
-from tests.tcp.test_redis import admin_json
+from tests.tcp.conftest import PostgresCluster, admin_json, metric, poll, seconds_open, tcp_policy
 
 LOCAL = "127.0.0.1"
 
@@ -62,10 +61,11 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
         # The server goes away: connects fail, and two of them open the breaker.
         postgres_cluster.stop()
         try:
+            # Taken before the breaker trips, so time since it bounds the open time from above.
+            opened = time.monotonic()
             for _ in range(2):
                 assert not can_connect(listen)
             assert admin_json(admin, "/breakers")["db"]["state"] == "open"
-            opened = time.monotonic()
             failures = metric(admin, "sidecar_upstream_failures_total", upstream="db", kind="connect_error")
             assert failures == 2
 
@@ -86,5 +86,6 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
         # After open_duration the first connection is the probe; it succeeds and closes the breaker.
         poll(lambda: can_connect(listen), 10, "postgres reachable through the sidecar again", interval=0.05)
         assert time.monotonic() - opened >= 1.0
+        assert seconds_open(admin, "db") >= 0.999  # open_duration, in whole ms
         assert admin_json(admin, "/breakers")["db"]["state"] == "closed"
         poll(lambda: admin_json(admin, "/health")["checks"]["db"]["healthy"] is True, 5, "postgres check passes again")

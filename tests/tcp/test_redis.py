@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support.sidecar import sidecar_process
-from tests.tcp.conftest import RedisServer, metric, poll, tcp_policy
+from tests.tcp.conftest import RedisServer, admin_json, metric, poll, seconds_open, tcp_policy
 
 LOCAL = "127.0.0.1"
 
@@ -23,15 +19,6 @@ LOCAL = "127.0.0.1"
 def client(port: int) -> redis.Redis:
     # No client-side retries: each command is one connection attempt the test can count.
     return redis.Redis(host=LOCAL, port=port, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-
-
-def admin_json(admin: str, path: str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(admin + path, timeout=5) as response:
-            body: dict[str, Any] = json.load(response)
-    except urllib.error.HTTPError as exc:  # /health answers 503 when unhealthy, with the same body
-        body = json.load(exc)
-    return body
 
 
 def breaker_state(admin: str) -> str:
@@ -78,6 +65,8 @@ def test_redis_through_the_sidecar_with_breaker_and_ping_checks(tmp_path: Path, 
 
         # The server goes away: connects fail, two of them open the breaker.
         redis_server.stop()
+        # Taken before the breaker trips, so time since it bounds the open time from above.
+        opened = time.monotonic()
         for _ in range(2):
             try:
                 client(listen).ping()
@@ -86,7 +75,6 @@ def test_redis_through_the_sidecar_with_breaker_and_ping_checks(tmp_path: Path, 
             else:
                 raise AssertionError("a command succeeded with redis down")
         assert breaker_state(admin) == "open"
-        opened = time.monotonic()
         failures = metric(admin, "sidecar_upstream_failures_total", upstream="cache", kind="connect_error")
         assert failures == 2
 
@@ -114,6 +102,7 @@ def test_redis_through_the_sidecar_with_breaker_and_ping_checks(tmp_path: Path, 
 
         poll(works, 5, "redis reachable through the sidecar again", interval=0.05)
         assert time.monotonic() - opened >= 1.0
+        assert seconds_open(admin, "cache") >= 0.999  # open_duration, in whole ms
         assert breaker_state(admin) == "closed"
         assert client(listen).get("seawall") is None  # a fresh server (no persistence): really restarted
         poll(
