@@ -150,20 +150,19 @@ class TcpClient(_Side):
     async def _open(self, rt: UpstreamRuntime, permit: Permit | None) -> None:
         """Connect to a target; on failure try another (nothing was sent yet, so it is always safe)."""
         started = rt.clock.monotonic()
-        tried: set[int] = set()
-        # Bounded: one try per target, and no more than the retry policy allows.
-        max_tries = min(len(rt.balancer.states), rt.policy.retry.max_retries + 1)
+        # Bounded: at most one try per target, and no more than the retry policy allows.
+        tries = min(len(rt.balancer.states), rt.policy.retry.max_retries + 1)
         previous: TargetState | None = None
         try:
-            while True:
+            for attempt in range(1, tries + 1):
                 state = rt.balancer.pick(rt.clock.monotonic(), previous)
-                tried.add(id(state))
                 upstream = await self._connect(rt, state, permit, started)
                 if upstream is not None:
                     self._link(rt, state, upstream, started)
                     return
                 previous = state
-                if len(tried) >= max_tries or self.closed:
+                permit = None
+                if attempt == tries or self.closed:
                     break
                 permit = rt.breaker.try_acquire(rt.clock.monotonic())
                 if permit is None and rt.enforce:

@@ -237,3 +237,24 @@ async def test_a_client_that_leaves_while_connecting_frees_its_slot(tmp_path: Pa
             assert rt.balancer.states[0].outstanding == 0
             _, writer = await roundtrip(listen)
             writer.close()
+
+
+async def test_every_target_down_in_shadow_mode_gives_up_after_one_try_each(tmp_path: Path) -> None:
+    # Shadow mode never refuses, so only the try bound ends the connect loop; the lone live target left
+    # after ejection must not be tried again and again.
+    dead = [free_port(), free_port()]
+    policy, listen = tcp_policy(
+        tmp_path,
+        "svc",
+        [f"{LOCAL}:{port}" for port in dead],
+        retry={"max_retries": 5},
+        breaker={"failure_threshold": 1, "enforce": False},
+        outlier={"consecutive_failures": 1, "max_ejected_percent": 50},
+    )
+    async with running_sidecar(policy) as sidecar:
+        rt = sidecar.runtimes["svc"]
+        for round_ in range(1, 4):
+            assert await refused_quickly(listen) < 1.0
+            assert rt.stats.failures.get("connect_error") == 2 * round_
+        assert rt.stats.rejected.get("breaker_open_shadow", 0) >= 1
+        await wait_for(lambda: rt.stats.inflight == 0)
