@@ -250,5 +250,5 @@ class TcpClient(_Side):
             self._rt.bulkhead.leave()
 
     def shutdown_when_idle(self) -> None:
-        """Draining leaves established relays alone until the drain deadline (a byte stream has no idle
-        point the sidecar could recognise)."""
+        """Nothing to do: a byte stream has no idle point the sidecar could recognise, so a relay runs on
+        until either side ends it or the server closes it at the end of its drain."""
