@@ -334,9 +334,10 @@ class Exchange:
             client.end_response()
         now = rt.clock.monotonic()
         duration = now - self.started
-        if not failed and permit is not None:
-            rt.breaker.record_success(permit, now, duration)
-            rt.balancer.report(state, ok=True, now=now)
+        if not failed:
+            if permit is not None:
+                rt.breaker.record_success(permit, now, duration)
+            rt.balancer.report(state, ok=True, now=now)  # in shadow mode too: a success clears the target's count
         rt.stats.answered(status, duration)
         if client.log_requests:
             log.info("%s %s -> %d", self.req.method, self.req.path.decode("latin-1"), status,

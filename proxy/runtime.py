@@ -44,6 +44,7 @@ class UpstreamRuntime:
     budget: RetryBudget | None
     balancer: Balancer
     health: HealthStatus
+    bulkhead: Bulkhead
 
     def __init__(self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None,
                  idle_timeout: float = 30.0) -> None:
@@ -73,7 +74,12 @@ class UpstreamRuntime:
             self.balancer = previous.balancer
         else:
             self.balancer = Balancer(policy.targets, policy.balance, policy.outlier, idle_timeout)
-        self.bulkhead = Bulkhead(policy.limits, self.stats)
+        if previous is not None:
+            # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.
+            self.bulkhead = previous.bulkhead
+            self.bulkhead.policy = policy.limits
+        else:
+            self.bulkhead = Bulkhead(policy.limits, self.stats)
         self.health = previous.health if previous is not None and previous.policy.health == policy.health \
             else HealthStatus()
         self.rng = random.Random()

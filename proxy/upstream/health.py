@@ -49,7 +49,10 @@ async def _tcp_probe(target: Target, health: HealthPolicy) -> str | None:
         if health.probe == "redis":
             writer.write(b"PING\r\n")
             answer = await reader.readline()
-            return None if answer.startswith(b"+PONG") else f"unexpected answer to PING: {answer[:40]!r}"
+            # A server that wants a password still answered: it is up (NOAUTH/WRONGPASS are about the probe).
+            if answer.startswith((b"+PONG", b"-NOAUTH", b"-WRONGPASS")):
+                return None
+            return f"unexpected answer to PING: {answer[:40]!r}"
         if health.probe == "postgres":
             writer.write(_POSTGRES_SSL_REQUEST)
             answer = await reader.readexactly(1)
