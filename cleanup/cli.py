@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from cleanup.policy import DEFAULT_PROTECT_TAGS, RetentionPolicy
+from cleanup.redact import redact_text
 
 log = logging.getLogger("cleanup")
 
@@ -146,14 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RedactingFormatter(logging.Formatter):
+    """UTC timestamps, and credentials masked in every line (MLflow's errors quote full URLs)."""
+
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed wants a parameter; gmtime() has one
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
 def configure_logging(verbose: bool) -> None:
-    logging.Formatter.converter = time.gmtime
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%SZ",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     if not verbose:
         # MLflow and urllib3 chatter (and request URLs) stay out of the job's log unless asked for.
         for noisy in ("mlflow", "urllib3", "alembic"):

@@ -11,9 +11,9 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from cleanup.job import Outcome, Report, RunResult
+from cleanup.redact import redact_uri
 
 # Keep-reason prefixes → the summary column they count in.
 _REASON_COLUMNS = (
@@ -27,13 +27,6 @@ _REASON_COLUMNS = (
     ("no run in experiment has", "no metric"),
 )
 _COLUMNS = ("top-n", "recent", "protected", "registered", "running", "parent", "no metric")
-
-
-def redact_uri(uri: str) -> str:
-    """Drop user:password and the query string, where credentials hide (``?password=``, tokens)."""
-    parts = urlsplit(uri)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def human_bytes(size: float) -> str:

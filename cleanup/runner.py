@@ -20,7 +20,8 @@ from cleanup.job import CleanupJob, Outcome, Report
 from cleanup.metrics import CleanupMetrics
 from cleanup.policy import Action, RetentionPolicy
 from cleanup.purge import Purger
-from cleanup.report import deletion_list, redact_uri, summary_table, write_report
+from cleanup.redact import redact_uri
+from cleanup.report import deletion_list, summary_table, write_report
 from cleanup.store import MlflowStore
 
 log = logging.getLogger("cleanup")

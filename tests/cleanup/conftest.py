@@ -68,6 +68,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         "--host", "127.0.0.1",
         "--port", str(port),
         "--workers", "1",
+        "--uvicorn-opts", "--timeout-graceful-shutdown 2",
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
