@@ -27,7 +27,10 @@ from cleanup.model import ExperimentRef, LoggedModelRef, ModelVersionRef, RunRec
 
 log = logging.getLogger(__name__)
 
-RUN_PAGE_SIZE = 1000  # MLflow's default page; the threshold is 50,000 but big pages time out on slow servers
+# MLflow's SQL stores re-run the whole sorted query for every page (the token is an offset), so few big
+# pages beat many small ones: 10,000 runs plan ~2x faster with 5,000 than with MLflow's default 1,000.
+# Far below the 50,000 limit so one page stays well inside the HTTP timeout.
+RUN_PAGE_SIZE = 5000
 REGISTRY_PAGE_SIZE = 1000
 # search_runs filters with one SQL IN clause per call; keep it a reasonable size.
 EXPERIMENTS_PER_SEARCH = 100
