@@ -24,7 +24,8 @@ def answering(reply: bytes) -> object:
     ("probe", "reply", "healthy"),
     [
         ("redis", b"+PONG\r\n", True),
-        ("redis", b"-NOAUTH Authentication required.\r\n", False),
+        ("redis", b"-NOAUTH Authentication required.\r\n", True),  # it answered: up, just password-protected
+        ("redis", b"-ERR unknown command\r\n", False),
         ("postgres", b"N", True),
         ("postgres", b"S", True),
         ("postgres", b"E", False),
