@@ -13,11 +13,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start the sidecar (SIGHUP reloads the file, SIGTERM drains and exits)")
     run.add_argument("--config", required=True, help="policy file (YAML)")
-    run.add_argument("--demo", action="store_true",
-                     help="also start a built-in demo upstream on 127.0.0.1:18080 (for trying it out)")
+    run.add_argument(
+        "--demo", action="store_true", help="also start a built-in demo upstream on 127.0.0.1:18080 (for trying it out)"
+    )
     run.add_argument("--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                     help="override logging.level from the file")
+    run.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="override logging.level from the file"
+    )
 
     check = sub.add_parser("check", help="validate policy files; one line per problem, exit 1 if any")
     check.add_argument("paths", nargs="+", metavar="PATH")

@@ -39,8 +39,14 @@ _JSON = b"application/json"
 
 
 def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: bytes) -> bytes:
-    parts = [req.method_bytes, b" ", req.path, b" HTTP/1.1\r\nhost: ",
-             req.host if rt.policy.preserve_host and req.host else authority, b"\r\n"]
+    parts = [
+        req.method_bytes,
+        b" ",
+        req.path,
+        b" HTTP/1.1\r\nhost: ",
+        req.host if rt.policy.preserve_host and req.host else authority,
+        b"\r\n",
+    ]
     forwarded_for = None
     dropped = req.connection_tokens
     for name, value in req.headers:
@@ -50,8 +56,13 @@ def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: 
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             continue
         parts += [name, b": ", value, b"\r\n"]
-    parts += [b"x-forwarded-for: ", req.client_ip if forwarded_for is None else forwarded_for + b", " +
-              req.client_ip, b"\r\n", framing, b"\r\n"]
+    parts += [
+        b"x-forwarded-for: ",
+        req.client_ip if forwarded_for is None else forwarded_for + b", " + req.client_ip,
+        b"\r\n",
+        framing,
+        b"\r\n",
+    ]
     return b"".join(parts)
 
 
@@ -101,8 +112,12 @@ class Exchange:
         if not rt.bulkhead.try_enter() and not await rt.bulkhead.enter():
             stats.reject("overload")
             limit = rt.policy.limits.max_concurrent
-            self._local(503, "overload", "too many requests in flight to this upstream",
-                        decision=f"upstream={rt.name} reason=overload max_concurrent={limit}")
+            self._local(
+                503,
+                "overload",
+                "too many requests in flight to this upstream",
+                decision=f"upstream={rt.name} reason=overload max_concurrent={limit}",
+            )
             return
         try:
             body = self.req.body
@@ -120,8 +135,12 @@ class Exchange:
                     async with asyncio.timeout(rt.policy.timeouts.per_try):
                         await body.wait_ready()
                 except TimeoutError:
-                    self._local(408, "bad_request", "request body not received in time",
-                                decision=f"upstream={rt.name} reason=body_timeout")
+                    self._local(
+                        408,
+                        "bad_request",
+                        "request body not received in time",
+                        decision=f"upstream={rt.name} reason=body_timeout",
+                    )
                     return
                 except BodyAborted:
                     return  # the listener has answered 400 and is closing
@@ -150,8 +169,7 @@ class Exchange:
                         self._breaker_open(now)
                         return
                     # The breaker opened while we backed off: stop at once with what we have.
-                    self._local_failure(self._last_error or ConnectionReset("breaker opened"),
-                                        "breaker_open")
+                    self._local_failure(self._last_error or ConnectionReset("breaker opened"), "breaker_open")
                     return
                 rt.stats.reject("breaker_open_shadow")
             self.permit = permit
@@ -164,16 +182,22 @@ class Exchange:
             head: ResponseHead | None = None
             state.outstanding += 1
             try:
-                head = await self._try(state, min(timeouts.per_try, remaining),
-                                       min(timeouts.connect, remaining))
+                head = await self._try(state, min(timeouts.per_try, remaining), min(timeouts.connect, remaining))
             except UpstreamError as exc:
                 error = exc
             finally:
                 state.outstanding -= 1
             conn = self.conn
-            if (error is not None and conn is not None and conn.reused and not stale_retried
-                    and not conn.received_any and isinstance(error, ConnectionReset)
-                    and (req.method in _IDEMPOTENT or error.sent_nothing) and self._body_replayable()):
+            if (
+                error is not None
+                and conn is not None
+                and conn.reused
+                and not stale_retried
+                and not conn.received_any
+                and isinstance(error, ConnectionReset)
+                and (req.method in _IDEMPOTENT or error.sent_nothing)
+                and self._body_replayable()
+            ):
                 # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
                 stale_retried = True
                 self.attempts -= 1
@@ -193,9 +217,18 @@ class Exchange:
                 self.permit = None
             ejected = rt.balancer.report(state, ok=False, now=now, kind=failed_kind)
             if ejected:
-                log.warning("target %s of %s ejected: %s", state.target, rt.name, ejected,
-                            extra={"event": "target_ejected", "upstream": rt.name,
-                                   "target": str(state.target), "reason": ejected})
+                log.warning(
+                    "target %s of %s ejected: %s",
+                    state.target,
+                    rt.name,
+                    ejected,
+                    extra={
+                        "event": "target_ejected",
+                        "upstream": rt.name,
+                        "target": str(state.target),
+                        "reason": ejected,
+                    },
+                )
             self._last_error = error
             # Should we go again?
             if delays is None:
@@ -278,8 +311,7 @@ class Exchange:
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
         if body is not None and whole is None:
-            self.pump = asyncio.get_running_loop().create_task(
-                self._pump_body(conn, chunked=body.length is None))
+            self.pump = asyncio.get_running_loop().create_task(self._pump_body(conn, chunked=body.length is None))
         return await waiter
 
     async def _pump_body(self, conn: UpstreamConnection, chunked: bool) -> None:
@@ -340,9 +372,19 @@ class Exchange:
             rt.balancer.report(state, ok=True, now=now)  # in shadow mode too: a success clears the target's count
         rt.stats.answered(status, duration)
         if client.log_requests:
-            log.info("%s %s -> %d", self.req.method, self.req.path.decode("latin-1"), status,
-                     extra={"event": "request", "upstream": rt.name, "status": status,
-                            "attempts": self.attempts, "duration_ms": round(duration * 1000, 3)})
+            log.info(
+                "%s %s -> %d",
+                self.req.method,
+                self.req.path.decode("latin-1"),
+                status,
+                extra={
+                    "event": "request",
+                    "upstream": rt.name,
+                    "status": status,
+                    "attempts": self.attempts,
+                    "duration_ms": round(duration * 1000, 3),
+                },
+            )
         self._release(abort=False)
 
     def _discard_answer(self) -> bool:
@@ -374,11 +416,17 @@ class Exchange:
         extra = [(b"retry-after", b"%d" % retry_in)]
         fallback = rt.fallback
         if fallback is not None:
-            self._local(fallback.status, "breaker_open", "", decision=decision, extra=extra,
-                        body=fallback.body.encode(), content_type=fallback.content_type.encode())
+            self._local(
+                fallback.status,
+                "breaker_open",
+                "",
+                decision=decision,
+                extra=extra,
+                body=fallback.body.encode(),
+                content_type=fallback.content_type.encode(),
+            )
         else:
-            self._local(503, "breaker_open", f"circuit breaker for {rt.name} is open", decision=decision,
-                        extra=extra)
+            self._local(503, "breaker_open", f"circuit breaker for {rt.name} is open", decision=decision, extra=extra)
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         rt = self.rt
@@ -386,12 +434,24 @@ class Exchange:
         decision = f"upstream={rt.name} reason={error.kind} attempts={self.attempts}"
         if stopped_by:
             decision += f" retry_stopped_by={stopped_by}"
-        self._local(error.status, reason, str(error), decision=decision,
-                    extra=[(b"x-sidecar-attempts", b"%d" % self.attempts)] if self.attempts > 1 else [])
+        self._local(
+            error.status,
+            reason,
+            str(error),
+            decision=decision,
+            extra=[(b"x-sidecar-attempts", b"%d" % self.attempts)] if self.attempts > 1 else [],
+        )
 
-    def _local(self, status: int, reason: str, detail: str, decision: str,
-               extra: list[tuple[bytes, bytes]] | None = None, body: bytes | None = None,
-               content_type: bytes = _JSON) -> None:
+    def _local(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        decision: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        body: bytes | None = None,
+        content_type: bytes = _JSON,
+    ) -> None:
         headers = [(b"x-sidecar-reason", reason.encode()), (b"x-sidecar-decision", decision.encode())]
         if extra:
             headers += extra

@@ -55,8 +55,7 @@ class Request:
         "path",
     )
 
-    def __init__(self, method_bytes: bytes, path: bytes, headers: list[tuple[bytes, bytes]], client_ip: bytes
-                 ) -> None:
+    def __init__(self, method_bytes: bytes, path: bytes, headers: list[tuple[bytes, bytes]], client_ip: bytes) -> None:
         self.method_bytes = method_bytes
         self.method = method_bytes.decode("ascii")
         self.path = path
@@ -88,8 +87,13 @@ def _origin_form(url: bytes) -> bytes:
 class ClientConnection(asyncio.Protocol):
     """Serves one client connection: parse, hand each request to the forwarder, write answers in order."""
 
-    def __init__(self, get_runtime: Callable[[], UpstreamRuntime], http: HttpServerPolicy,
-                 connections: set[ClientConnection], log_requests: bool) -> None:
+    def __init__(
+        self,
+        get_runtime: Callable[[], UpstreamRuntime],
+        http: HttpServerPolicy,
+        connections: set[ClientConnection],
+        log_requests: bool,
+    ) -> None:
         self._get_runtime = get_runtime
         self._http = http
         self._connections = connections
@@ -129,8 +133,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._phase_since = self.loop.time()
-        self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout),
-                                           self._on_timer)
+        self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout), self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._deferred_reject is not None:
@@ -226,8 +229,12 @@ class ClientConnection(asyncio.Protocol):
         if hosts == 0 and http11:
             raise RequestRejected(400, "missing Host header")
         if chunked or (content_length or 0) > 0:
-            req.body = RequestBody(None if chunked else content_length, self._http.replay_buffer_bytes,
-                                   self._pause_reading, self._resume_reading)
+            req.body = RequestBody(
+                None if chunked else content_length,
+                self._http.replay_buffer_bytes,
+                self._pause_reading,
+                self._resume_reading,
+            )
         self._parsing = req
         self._request_keep_alive.append((http11, bool(parser.should_keep_alive())))
         if self._active is None:
@@ -263,8 +270,12 @@ class ClientConnection(asyncio.Protocol):
         except Exception:
             log.exception("forwarding failed")
             if not self._response_started:
-                self.send_local(500, http1.error_body("internal_error", None, "see the sidecar's log"),
-                                b"application/json", [(b"x-sidecar-reason", b"internal_error")])
+                self.send_local(
+                    500,
+                    http1.error_body("internal_error", None, "see the sidecar's log"),
+                    b"application/json",
+                    [(b"x-sidecar-reason", b"internal_error")],
+                )
             else:
                 self.abort()
         finally:
@@ -368,8 +379,11 @@ class ClientConnection(asyncio.Protocol):
             self.keep_alive = False
             body = http1.error_body("bad_request", None, detail)
             if self.transport is not None:
-                self.transport.write(http1.local_response(
-                    status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False))
+                self.transport.write(
+                    http1.local_response(
+                        status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False
+                    )
+                )
         self._close()
 
     def _on_timer(self) -> None:

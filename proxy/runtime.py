@@ -46,8 +46,9 @@ class UpstreamRuntime:
     health: HealthStatus
     bulkhead: Bulkhead
 
-    def __init__(self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None,
-                 idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None, idle_timeout: float = 30.0
+    ) -> None:
         self.policy = policy
         self.name = policy.name
         self.clock = clock
@@ -62,14 +63,17 @@ class UpstreamRuntime:
         else:
             self.breaker = CircuitBreaker(policy.name, policy.breaker.settings(), self._on_transition)
         retry = policy.retry
-        self.rules = RetryRules(retry.max_retries, retry.retry_kinds(), retry.retry_statuses(),
-                                frozenset(retry.methods))
+        self.rules = RetryRules(
+            retry.max_retries, retry.retry_kinds(), retry.retry_statuses(), frozenset(retry.methods)
+        )
         if previous is not None and previous.policy.retry.budget == retry.budget:
             self.budget = previous.budget
         else:
             self.budget = RetryBudget(retry.budget.ratio, retry.budget.min_per_second) if retry.budget else None
-        if previous is not None and previous.policy.targets == policy.targets and (
-            previous.policy.outlier == policy.outlier and previous.policy.balance == policy.balance
+        if (
+            previous is not None
+            and previous.policy.targets == policy.targets
+            and (previous.policy.outlier == policy.outlier and previous.policy.balance == policy.balance)
         ):
             self.balancer = previous.balancer
         else:
@@ -80,8 +84,9 @@ class UpstreamRuntime:
             self.bulkhead.policy = policy.limits
         else:
             self.bulkhead = Bulkhead(policy.limits, self.stats)
-        self.health = previous.health if previous is not None and previous.policy.health == policy.health \
-            else HealthStatus()
+        self.health = (
+            previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
+        )
         self.rng = random.Random()
         self.enforce = policy.breaker.enforce
         self.fallback = policy.fallback
@@ -92,11 +97,19 @@ class UpstreamRuntime:
         self.stats.transition(transition.from_state.value, transition.to_state.value)
         self.recent_transitions.append(transition)
         log.warning(
-            "breaker %s: %s -> %s (%s)", self.name, transition.from_state.value, transition.to_state.value,
+            "breaker %s: %s -> %s (%s)",
+            self.name,
+            transition.from_state.value,
+            transition.to_state.value,
             transition.reason,
-            extra={"event": "breaker_transition", "upstream": self.name,
-                   "from_state": transition.from_state.value, "to_state": transition.to_state.value,
-                   "reason": transition.reason, "wall_time": time.time()},
+            extra={
+                "event": "breaker_transition",
+                "upstream": self.name,
+                "from_state": transition.from_state.value,
+                "to_state": transition.to_state.value,
+                "reason": transition.reason,
+                "wall_time": time.time(),
+            },
         )
 
     def effective_state(self) -> State:

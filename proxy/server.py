@@ -53,8 +53,9 @@ class LoadedFile:
 
 
 class Sidecar:
-    def __init__(self, config_path: str | Path, clock: Clock | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: str | Path, clock: Clock | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
         self.config_path = str(config_path)
         self.clock = clock or SystemClock()
         self.environ = environ
@@ -89,8 +90,12 @@ class Sidecar:
         self._admin_runner = await start_admin(self, config.admin.listen)
         self._spawn(self._sweep_pools())
         self.ready = True
-        log.info("sidecar ready: %d upstream(s), admin on %s", len(config.upstreams), config.admin.listen,
-                 extra={"event": "ready", "config": self.config_path, "sha256": config.sha256})
+        log.info(
+            "sidecar ready: %d upstream(s), admin on %s",
+            len(config.upstreams),
+            config.admin.listen,
+            extra={"event": "ready", "config": self.config_path, "sha256": config.sha256},
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -101,17 +106,22 @@ class Sidecar:
         """Bring the running state to ``config``: bind first (so a bad address changes nothing), then swap."""
         old = self.config
         new_policies = {u.name: u for u in config.upstreams}
-        to_bind = [u for u in config.upstreams
-                   if u.name not in self.listeners or self.listeners[u.name].address != u.listen
-                   or self.listeners[u.name].protocol != u.protocol]
+        to_bind = [
+            u
+            for u in config.upstreams
+            if u.name not in self.listeners
+            or self.listeners[u.name].address != u.listen
+            or self.listeners[u.name].protocol != u.protocol
+        ]
         # Built before binding, so a client that connects to a new listener before the swap finds a runtime.
         runtimes = {}
         for name, policy in new_policies.items():
             previous = self.runtimes.get(name)
             if previous is not None and previous.policy.protocol != policy.protocol:
                 previous = None
-            runtimes[name] = UpstreamRuntime(policy, self.clock, previous,
-                                             idle_timeout=config.http.upstream_idle_timeout)
+            runtimes[name] = UpstreamRuntime(
+                policy, self.clock, previous, idle_timeout=config.http.upstream_idle_timeout
+            )
         for policy in to_bind:
             self._spare_runtimes.setdefault(policy.name, runtimes[policy.name])
         bound: dict[str, Listener] = {}
@@ -153,6 +163,7 @@ class Sidecar:
             return runtime if runtime is not None else self._spare_runtimes[name]
 
         if policy.protocol == "tcp":
+
             def factory() -> asyncio.Protocol:
                 return TcpClient(get_runtime, connections)
         else:
@@ -161,10 +172,16 @@ class Sidecar:
             def factory() -> asyncio.Protocol:
                 return ClientConnection(get_runtime, http, connections, log_requests)
 
-        server = await loop.create_server(factory, policy.listen.host, policy.listen.port, reuse_address=True,
-                                          backlog=2048)
-        log.info("listening for %s on %s (%s)", name, policy.listen, policy.protocol,
-                 extra={"event": "listener_started", "upstream": name, "listen": str(policy.listen)})
+        server = await loop.create_server(
+            factory, policy.listen.host, policy.listen.port, reuse_address=True, backlog=2048
+        )
+        log.info(
+            "listening for %s on %s (%s)",
+            name,
+            policy.listen,
+            policy.protocol,
+            extra={"event": "listener_started", "upstream": name, "listen": str(policy.listen)},
+        )
         return Listener(name, policy.listen, policy.protocol, server, connections)
 
     async def _retire(self, listener: Listener, drain_timeout: float, removed: bool = False) -> None:
@@ -186,8 +203,12 @@ class Sidecar:
             if runtime is not None:
                 for pool in runtime.balancer.pools():
                     pool.abort_all()
-        log.info("listener for %s on %s stopped", listener.name, listener.address,
-                 extra={"event": "listener_stopped", "upstream": listener.name})
+        log.info(
+            "listener for %s on %s stopped",
+            listener.name,
+            listener.address,
+            extra={"event": "listener_stopped", "upstream": listener.name},
+        )
 
     def _restart_checks(self, old: SidecarConfig | None, new: SidecarConfig) -> None:
         old_health = {u.name: (u.health, u.targets, u.protocol) for u in old.upstreams} if old else {}
@@ -243,21 +264,29 @@ class Sidecar:
             if config is None:
                 return self._reject(trigger, [str(i) for i in issues if i.severity == "error"])
             if self.config is not None and config.admin.listen != self.config.admin.listen:
-                log.warning("admin.listen changed to %s: the admin server stays on %s until a restart",
-                            config.admin.listen, self.config.admin.listen, extra={"event": "config_warning"})
+                log.warning(
+                    "admin.listen changed to %s: the admin server stays on %s until a restart",
+                    config.admin.listen,
+                    self.config.admin.listen,
+                    extra={"event": "config_warning"},
+                )
             try:
                 await self._apply(config)
             except OSError as exc:
                 self.process_stats.reloads["failure"] += 1
                 self.last_reload_error = [f"cannot bind: {exc}"]
-                log.error("reload rejected (%s): %s", trigger, exc,
-                          extra={"event": "reload_failed", "trigger": trigger})
+                log.error(
+                    "reload rejected (%s): %s", trigger, exc, extra={"event": "reload_failed", "trigger": trigger}
+                )
                 return False
             self.process_stats.reloads["success"] += 1
             self.last_reload_error = []
             assert self.config is not None
-            log.info("policy reloaded (%s)", trigger, extra={"event": "reload", "trigger": trigger,
-                                                            "sha256": self.config.sha256})
+            log.info(
+                "policy reloaded (%s)",
+                trigger,
+                extra={"event": "reload", "trigger": trigger, "sha256": self.config.sha256},
+            )
             return True
 
     def _reject(self, trigger: str, errors: list[str]) -> bool:
@@ -266,8 +295,12 @@ class Sidecar:
         self.last_reload_error = errors
         for error in errors:
             log.error("%s", error, extra={"event": "config_error", "trigger": trigger})
-        log.error("reload rejected (%s): keeping the running policy; %d error(s)", trigger, len(errors),
-                  extra={"event": "reload_failed", "trigger": trigger, "errors": errors})
+        log.error(
+            "reload rejected (%s): keeping the running policy; %d error(s)",
+            trigger,
+            len(errors),
+            extra={"event": "reload_failed", "trigger": trigger, "errors": errors},
+        )
         return False
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
@@ -297,8 +330,9 @@ class Sidecar:
             return
         self._stopping = True
         self.ready = False
-        timeout = drain_timeout if drain_timeout is not None else (
-            self.config.http.drain_timeout if self.config else 5.0)
+        timeout = (
+            drain_timeout if drain_timeout is not None else (self.config.http.drain_timeout if self.config else 5.0)
+        )
         log.info("draining (up to %gs)", timeout, extra={"event": "draining"})
         for listener in self.listeners.values():
             listener.server.close()
@@ -307,8 +341,7 @@ class Sidecar:
                 conn.shutdown_when_idle()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while any(listener.connections for listener in self.listeners.values()
-                          if listener.protocol == "http"):
+                while any(listener.connections for listener in self.listeners.values() if listener.protocol == "http"):
                     await asyncio.sleep(0.05)
         for listener in self.listeners.values():
             for conn in list(listener.connections):

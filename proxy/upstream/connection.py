@@ -120,8 +120,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self._complete:
             detail = "before the response head" if head is None else "in the middle of the body"
-            self._fail(ConnectionReset(f"upstream closed the connection {detail}",
-                                       sent_nothing=False))
+            self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionReset("upstream closed while receiving the body"))
 
@@ -188,8 +187,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------------------------
 
-    def begin(self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
-              ) -> asyncio.Future[ResponseHead]:
+    def begin(
+        self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
+    ) -> asyncio.Future[ResponseHead]:
         """Send a request head (and a body already in hand); the future resolves with the response head."""
         assert self.transport is not None and not self.busy
         self.busy = True
@@ -264,8 +264,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self._cancel_timer()
         head = self._head
-        if (self._complete and head is not None and head.keep_alive and self.request_complete and not self._out_of_step
-                and not self.closed and self.transport is not None and not self.transport.is_closing()):
+        if (
+            self._complete
+            and head is not None
+            and head.keep_alive
+            and self.request_complete
+            and not self._out_of_step
+            and not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             if self.transport.is_reading() is False:
                 self.transport.resume_reading()
             self.reused = True

@@ -98,14 +98,24 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         policy = write_policy(
             tmp_path_factory.mktemp(request.param) / "abuse.yaml",
             {"svc": {"targets": [upstream.url]}, "evil": {"targets": [evil.url]}},
-            defaults={"timeouts": {"connect": "500ms", "per_try": "1s", "total": "3s"},
-                      "breaker": {"failure_threshold": 1000}},
+            defaults={
+                "timeouts": {"connect": "500ms", "per_try": "1s", "total": "3s"},
+                "breaker": {"failure_threshold": 1000},
+            },
             admin_port=admin_port,
             http={"header_timeout": "2s"},
         )
         with sidecar_process(policy, env={**PARSERS[request.param], "SEAWALL_TEST_TOKEN": TOKEN}) as process:
-            yield Stack(request.param, process, policy_listen(policy, "svc")[1], policy_listen(policy, "evil")[1],
-                        admin_port, upstream, evil, canary_port)
+            yield Stack(
+                request.param,
+                process,
+                policy_listen(policy, "svc")[1],
+                policy_listen(policy, "evil")[1],
+                admin_port,
+                upstream,
+                evil,
+                canary_port,
+            )
     finally:
         for server in servers:
             background.loop.call_soon_threadsafe(server.close)

@@ -38,40 +38,59 @@ CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
 # Obfuscations beyond the hygiene list. "reject": 400, nothing forwarded. "accept": a valid spelling of
 # chunked; the body is de-chunked and re-framed by the sidecar, so the follow-up is a separate, proper request.
 EXTRA = {
-    "te_tab_before_value": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n" + CHUNKED_HELLO,
-                            "accept"),
-    "te_tab_after_value": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n" + CHUNKED_HELLO,
-                           "reject"),  # llhttp is stricter than RFC 9112 here; refusing is the safe side
-    "te_value_upper_case": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n" + CHUNKED_HELLO,
-                            "accept"),
-    "te_name_mixed_case": (b"POST / HTTP/1.1\r\nHost: a\r\ntRANSFER-eNCODING: chunked\r\n\r\n" + CHUNKED_HELLO,
-                           "accept"),
-    "te_tab_in_name": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n" + CHUNKED_HELLO,
-                       "reject"),
-    "te_vertical_tab": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n" + CHUNKED_HELLO,
-                        "reject"),
-    "te_chunked_identity": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
-                            + CHUNKED_HELLO, "reject"),
+    "te_tab_before_value": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n" + CHUNKED_HELLO,
+        "accept",
+    ),
+    "te_tab_after_value": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n" + CHUNKED_HELLO,
+        "reject",
+    ),  # llhttp is stricter than RFC 9112 here; refusing is the safe side
+    "te_value_upper_case": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n" + CHUNKED_HELLO,
+        "accept",
+    ),
+    "te_name_mixed_case": (
+        b"POST / HTTP/1.1\r\nHost: a\r\ntRANSFER-eNCODING: chunked\r\n\r\n" + CHUNKED_HELLO,
+        "accept",
+    ),
+    "te_tab_in_name": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n" + CHUNKED_HELLO, "reject"),
+    "te_vertical_tab": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n" + CHUNKED_HELLO,
+        "reject",
+    ),
+    "te_chunked_identity": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n" + CHUNKED_HELLO,
+        "reject",
+    ),
     "te_identity": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\nhello", "reject"),
     "te_xchunked": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n" + CHUNKED_HELLO, "reject"),
     "te_folded": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n" + CHUNKED_HELLO, "reject"),
-    "te_then_cl_lowercase": (b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 30\r\n\r\n"
-                             + CHUNKED_HELLO, "reject"),
+    "te_then_cl_lowercase": (
+        b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 30\r\n\r\n" + CHUNKED_HELLO,
+        "reject",
+    ),
     "cl_list": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello", "reject"),
     "cl_inner_space": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 0\r\n\r\nhelloworld", "reject"),
     "cl_overflow": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\nhello", "reject"),
-    "chunk_size_overflow": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                            b"fffffffffffffffff5\r\nhello\r\n0\r\n\r\n", "reject"),
-    "chunk_size_negative": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
-                            "reject"),
+    "chunk_size_overflow": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff5\r\nhello\r\n0\r\n\r\n",
+        "reject",
+    ),
+    "chunk_size_negative": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        "reject",
+    ),
     "chunk_bare_lf": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n", "reject"),
     "bare_lf_head": (b"GET / HTTP/1.1\nHost: a\n\n", "reject"),
     "bare_cr_head": (b"GET / HTTP/1.1\rHost: a\r\n\r\n", "reject"),
     "nul_in_target": (b"GET /a\x00b HTTP/1.1\r\nHost: a\r\n\r\n", "reject"),
     "bad_version": (b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", "reject"),
     "duplicate_host_case": (b"GET / HTTP/1.1\r\nHost: a\r\nhOST: 127.0.0.1\r\n\r\n", "reject"),
-    "lf_in_value_smuggles_header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\nTransfer-Encoding: chunked\r\n\r\n",
-                                    "reject"),
+    "lf_in_value_smuggles_header": (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\nTransfer-Encoding: chunked\r\n\r\n",
+        "reject",
+    ),
 }
 VECTORS = {name: (payload, "reject") for name, payload in SMUGGLING.items()} | EXTRA
 
@@ -118,8 +137,10 @@ def test_oversized_heads_are_4xx_and_nothing_is_forwarded(stack: Stack, shape: s
     assert stack.alive()
 
 
-@pytest.mark.parametrize("target", ["absolute", "absolute_https", "absolute_userinfo", "authority_form", "connect",
-                                    "host_header", "options_absolute"])
+@pytest.mark.parametrize(
+    "target",
+    ["absolute", "absolute_https", "absolute_userinfo", "authority_form", "connect", "host_header", "options_absolute"],
+)
 def test_open_proxy_attempts_never_reach_the_canary(stack: Stack, target: str) -> None:
     canary = f"127.0.0.1:{stack.canary_port}".encode()
     line = {
@@ -142,10 +163,12 @@ def test_open_proxy_attempts_never_reach_the_canary(stack: Stack, target: str) -
 
 def test_hop_by_hop_and_connection_named_headers_are_stripped_and_xff_appended(stack: Stack) -> None:
     before = len(stack.upstream.requests)
-    payload = (b"POST /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret, x-forwarded-for, content-length\r\n"
-               b"X-Secret: hop\r\nKeep-Alive: 300\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n"
-               b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 198.51.100.7, 10.0.0.1\r\n"
-               b"Content-Length: 5\r\n\r\nhello" + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    payload = (
+        b"POST /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret, x-forwarded-for, content-length\r\n"
+        b"X-Secret: hop\r\nKeep-Alive: 300\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n"
+        b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 198.51.100.7, 10.0.0.1\r\n"
+        b"Content-Length: 5\r\n\r\nhello" + b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
     answers = Responses(talk(stack.port, payload))
     assert answers.statuses == [201, 201]
     _, headers, body = stack.upstream.requests[before]
@@ -183,8 +206,10 @@ def test_malicious_upstream_header_is_a_502(stack: Stack, name: str) -> None:
 
 
 def test_malformed_upstream_body_after_a_good_head_is_truncated_not_smuggled(stack: Stack) -> None:
-    stack.evil.response = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
-                           b"zz\r\nHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected\r\n0\r\n\r\n")
+    stack.evil.response = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
+        b"zz\r\nHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected\r\n0\r\n\r\n"
+    )
     try:
         raw = talk(stack.evil_port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     finally:
@@ -201,8 +226,10 @@ def test_bytes_beyond_the_upstream_answer_never_reach_the_client(stack: Stack, m
     ok_then_evil = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
     stack.evil.response = ok_then_evil + b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nx-injected: 1\r\n\r\ninjected"
     try:
-        raw = talk(stack.evil_port, method + b" /1 HTTP/1.1\r\nHost: a\r\n\r\n"
-                   b"GET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        raw = talk(
+            stack.evil_port,
+            method + b" /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
     finally:
         stack.evil.response = UPSTREAM_OK
     assert b"injected" not in raw, raw
@@ -231,8 +258,11 @@ def test_slowloris_is_cut_by_the_header_deadline_and_normal_p99_holds(stack: Sta
 
     def under_trickle() -> tuple[float, float, list[dict[str, Any]]]:
         baseline = best_of_three()
-        trickle = subprocess.Popen([sys.executable, "-m", "tests.abuse.trickle", str(stack.port), "200", "0.1", "5"],
-                                   stdout=subprocess.PIPE, text=True)
+        trickle = subprocess.Popen(
+            [sys.executable, "-m", "tests.abuse.trickle", str(stack.port), "200", "0.1", "5"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert trickle.stdout is not None
             assert trickle.stdout.readline().strip() == "ready"
@@ -266,8 +296,9 @@ def test_slowloris_is_cut_by_the_header_deadline_and_normal_p99_holds(stack: Sta
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_slow_post_body_is_cut_off_and_never_forwarded(stack: Stack, framing: str) -> None:
     before = stack.forwarded_bytes()
-    head = (b"POST /slow HTTP/1.1\r\nHost: a\r\n" +
-            (b"Content-Length: 100\r\n\r\n" if framing == "length" else b"Transfer-Encoding: chunked\r\n\r\n64\r\n"))
+    head = b"POST /slow HTTP/1.1\r\nHost: a\r\n" + (
+        b"Content-Length: 100\r\n\r\n" if framing == "length" else b"Transfer-Encoding: chunked\r\n\r\n64\r\n"
+    )
     with socket.create_connection(("127.0.0.1", stack.port), 3) as sock:
         sock.sendall(head + b"x" * 10)
         started = time.monotonic()
@@ -286,8 +317,9 @@ def test_slow_post_body_is_cut_off_and_never_forwarded(stack: Stack, framing: st
 
 def _admin_post(stack: Stack, path: str, headers: dict[str, str]) -> int:
     lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    raw = talk(stack.admin_port, f"POST {path} HTTP/1.1\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n"
-               .encode())
+    raw = talk(
+        stack.admin_port, f"POST {path} HTTP/1.1\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+    )
     return Responses(raw).statuses[0]
 
 
@@ -303,11 +335,22 @@ def test_admin_token_is_checked_for_any_wrong_token(stack: Stack) -> None:
     assert _admin_post(stack, path, {**host, "Authorization": f"Bearer {TOKEN}"}) == 200
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost.evil.example:{port}",
-                                    "https://127.0.0.1:{port}", "http://127.0.0.1:1"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "null",
+        "http://localhost.evil.example:{port}",
+        "https://127.0.0.1:{port}",
+        "http://127.0.0.1:1",
+    ],
+)
 def test_mutating_admin_calls_with_a_foreign_origin_are_refused(stack: Stack, origin: str) -> None:
-    headers = {"Host": f"127.0.0.1:{stack.admin_port}", "Authorization": f"Bearer {TOKEN}",
-               "Origin": origin.format(port=stack.admin_port)}
+    headers = {
+        "Host": f"127.0.0.1:{stack.admin_port}",
+        "Authorization": f"Bearer {TOKEN}",
+        "Origin": origin.format(port=stack.admin_port),
+    }
     assert _admin_post(stack, "/breakers/svc/force-open", headers) == 403
     assert _svc_status(stack) == 201, "the breaker must not have been forced open"
     same = {**headers, "Origin": f"http://127.0.0.1:{stack.admin_port}"}
@@ -317,16 +360,21 @@ def test_mutating_admin_calls_with_a_foreign_origin_are_refused(stack: Stack, or
 @pytest.mark.parametrize("vector", ["cl_te", "te_cl", "duplicate_cl", "te_nbsp", "lf_in_value"])
 def test_admin_plane_smuggling_never_runs_the_hidden_call(stack: Stack, vector: str) -> None:
     """The hidden request (a force-open with the right token) must never run, whichever aiohttp parser."""
-    hidden = (f"POST /breakers/svc/force-open HTTP/1.1\r\nHost: 127.0.0.1:{stack.admin_port}\r\n"
-              f"Authorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n").encode()
+    hidden = (
+        f"POST /breakers/svc/force-open HTTP/1.1\r\nHost: 127.0.0.1:{stack.admin_port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
     chunk = b"%x\r\n%b\r\n0\r\n\r\n" % (len(hidden), hidden)
     payload = {
         "cl_te": b"POST /live HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + b"0\r\n\r\n" + hidden,
+        + b"0\r\n\r\n"
+        + hidden,
         "te_cl": b"POST /live HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n"
-                 % len(chunk) + chunk,
+        % len(chunk)
+        + chunk,
         "duplicate_cl": b"POST /live HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n"
-                        % len(hidden) + hidden,
+        % len(hidden)
+        + hidden,
         "te_nbsp": b"POST /live HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \xa0chunked\r\n\r\n" + chunk,
         "lf_in_value": b"POST /live HTTP/1.1\r\nHost: a\r\nX-A: a\nContent-Length: 0\r\n\r\n" + hidden,
     }[vector]
@@ -345,10 +393,14 @@ def _svc_status(stack: Stack) -> int:
     return Responses(talk(stack.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")).statuses[0]
 
 
-@pytest.mark.parametrize("bad", [
-    b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
-    b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n",
-], ids=["bad_head", "bad_chunked_body"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n",
+    ],
+    ids=["bad_head", "bad_chunked_body"],
+)
 def test_a_malformed_request_pipelined_behind_a_good_one_is_answered_in_its_turn(stack: Stack, bad: bytes) -> None:
     """The 400 must not overtake the answer to the request before it (which the upstream is processing)."""
     before = len(stack.upstream.requests)

@@ -30,28 +30,49 @@ methods = st.one_of(
     st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"]),
     st.sampled_from([b"get", b"G ET", b"CONNECT", b"GET\x00", b"PRI", b"TRACE", b"", b"M" * 40]),
 )
-versions = st.one_of(st.just(b"HTTP/1.1"), st.sampled_from([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"http/1.1",
-                                                             b"HTTP/1.1 ", b"HTTP/1", b"HTTP/01.1"]))
+versions = st.one_of(
+    st.just(b"HTTP/1.1"),
+    st.sampled_from([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2", b"http/1.1", b"HTTP/1.1 ", b"HTTP/1", b"HTTP/01.1"]),
+)
 token = st.text(TOKEN_CHARS, min_size=1, max_size=12).map(str.encode)
 value = st.one_of(
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20).map(str.encode),
-    st.tuples(st.text("abc ", max_size=5).map(str.encode), st.sampled_from(BAD_BYTES),
-              st.text("abc", max_size=5).map(str.encode)).map(b"".join),
+    st.tuples(
+        st.text("abc ", max_size=5).map(str.encode),
+        st.sampled_from(BAD_BYTES),
+        st.text("abc", max_size=5).map(str.encode),
+    ).map(b"".join),
 )
-special_headers = st.sampled_from([
-    (b"Host", b"fuzz"), (b"Host", b"127.0.0.1:1"), (b"Connection", b"close"), (b"Connection", b"keep-alive, x-a"),
-    (b"Expect", b"100-continue"), (b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"gzip, chunked"),
-    (b"Content-Length", b"0"), (b"Content-Length", b"-1"), (b"Content-Length", b"+3"), (b"Content-Length", b""),
-    (b"X-Forwarded-For", b"1.2.3.4"), (b"Upgrade", b"websocket"), (b"TE", b"trailers"),
-])
+special_headers = st.sampled_from(
+    [
+        (b"Host", b"fuzz"),
+        (b"Host", b"127.0.0.1:1"),
+        (b"Connection", b"close"),
+        (b"Connection", b"keep-alive, x-a"),
+        (b"Expect", b"100-continue"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Transfer-Encoding", b"gzip, chunked"),
+        (b"Content-Length", b"0"),
+        (b"Content-Length", b"-1"),
+        (b"Content-Length", b"+3"),
+        (b"Content-Length", b""),
+        (b"X-Forwarded-For", b"1.2.3.4"),
+        (b"Upgrade", b"websocket"),
+        (b"TE", b"trailers"),
+    ]
+)
 framings = st.sampled_from(["none", "length", "length_short", "chunked", "chunked_bad", "both"])
 
 
 @st.composite
 def request(draw: st.DrawFn, tag: bytes, index: int) -> bytes:
     method = draw(methods)
-    suffix = draw(st.one_of(st.text("abc/%?=&.~-_", max_size=12).map(str.encode),
-                            st.sampled_from([b" x", b"\x00", b"\x7f", b"\xff", b"\t", b"#frag"])))
+    suffix = draw(
+        st.one_of(
+            st.text("abc/%?=&.~-_", max_size=12).map(str.encode),
+            st.sampled_from([b" x", b"\x00", b"\x7f", b"\xff", b"\t", b"#frag"]),
+        )
+    )
     target = b"/fz/" + tag + b"/%d" % index + suffix
     if draw(st.integers(0, 9)) == 0:
         target = draw(st.sampled_from([b"http://127.0.0.1:1", b"*", b"127.0.0.1:1", b"//x"])) + target
@@ -87,11 +108,16 @@ def sequence(draw: st.DrawFn) -> tuple[bytes, int, list[int]]:
     return payload, len(requests) + 1, pieces
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          derandomize=True)
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
 @given(case=sequence())
 def test_request_sequences_never_crash_double_answer_or_forward_a_rejected_request(
-        stack: Stack, case: tuple[bytes, int, list[int]]) -> None:
+    stack: Stack, case: tuple[bytes, int, list[int]]
+) -> None:
     payload, sent, pieces = case
     before = len(stack.upstream.requests)
     raw = talk(stack.port, payload, timeout=3.0, pieces=pieces)

@@ -32,12 +32,12 @@ class Responses:
                 break
             self._parser = httptools.HttpResponseParser(self)
             try:
-                self._parser.feed_data(raw[:end + 4])
+                self._parser.feed_data(raw[: end + 4])
             except httptools.HttpParserError as exc:
                 self.error = str(exc)
                 return
             self.items[-1].complete = True
-            raw = raw[end + 4:]
+            raw = raw[end + 4 :]
         self._parser = httptools.HttpResponseParser(self)
         try:
             self._parser.feed_data(raw)

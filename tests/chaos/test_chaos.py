@@ -106,7 +106,7 @@ async def serve_big(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         body = big_body(request)
         for start in range(0, BIG, 16384):
-            await response.write(body[start:start + 16384])
+            await response.write(body[start : start + 16384])
         await response.write_eof()
         return response
     return web.Response(body=big_body(request))
@@ -148,8 +148,7 @@ async def test_reset_before_the_status_line(tmp_path: Path, method: str) -> None
     """The upstream processed the request but its answer is reset: GET is retried once, POST never."""
     async with scripted_upstream() as upstream, fault_proxy(upstream.port) as faults:
         faults.add(ResetPeer(connections=1))  # the first connection's answer, before its first byte
-        policy = policy_for(tmp_path, faults.url,
-                            retry={"max_retries": 3, "base_delay": "20ms", "max_delay": "50ms"})
+        policy = policy_for(tmp_path, faults.url, retry={"max_retries": 3, "base_delay": "20ms", "max_delay": "50ms"})
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             answer = await raw_request(port, get() if method == "GET" else post(b"order=1"))
@@ -177,7 +176,7 @@ async def test_reset_mid_body_truncates_and_never_sends_a_second_status_line(tmp
             assert answer.status == 200
             assert not answer.complete, "the client must be able to tell the body was cut short"
             assert 0 < len(answer.body) < BIG
-            assert answer.body == big_body(None)[:len(answer.body)]  # type: ignore[arg-type]
+            assert answer.body == big_body(None)[: len(answer.body)]  # type: ignore[arg-type]
             assert upstream.hits == 1, "a response already started is never retried"
             stats = sidecar.runtimes["svc"].stats
             assert stats.failures == {"reset": 1}
@@ -253,8 +252,11 @@ async def test_flapping_upstream_gets_at_most_one_probe_per_open_interval(tmp_pa
     Down means every connection is reset as the request arrives, so each attempt is visible to the fault proxy.
     """
     async with scripted_upstream() as upstream, fault_proxy(upstream.port) as faults:
-        policy = policy_for(tmp_path, faults.url, breaker={
-            "failure_threshold": 2, "window": "10s", "open_duration": "150ms", "half_open_max_calls": 1})
+        policy = policy_for(
+            tmp_path,
+            faults.url,
+            breaker={"failure_threshold": 2, "window": "10s", "open_duration": "150ms", "half_open_max_calls": 1},
+        )
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             rt = sidecar.runtimes["svc"]
@@ -301,7 +303,7 @@ async def test_flapping_upstream_gets_at_most_one_probe_per_open_interval(tmp_pa
     for index, transition in enumerate(transitions):
         if transition.to_state is not State.OPEN:
             continue
-        ends = [t.at for t in transitions[index + 1:] if t.to_state in (State.OPEN, State.CLOSED)]
+        ends = [t.at for t in transitions[index + 1 :] if t.to_state in (State.OPEN, State.CLOSED)]
         end = ends[0] if ends else time.monotonic()
         inside = [a for a in attempts if transition.at + grace < a <= end]
         assert len(inside) <= 1, f"{len(inside)} attempts while open/half-open after {transition}"
@@ -346,8 +348,7 @@ async def hanging_upstream() -> AsyncIterator[HangingUpstream]:
 @pytest.mark.parametrize("how", ["close", "reset", "mid_upload"])
 async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_path: Path, how: str) -> None:
     async with hanging_upstream() as upstream:
-        policy = policy_for(tmp_path, f"http://127.0.0.1:{upstream.port}",
-                            timeouts={"per_try": "10s", "total": "20s"})
+        policy = policy_for(tmp_path, f"http://127.0.0.1:{upstream.port}", timeouts={"per_try": "10s", "total": "20s"})
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             sock = socket.create_connection(("127.0.0.1", port))
@@ -380,8 +381,12 @@ async def test_bulkhead_exhaustion_and_pending_overflow(tmp_path: Path) -> None:
     """max_concurrent 2 (the upstream connection budget) + max_pending 2: a burst of 8 → 2 served, 2 queued,
     4 refused at once; when the queue outlasts pending_timeout the queued ones are refused too."""
     async with scripted_upstream() as upstream, fault_proxy(upstream.port) as faults:
-        policy = policy_for(tmp_path, faults.url, limits={
-            "max_concurrent": 2, "max_pending": 2, "pending_timeout": "300ms"}, breaker={"failure_threshold": 1})
+        policy = policy_for(
+            tmp_path,
+            faults.url,
+            limits={"max_concurrent": 2, "max_pending": 2, "pending_timeout": "300ms"},
+            breaker={"failure_threshold": 1},
+        )
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             rt = sidecar.runtimes["svc"]
@@ -413,8 +418,12 @@ async def test_bulkhead_exhaustion_and_pending_overflow(tmp_path: Path) -> None:
 
 async def test_a_hung_half_open_probe_ends_by_per_try_and_reopens(tmp_path: Path) -> None:
     async with scripted_upstream() as upstream, fault_proxy(upstream.port) as faults:
-        policy = policy_for(tmp_path, faults.url, timeouts={"connect": "200ms", "per_try": "300ms", "total": "2s"},
-                            breaker={"failure_threshold": 1, "open_duration": "200ms", "half_open_max_calls": 1})
+        policy = policy_for(
+            tmp_path,
+            faults.url,
+            timeouts={"connect": "200ms", "per_try": "300ms", "total": "2s"},
+            breaker={"failure_threshold": 1, "open_duration": "200ms", "half_open_max_calls": 1},
+        )
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             rt = sidecar.runtimes["svc"]

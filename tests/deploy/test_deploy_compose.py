@@ -41,9 +41,16 @@ RESOURCE_TABLE = {
 
 # Each app's dependencies on loopback, by the port plan every policy shares.
 PORT_PLAN = {
-    "timescaledb": 15432, "redis": 16379, "kafka": 19092, "mlflow": 15000,
-    "data-service": 15001, "regime-detection": 15002, "meta-controller": 15003,
-    "training-orchestrator": 15004, "risk-manager": 15005, "inference-service": 15006,
+    "timescaledb": 15432,
+    "redis": 16379,
+    "kafka": 19092,
+    "mlflow": 15000,
+    "data-service": 15001,
+    "regime-detection": 15002,
+    "meta-controller": 15003,
+    "training-orchestrator": 15004,
+    "risk-manager": 15005,
+    "inference-service": 15006,
     "forensics-consumer": 15007,
 }
 
@@ -58,8 +65,7 @@ def _clean_env() -> dict[str, str]:
 def test_docker_compose_config_accepts_the_file() -> None:
     tool = require_tool("docker-compose")
     argv = [tool, "-f", str(COMPOSE_FILE), "--project-directory", str(COMPOSE_DIR), "config", "-q"]
-    result = subprocess.run(argv, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(argv, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     # Unset variables without a default would be warned about (and become empty strings).
     assert "variable is not set" not in result.stderr, result.stderr
@@ -139,9 +145,7 @@ def test_dependencies_wait_for_healthy(services: dict[str, Any]) -> None:
         assert services[app].get("depends_on"), f"{app} starts after its dependencies"
 
 
-def test_apps_reach_dependencies_through_loopback_only(
-    services: dict[str, Any], policies: dict[str, Any]
-) -> None:
+def test_apps_reach_dependencies_through_loopback_only(services: dict[str, Any], policies: dict[str, Any]) -> None:
     for app in APP_SERVICES:
         env = services[app]["environment"]
         for key, value in env.items():
@@ -158,8 +162,12 @@ def test_apps_reach_dependencies_through_loopback_only(
 
 def test_original_tuning_is_in_place(services: dict[str, Any]) -> None:
     pg = " ".join(services["timescaledb"]["command"])
-    for setting in ("shared_preload_libraries=timescaledb", "max_connections=200", "shared_buffers=512MB",
-                    "effective_cache_size=1536MB"):
+    for setting in (
+        "shared_preload_libraries=timescaledb",
+        "max_connections=200",
+        "shared_buffers=512MB",
+        "effective_cache_size=1536MB",
+    ):
         assert setting in pg
     kafka = services["kafka"]["environment"]
     assert kafka["KAFKA_HEAP_OPTS"] == "-Xmx1G -Xms1G"

@@ -28,7 +28,7 @@ def test_image_shape(name: str) -> None:
     for base in bases:
         # python:<major>.<minor>.<patch>-slim-<debian>: pinned to a patch release, slim variant.
         assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-[a-z]+", base), base
-    runtime = text[text.rindex("FROM"):]
+    runtime = text[text.rindex("FROM") :]
     assert re.search(r"^USER\s+10001(:10001)?\s*$", runtime, re.MULTILINE), "runs as a non-root user"
     assert re.search(r"tini=\d", runtime), "tini installed, version pinned"
     assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--", ', runtime, re.MULTILINE), "tini is PID 1"
@@ -58,7 +58,8 @@ def test_cleanup_installs_only_the_cleanup_extra() -> None:
 
 def test_dockerignore_keeps_the_context_small_but_complete() -> None:
     lines = {
-        line.strip() for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
     for excluded in (".git", "tests", "**/__pycache__", ".venv", "**/.env"):

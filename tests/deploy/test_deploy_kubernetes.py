@@ -36,7 +36,7 @@ def test_kubernetes_validate_accepts_the_manifests() -> None:
 def test_native_sidecar_with_policy_configmap_and_probes(name: str) -> None:
     spec = _deployment(name)["spec"]["template"]["spec"]
     (sidecar,) = spec["initContainers"]
-    assert sidecar["restartPolicy"] == "Always"   # native sidecar
+    assert sidecar["restartPolicy"] == "Always"  # native sidecar
     assert sidecar["args"] == ["run", "--config", "/etc/seawall/policy.yaml"]
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/live"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/ready"

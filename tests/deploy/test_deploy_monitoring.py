@@ -81,7 +81,8 @@ def _github_anchor(heading: str) -> str:
 def test_every_alert_points_to_an_existing_runbook_section() -> None:
     anchors = {
         _github_anchor(line.lstrip("#"))
-        for line in RUNBOOK.read_text(encoding="utf-8").splitlines() if line.startswith("#")
+        for line in RUNBOOK.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
     }
     for name, rule in _alerts().items():
         runbook = rule["annotations"]["runbook"]
@@ -143,11 +144,16 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 def test_dashboard_covers_breakers_rejections_latency_retries_cleanup() -> None:
     text = " ".join(_dashboard_exprs())
-    for metric in ("sidecar_breaker_state", "sidecar_rejected_total",
-                   "sidecar_request_duration_seconds_bucket", "sidecar_retries_total",
-                   "checkpoint_cleanup_runs_deleted_total",
-                   "checkpoint_cleanup_bytes_freed_total", "checkpoint_cleanup_errors_total",
-                   "checkpoint_cleanup_last_success_timestamp_seconds"):
+    for metric in (
+        "sidecar_breaker_state",
+        "sidecar_rejected_total",
+        "sidecar_request_duration_seconds_bucket",
+        "sidecar_retries_total",
+        "checkpoint_cleanup_runs_deleted_total",
+        "checkpoint_cleanup_bytes_freed_total",
+        "checkpoint_cleanup_errors_total",
+        "checkpoint_cleanup_last_success_timestamp_seconds",
+    ):
         assert metric in text, metric
 
 

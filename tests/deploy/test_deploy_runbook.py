@@ -31,7 +31,7 @@ def _section(text: str, heading: str) -> str:
     following = text.find("\n### ", start + 1)
     following2 = text.find("\n## ", start + 1)
     ends = [e for e in (following, following2) if e != -1]
-    return text[start:min(ends) if ends else len(text)]
+    return text[start : min(ends) if ends else len(text)]
 
 
 def test_every_scenario_has_symptoms_diagnosis_three_recovery_levels_prevention() -> None:
@@ -42,7 +42,7 @@ def test_every_scenario_has_symptoms_diagnosis_three_recovery_levels_prevention(
             assert part in body, f"{heading}: {part}"
         for level in ("**Level 1**", "**Level 2**", "**Level 3**"):
             assert level in body, f"{heading}: {level}"
-        diagnosis = body[body.index("#### Diagnosis"):body.index("#### Recovery")]
+        diagnosis = body[body.index("#### Diagnosis") : body.index("#### Recovery")]
         assert "```bash" in diagnosis, f"{heading}: diagnosis has no commands"
 
 
@@ -61,11 +61,14 @@ def test_architecture_resource_table_and_alert_mapping() -> None:
 
 def test_escalation_and_routine_tasks() -> None:
     text = _text()
-    escalation = text[text.index("## Escalation"):text.index("## Routine tasks")]
-    for who, when in (("on-call engineer", "15 min"), ("infrastructure lead", "30 min"),
-                      ("engineering manager + CTO", "1 h")):
+    escalation = text[text.index("## Escalation") : text.index("## Routine tasks")]
+    for who, when in (
+        ("on-call engineer", "15 min"),
+        ("infrastructure lead", "30 min"),
+        ("engineering manager + CTO", "1 h"),
+    ):
         assert re.search(rf"{re.escape(who)}.*{re.escape(when)}", escalation), who
-    routine = text[text.index("## Routine tasks"):]
+    routine = text[text.index("## Routine tasks") :]
     for cron in ("0    2    *", "0    3    *", "0    */6  *", "0    *    *"):
         assert cron in routine, cron
     assert "≥ 90 %" in routine or "90" in routine
@@ -80,7 +83,7 @@ def test_sidecar_commands_target_the_configurable_admin() -> None:
             assert "http://${SIDECAR_ADMIN:-127.0.0.1:9901}/" in command, command
             assert "--fail-with-body" in command, command
         if "-X POST" in command:
-            assert 'Authorization: Bearer ${SIDECAR_ADMIN_TOKEN}' in command, command
+            assert "Authorization: Bearer ${SIDECAR_ADMIN_TOKEN}" in command, command
 
 
 def test_no_runnable_command_hides_outside_a_bash_block() -> None:

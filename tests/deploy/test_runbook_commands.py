@@ -38,7 +38,7 @@ TOKEN = "runbook-test-token"
 def extract_commands(markdown: str, programs: tuple[str, ...] = RUNBOOK_COMMANDS) -> list[str]:
     """The lines of ```bash fences whose first word is one of `programs`, in document order."""
     commands: list[str] = []
-    fence: str | None = None   # the open fence's language, or None outside fences
+    fence: str | None = None  # the open fence's language, or None outside fences
     for line in markdown.splitlines():
         stripped = line.strip()
         if stripped.startswith("```"):
@@ -99,8 +99,9 @@ def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     )
     env = {**os.environ, "SIDECAR_ADMIN_TOKEN": TOKEN}
     log = (tmp / "sidecar.log").open("w")
-    process = subprocess.Popen([sidecar, "run", "--config", str(policy)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=tmp)
+    process = subprocess.Popen(
+        [sidecar, "run", "--config", str(policy)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+    )
     try:
         deadline = time.monotonic() + 15
         while _get_or_none(f"http://127.0.0.1:{admin}/ready") != 200:
@@ -163,10 +164,20 @@ def cleanup_results(
     running = {}
     for i, command in enumerate(c for c in _commands() if c.startswith("checkpoint-cleanup")):
         tmp = tmp_path_factory.mktemp(f"cleanup{i}")
-        env = {**live_sidecar, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-               "ARCHIVE_PATH": str(tmp / "archive"), "REPORT": str(tmp / "report.json")}
-        running[command] = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=env, cwd=REPO,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {
+            **live_sidecar,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "ARCHIVE_PATH": str(tmp / "archive"),
+            "REPORT": str(tmp / "report.json"),
+        }
+        running[command] = subprocess.Popen(
+            ["bash", "-o", "pipefail", "-c", command],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     results = {}
     for command, process in running.items():
         stdout, stderr = process.communicate(timeout=120)
@@ -175,8 +186,9 @@ def cleanup_results(
 
 
 @pytest.mark.parametrize("command", _commands())
-def test_runbook_command(command: str, live_sidecar: dict[str, str],
-                         cleanup_results: dict[str, tuple[int, str, str]]) -> None:
+def test_runbook_command(
+    command: str, live_sidecar: dict[str, str], cleanup_results: dict[str, tuple[int, str, str]]
+) -> None:
     for prefix, module in _IMPLEMENTED_BY.items():
         if command.startswith(prefix) and importlib.util.find_spec(module) is None:
             pytest.skip(f"{prefix} not built yet ({module} missing)")
@@ -184,8 +196,15 @@ def test_runbook_command(command: str, live_sidecar: dict[str, str],
         returncode, stdout, stderr = cleanup_results[command]
         assert returncode == 0, f"$ {command}\n{stdout}\n{stderr}"
         return
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=live_sidecar, cwd=REPO,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        env=live_sidecar,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, f"$ {command}\n{result.stdout}\n{result.stderr}"
     if command.startswith("curl"):
         assert result.stdout.strip(), "curl printed nothing"

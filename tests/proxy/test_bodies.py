@@ -103,8 +103,9 @@ async def test_bodies_both_ways_are_byte_exact_in_bounded_memory(tmp_path: Path,
         return await _hash_upload(request)
 
     async with scripted_upstream(default=route) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {"big": {"targets": [upstream.url],
-                                                            "timeouts": {"per_try": "10s", "total": "60s"}}})
+        policy = write_policy(
+            tmp_path / "p.yaml", {"big": {"targets": [upstream.url], "timeouts": {"per_try": "10s", "total": "60s"}}}
+        )
         with sidecar_process(policy) as sidecar:
             host, port = policy_listen(policy, "big")
             url = f"http://{host}:{port}/blob"

@@ -15,10 +15,12 @@ from tests.support.upstream import delay, scripted_upstream, status
 
 async def test_threshold_opens_and_fails_fast(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(503)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
-                    "breaker": {"failure_threshold": 3, "open_duration": "30s"}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {"targets": [upstream.url], "breaker": {"failure_threshold": 3, "open_duration": "30s"}},
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             url = listener_url(sidecar, "svc") + "/work"
             for _ in range(3):
@@ -46,11 +48,16 @@ async def test_threshold_opens_and_fails_fast(tmp_path: Path) -> None:
 
 async def test_fallback_answer_while_open(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(500)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "cache": {"targets": [upstream.url],
-                      "breaker": {"failure_threshold": 1},
-                      "fallback": {"status": 200, "body": '{"cached": false}', "content_type": "application/json"}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "cache": {
+                    "targets": [upstream.url],
+                    "breaker": {"failure_threshold": 1},
+                    "fallback": {"status": 200, "body": '{"cached": false}', "content_type": "application/json"},
+                },
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             url = listener_url(sidecar, "cache")
             async with client.get(url) as response:
@@ -65,10 +72,12 @@ async def test_fallback_answer_while_open(tmp_path: Path) -> None:
 async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(200)) as upstream:
         upstream.then(status(503), status(503))
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
-                    "breaker": {"failure_threshold": 2, "open_duration": "300ms"}},
-        })
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {"targets": [upstream.url], "breaker": {"failure_threshold": 2, "open_duration": "300ms"}},
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             url = listener_url(sidecar, "svc")
             breaker = sidecar.runtimes["svc"].breaker
@@ -102,13 +111,19 @@ async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path
 async def test_half_open_admits_exactly_one_of_fifty(tmp_path: Path) -> None:
     async with scripted_upstream(default=delay(0.3)) as upstream:
         upstream.then(status(503))
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
-                    "breaker": {"failure_threshold": 1, "open_duration": "200ms", "half_open_max_calls": 1}},
-        })
-        async with running_sidecar(policy) as sidecar, aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=100)
-        ) as client:
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {
+                    "targets": [upstream.url],
+                    "breaker": {"failure_threshold": 1, "open_duration": "200ms", "half_open_max_calls": 1},
+                },
+            },
+        )
+        async with (
+            running_sidecar(policy) as sidecar,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as client,
+        ):
             url = listener_url(sidecar, "svc")
             async with client.get(url) as response:
                 assert response.status == 503
@@ -124,4 +139,3 @@ async def test_half_open_admits_exactly_one_of_fifty(tmp_path: Path) -> None:
             assert upstream.hits == 2, "exactly one probe reached the upstream"
             assert statuses.count(200) == 1
             assert statuses.count(503) == 49
-

@@ -54,12 +54,20 @@ async def test_absolute_form_and_host_never_choose_the_destination(tmp_path: Pat
         policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [upstream.url]}})
         async with running_sidecar(policy):
             host, port = policy_listen(policy, "svc")
-            answer = await exchange(host, port, (
-                f"GET http://127.0.0.1:{canary.port}/secret?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{canary.port}\r\n"
-                "Connection: close\r\n\r\n").encode())
+            answer = await exchange(
+                host,
+                port,
+                (
+                    f"GET http://127.0.0.1:{canary.port}/secret?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{canary.port}\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode(),
+            )
             assert answer.startswith(b"HTTP/1.1 200")
-            connect = await exchange(host, port, f"CONNECT 127.0.0.1:{canary.port} HTTP/1.1\r\n"
-                                                 f"Host: 127.0.0.1:{canary.port}\r\n\r\n".encode())
+            connect = await exchange(
+                host,
+                port,
+                f"CONNECT 127.0.0.1:{canary.port} HTTP/1.1\r\nHost: 127.0.0.1:{canary.port}\r\n\r\n".encode(),
+            )
             assert connect.startswith(b"HTTP/1.1 405")
         assert canary.connections == [], "the canary must never see a connection"
         assert [r[0] for r in upstream.requests] == [b"/secret?q=1"]
@@ -68,17 +76,25 @@ async def test_absolute_form_and_host_never_choose_the_destination(tmp_path: Pat
 
 
 async def test_hop_by_hop_headers_are_stripped_both_ways_and_xff_appended(tmp_path: Path) -> None:
-    response = (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, x-upstream-hop\r\n"
-                b"keep-alive: timeout=5\r\nx-upstream-hop: secret\r\nproxy-connection: keep-alive\r\n"
-                b"upgrade: h2c\r\nx-kept: yes\r\n\r\nok")
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, x-upstream-hop\r\n"
+        b"keep-alive: timeout=5\r\nx-upstream-hop: secret\r\nproxy-connection: keep-alive\r\n"
+        b"upgrade: h2c\r\nx-kept: yes\r\n\r\nok"
+    )
     async with recording_upstream(response) as upstream:
         policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [upstream.url]}})
         async with running_sidecar(policy):
             host, port = policy_listen(policy, "svc")
-            answer = await exchange(host, port, (
-                b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-client-hop\r\nKeep-Alive: 300\r\n"
-                b"X-Client-Hop: secret\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
-                b"X-Forwarded-For: 203.0.113.9\r\nX-End-To-End: kept\r\n\r\n"), read_timeout=0.5)
+            answer = await exchange(
+                host,
+                port,
+                (
+                    b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-client-hop\r\nKeep-Alive: 300\r\n"
+                    b"X-Client-Hop: secret\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+                    b"X-Forwarded-For: 203.0.113.9\r\nX-End-To-End: kept\r\n\r\n"
+                ),
+                read_timeout=0.5,
+            )
     sent = {k.lower(): v for k, v in upstream.requests[0][1]}
     for hop in (b"connection", b"keep-alive", b"x-client-hop", b"te", b"proxy-connection", b"upgrade"):
         assert hop not in sent, hop
@@ -107,8 +123,11 @@ async def test_oversized_heads_are_refused_before_anything_is_forwarded(tmp_path
         async with running_sidecar(policy):
             host, port = policy_listen(policy, "svc")
             long_url = await exchange(host, port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
-            many = await exchange(host, port, b"GET / HTTP/1.1\r\nHost: a\r\n" +
-                                  b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n")
+            many = await exchange(
+                host,
+                port,
+                b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n",
+            )
             big = await exchange(host, port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n")
     assert long_url.startswith(b"HTTP/1.1 414")
     assert many.startswith(b"HTTP/1.1 431")
@@ -117,9 +136,11 @@ async def test_oversized_heads_are_refused_before_anything_is_forwarded(tmp_path
 
 
 async def test_malicious_upstream_response_is_a_502(tmp_path: Path) -> None:
-    for bad in (b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\ncontent-length: 2\r\n\r\nok",
-                b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\ncontent-length: 2\r\n\r\nok",
-                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"):
+    for bad in (
+        b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+    ):
         async with recording_upstream(bad) as upstream:
             policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [upstream.url]}})
             async with running_sidecar(policy):
@@ -131,8 +152,9 @@ async def test_malicious_upstream_response_is_a_502(tmp_path: Path) -> None:
 
 async def test_slow_request_head_is_cut_off(tmp_path: Path) -> None:
     async with recording_upstream() as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [upstream.url]}},
-                              http={"header_timeout": "300ms"})
+        policy = write_policy(
+            tmp_path / "p.yaml", {"svc": {"targets": [upstream.url]}}, http={"header_timeout": "300ms"}
+        )
         async with running_sidecar(policy):
             host, port = policy_listen(policy, "svc")
             reader, writer = await asyncio.open_connection(host, port)

@@ -32,8 +32,9 @@ async def test_503_503_200_is_retried_with_exponential_backoff(tmp_path: Path) -
 
 async def test_retry_limit_returns_the_upstreams_own_last_answer(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(503, "still down", {"x-from": "upstream"})) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [upstream.url], **RETRYING,
-                                                             "breaker": {"failure_threshold": 50}}})
+        policy = write_policy(
+            tmp_path / "p.yaml", {"svc": {"targets": [upstream.url], **RETRYING, "breaker": {"failure_threshold": 50}}}
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             async with client.get(listener_url(sidecar, "svc")) as response:
                 assert response.status == 503
@@ -81,8 +82,10 @@ async def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> No
 
 async def test_slow_upstream_is_a_504_timeout(tmp_path: Path) -> None:
     async with scripted_upstream(default=delay(2.0)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url], "timeouts": {"connect": "100ms", "per_try": "200ms", "total": "1s"}}})
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {"svc": {"targets": [upstream.url], "timeouts": {"connect": "100ms", "per_try": "200ms", "total": "1s"}}},
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             started = time.perf_counter()
             async with client.get(listener_url(sidecar, "svc")) as response:
@@ -94,12 +97,23 @@ async def test_slow_upstream_is_a_504_timeout(tmp_path: Path) -> None:
 
 async def test_total_bounds_every_attempt_and_backoff(tmp_path: Path) -> None:
     async with scripted_upstream(default=delay(2.0)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {
+                    "targets": [upstream.url],
                     "timeouts": {"connect": "100ms", "per_try": "300ms", "total": "700ms"},
-                    "retry": {"max_retries": 5, "base_delay": "50ms", "max_delay": "100ms", "jitter": False,
-                              "retry_on": ["timeout", "connect_error"]},
-                    "breaker": {"failure_threshold": 50}}})
+                    "retry": {
+                        "max_retries": 5,
+                        "base_delay": "50ms",
+                        "max_delay": "100ms",
+                        "jitter": False,
+                        "retry_on": ["timeout", "connect_error"],
+                    },
+                    "breaker": {"failure_threshold": 50},
+                }
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             started = time.perf_counter()
             async with client.get(listener_url(sidecar, "svc")) as response:
@@ -113,9 +127,15 @@ async def test_total_bounds_every_attempt_and_backoff(tmp_path: Path) -> None:
 async def test_retry_after_shorter_than_backoff_is_honoured(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(200)) as upstream:
         upstream.then(status(503, headers={"Retry-After": "0"}))
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
-                    "retry": {"max_retries": 1, "base_delay": "2s", "max_delay": "4s", "jitter": False}}})
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {
+                    "targets": [upstream.url],
+                    "retry": {"max_retries": 1, "base_delay": "2s", "max_delay": "4s", "jitter": False},
+                }
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             started = time.perf_counter()
             async with client.get(listener_url(sidecar, "svc")) as response:
@@ -125,11 +145,22 @@ async def test_retry_after_shorter_than_backoff_is_honoured(tmp_path: Path) -> N
 
 async def test_retry_budget_stops_a_retry_storm(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(503)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url],
-                    "retry": {"max_retries": 3, "base_delay": "1ms", "max_delay": "1ms", "jitter": False,
-                              "budget": {"ratio": 0.0, "min_per_second": 0.2}},
-                    "breaker": {"failure_threshold": 1000}}})
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "svc": {
+                    "targets": [upstream.url],
+                    "retry": {
+                        "max_retries": 3,
+                        "base_delay": "1ms",
+                        "max_delay": "1ms",
+                        "jitter": False,
+                        "budget": {"ratio": 0.0, "min_per_second": 0.2},
+                    },
+                    "breaker": {"failure_threshold": 1000},
+                }
+            },
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             for _ in range(5):
                 async with client.get(listener_url(sidecar, "svc")) as response:
@@ -142,8 +173,9 @@ async def test_retry_budget_stops_a_retry_storm(tmp_path: Path) -> None:
 
 async def test_breaker_opening_during_backoff_stops_retries(tmp_path: Path) -> None:
     async with scripted_upstream(default=status(503)) as upstream:
-        policy = write_policy(tmp_path / "p.yaml", {
-            "svc": {"targets": [upstream.url], **RETRYING, "breaker": {"failure_threshold": 2}}})
+        policy = write_policy(
+            tmp_path / "p.yaml", {"svc": {"targets": [upstream.url], **RETRYING, "breaker": {"failure_threshold": 2}}}
+        )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
             async with client.get(listener_url(sidecar, "svc")) as response:
                 assert response.status == 503

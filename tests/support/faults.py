@@ -82,7 +82,7 @@ class Bandwidth(Toxic):
     async def data(self, link: Link, chunk: bytes, emit: Emit) -> None:
         step = max(1, self.rate // 10)
         for start in range(0, len(chunk), step):
-            piece = chunk[start:start + step]
+            piece = chunk[start : start + step]
             await asyncio.sleep(len(piece) / self.rate)
             await emit(piece)
 
@@ -139,7 +139,7 @@ class Slicer(Toxic):
         start = 0
         while start < len(chunk):
             size = max(1, self.average_size + link.rng.randint(-self.size_variation, self.size_variation))
-            await emit(chunk[start:start + size])
+            await emit(chunk[start : start + size])
             start += size
             if self.delay and start < len(chunk):
                 await asyncio.sleep(self.delay)
@@ -186,8 +186,9 @@ class Link:
 
 
 class _Connection:
-    def __init__(self, proxy: FaultProxy, client_reader: asyncio.StreamReader,
-                 client_writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, proxy: FaultProxy, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         self.proxy = proxy
         self.client_reader = client_reader
         self.client_writer = client_writer
@@ -405,8 +406,9 @@ class FaultProxy:
 
 
 @contextlib.asynccontextmanager
-async def fault_proxy(target_port: int, *toxics: Toxic, target_host: str = "127.0.0.1", seed: int = 0
-                      ) -> AsyncIterator[FaultProxy]:
+async def fault_proxy(
+    target_port: int, *toxics: Toxic, target_host: str = "127.0.0.1", seed: int = 0
+) -> AsyncIterator[FaultProxy]:
     proxy = FaultProxy(target_host, target_port, seed=seed)
     for toxic in toxics:
         proxy.add(toxic)

@@ -18,7 +18,6 @@ import yaml
 
 from proxy.server import Sidecar
 
-
 _HANDED_OUT: set[int] = set()
 
 
@@ -34,8 +33,13 @@ def free_port() -> int:
             return port
 
 
-def write_policy(path: Path, upstreams: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None,
-                 admin_port: int | None = None, **top: Any) -> Path:
+def write_policy(
+    path: Path,
+    upstreams: dict[str, dict[str, Any]],
+    defaults: dict[str, Any] | None = None,
+    admin_port: int | None = None,
+    **top: Any,
+) -> Path:
     """A policy file with fast test-friendly defaults (short timeouts, no jitter, no retries), overridable per test.
 
     Upstreams without a ``listen`` get a free loopback port.
@@ -105,8 +109,9 @@ class SidecarProcess:
 
 
 @contextlib.contextmanager
-def sidecar_process(policy: Path, *extra: str, env: dict[str, str] | None = None,
-                    ready_timeout: float = 15.0) -> Iterator[SidecarProcess]:
+def sidecar_process(
+    policy: Path, *extra: str, env: dict[str, str] | None = None, ready_timeout: float = 15.0
+) -> Iterator[SidecarProcess]:
     """``sidecar run --config policy`` as a real process; waits until /ready answers 200."""
     document = yaml.safe_load(policy.read_text())
     admin = "http://" + document["admin"]["listen"]
@@ -114,7 +119,9 @@ def sidecar_process(policy: Path, *extra: str, env: dict[str, str] | None = None
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(policy), *extra],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     handle = SidecarProcess(proc, admin, log_path)
     try:
@@ -123,8 +130,10 @@ def sidecar_process(policy: Path, *extra: str, env: dict[str, str] | None = None
             if proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{handle.log()}")
             try:
-                with socket.create_connection((document["admin"]["listen"].rsplit(":", 1)[0],
-                                               int(document["admin"]["listen"].rsplit(":", 1)[1])), 0.2) as s:
+                with socket.create_connection(
+                    (document["admin"]["listen"].rsplit(":", 1)[0], int(document["admin"]["listen"].rsplit(":", 1)[1])),
+                    0.2,
+                ) as s:
                     s.sendall(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
                     if s.recv(64).startswith(b"HTTP/1.1 200"):
                         break
