@@ -38,7 +38,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from proxy.breaker import Override, Snapshot, State
 from proxy.config import Address, parse_duration
@@ -222,6 +228,9 @@ class AdminServer:
         self.registry.register(
             SidecarCollector(lambda: [rt.view() for rt in sidecar.runtimes.values()], sidecar.process_stats)
         )
+        # process_start_time_seconds, RSS, open fds: what the container-restart and leak alerts look at.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._main: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
