@@ -7,9 +7,9 @@ Layout (mirrors MLflow's own ``<root>/<experiment_id>/<run_id>`` artifact layout
     <archive>/<experiment_id>/<run_id>/run.json                 params, metrics, tags (metadata may be purged)
     <archive>/<experiment_id>/<run_id>/manifest.json            path, size and SHA-256 of every file
 
-Files are first downloaded to a local scratch directory, checked against the sizes the server lists and
-hashed there; then copied into the archive, and finally every archived file is read back and compared
-with the manifest. The hash is thus computed on one copy and verified on another, which catches short
+Files are first downloaded to a scratch directory (``<archive>/.incoming``), checked against the sizes
+the server lists and hashed there; then copied into the archive, and finally every archived file is read
+back and compared with the manifest. The hash is thus computed on one copy and verified on another, which catches short
 writes and silent corruption on network file systems — the cases where deleting the original would lose
 data. Any mismatch raises :class:`ArchiveVerificationError` and the caller must not delete the run.
 """
@@ -102,7 +102,9 @@ class Archiver:
         self.root = root
         self.source = source
         self.copy_file = copy_file
-        self.scratch_dir = scratch_dir
+        # Scratch space on the archive's own volume by default: checkpoints can be far bigger than a
+        # container's /tmp (often a RAM-backed tmpfs).
+        self.scratch_dir = scratch_dir or root / ".incoming"
 
     def run_dir(self, run: RunRecord) -> Path:
         return self.root / run.experiment_id / run.run_id
@@ -112,7 +114,8 @@ class Archiver:
         final = self.run_dir(run)
         staging = final.with_name(f".{run.run_id}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix="checkpoint-cleanup-", dir=self.scratch_dir) as scratch:
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{run.run_id}-", dir=self.scratch_dir) as scratch:
             entries = self._download_and_hash(Path(scratch), trees)
             for entry in entries:
                 (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)

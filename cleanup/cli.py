@@ -54,7 +54,8 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected [HOST:]PORT, got {text!r}") from None
     if not 0 < number < 65536:
         raise argparse.ArgumentTypeError("port must be 1-65535")
-    return (host.strip("[]") if sep else "127.0.0.1"), number
+    # Port only: all interfaces, like every Prometheus exporter, so a scraper in another container reaches it.
+    return (host.strip("[]") if sep else "0.0.0.0"), number
 
 
 def _cron(text: str) -> str:
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_listen_address,
         metavar="[HOST:]PORT",
-        help="serve Prometheus metrics (host defaults to 127.0.0.1; use 0.0.0.0:PORT in a container)",
+        help="serve Prometheus metrics on this port (all interfaces; 127.0.0.1:PORT for local only)",
     )
     parser.add_argument(
         "--textfile",

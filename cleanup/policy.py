@@ -204,28 +204,31 @@ def plan_retention(
                     "FAILED or KILLED"
                 )
 
+    # The guard comes before parent propagation: a run it keeps must keep its parent too.
+    guard_reason = f"no run in experiment has {policy.metric} (see --allow-missing-metric)"
+    for experiment in experiment_list:
+        exp_runs = runs_by_experiment.get(experiment.experiment_id, [])
+        metric_missing = bool(exp_runs) and not any(real_value(r.metric) is not None for r in exp_runs)
+        if metric_missing and not policy.allow_missing_metric:
+            for run in exp_runs:
+                if not reasons[run.run_id]:
+                    reasons[run.run_id].append(guard_reason)
+
     _keep_parents_of_kept(runs_by_experiment, reasons)
 
     experiment_plans = []
     for experiment in experiment_list:
         exp_runs = runs_by_experiment.get(experiment.experiment_id, [])
-        metric_missing = bool(exp_runs) and not any(real_value(r.metric) is not None for r in exp_runs)
-        guard = metric_missing and not policy.allow_missing_metric
         decisions = []
-        withheld = 0
         for run in exp_runs:
             age = _age_days(run, now_ms)
-            keep = reasons[run.run_id]
-            if keep:
+            if keep := reasons[run.run_id]:
                 decisions.append(Decision(run, Action.KEEP, tuple(keep), ranks[run.run_id], age))
-            elif guard:
-                withheld += 1
-                guard_reason = f"no run in experiment has {policy.metric} (see --allow-missing-metric)"
-                decisions.append(Decision(run, Action.KEEP, (guard_reason,), None, age))
             else:
                 reason = _delete_reason(run, ranks[run.run_id], age, policy.metric)
                 decisions.append(Decision(run, Action.DELETE, (reason,), ranks[run.run_id], age))
-        if guard and withheld:
+        withheld = sum(1 for d in decisions if d.reasons == (guard_reason,))
+        if withheld:
             warnings[experiment.experiment_id].append(
                 f"experiment {experiment.name!r} has {len(exp_runs)} runs but none logged "
                 f"{policy.metric!r}; deleting nothing there ({withheld} runs would have been deleted). "

@@ -158,6 +158,15 @@ def test_experiment_without_the_metric_deletes_nothing_and_warns() -> None:
     assert reason(result, "a").startswith("no run in experiment has sharpe_ratio")
 
 
+def test_a_run_kept_by_the_guard_keeps_its_parent_in_another_experiment() -> None:
+    metricless = ExperimentRef("2", "metricless")
+    parent = run("p", metric=0.0)  # experiment 1, would be deleted (rank 2)
+    child = run("c", experiment_id="2", tags={"mlflow.parentRunId": "p"})  # kept by the guard
+    result = plan_retention([EXP, metricless], [run("best", metric=1), parent, child], RetentionPolicy(top_n=1), NOW)
+    assert deleted(result) == set()
+    assert reason(result, "p") == "parent of kept"
+
+
 def test_allow_missing_metric_overrides_the_guard() -> None:
     result = plan([run("a"), run("b"), run("c", days_old=1)], top_n=1, allow_missing_metric=True)
     assert deleted(result) == {"a", "b"}

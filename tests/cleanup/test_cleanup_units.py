@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from cleanup.lineage import registered_logged_model_ids, registry_protections
 from cleanup.metrics import CleanupMetrics
 from cleanup.model import LoggedModelRef, ModelVersionRef, RunRecord
+from cleanup.progress import Progress
 from cleanup.redact import redact_text, redact_uri
 from cleanup.report import human_bytes
 from cleanup.schedule import next_fire_time, run_on_schedule, validate_cron
@@ -155,3 +157,24 @@ def test_credentials_are_masked_in_free_text() -> None:
 def test_human_bytes() -> None:
     assert human_bytes(512) == "512 B"
     assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only() -> None:
+    terminal = _Terminal()
+    bar = Progress(4, "cleanup", stream=terminal, width=8)
+    for _ in range(4):
+        bar.advance("run")
+    bar.close()
+    assert "[########] 4/4" in terminal.getvalue()
+    assert "[##------] 1/4" in terminal.getvalue()
+
+    pipe = io.StringIO()
+    quiet = Progress(4, "cleanup", stream=pipe)
+    quiet.advance()
+    quiet.close()
+    assert pipe.getvalue() == ""  # container logs stay clean
