@@ -162,8 +162,15 @@ def _keep_reasons(
     return reasons
 
 
+def _unranked(run: RunRecord, metric: str) -> str:
+    if run.metric is None:
+        return f"no {metric}"
+    value = run.metric if math.isnan(run.metric) else math.copysign(math.inf, run.metric)
+    return f"{metric} is {value}"  # NaN or ±inf (MLflow stores inf as ±float max)
+
+
 def _delete_reason(run: RunRecord, rank: int | None, age_days: float | None, metric: str) -> str:
-    ranked = f"rank {rank}" if rank is not None else f"no {metric}"
+    ranked = f"rank {rank}" if rank is not None else _unranked(run, metric)
     return f"{ranked}, {age_days:.0f} days old" if age_days is not None else ranked
 
 

@@ -14,6 +14,7 @@ from typing import TextIO
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from prometheus_client import disable_created_metrics
 
 from cleanup.archive import Archiver
 from cleanup.job import CleanupJob, Outcome, Report
@@ -47,6 +48,8 @@ class Runner:
         store = MlflowStore(MlflowClient(tracking_uri=tracking_uri))
         archiver = Archiver(args.archive_path, store) if args.archive_path else None
         purger = Purger(args.backend_store_uri) if args.purge and not args.dry_run else None
+        # `*_created` samples would change on every one-shot run and make carried-over counters look reset.
+        disable_created_metrics()
         metrics = CleanupMetrics()
         if args.textfile:
             metrics.seed_from_textfile(args.textfile)
