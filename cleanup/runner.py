@@ -49,7 +49,7 @@ class Runner:
         archiver = Archiver(args.archive_path, store) if args.archive_path else None
         purger = Purger(args.backend_store_uri) if args.purge and not args.dry_run else None
         # `*_created` samples would change on every one-shot run and make carried-over counters look reset.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         metrics = CleanupMetrics()
         if args.textfile:
             metrics.seed_from_textfile(args.textfile)
