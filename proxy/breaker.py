@@ -305,6 +305,10 @@ class CircuitBreaker:
     def override(self) -> Override | None:
         return self._override
 
+    @property
+    def last_transition(self) -> Transition | None:
+        return self._last_transition
+
     # -- reporting -------------------------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:

@@ -51,7 +51,7 @@ def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: 
     dropped = req.connection_tokens
     for name, value in req.headers:
         lowered = name.lower()
-        if lowered in http1.HOP_BY_HOP or lowered in _SET_BY_SIDECAR or lowered in dropped:
+        if lowered in _NOT_FORWARDED or (dropped and lowered in dropped):
             if lowered == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             continue
@@ -67,17 +67,28 @@ def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: 
 
 
 _SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
+_NOT_FORWARDED = http1.HOP_BY_HOP | _SET_BY_SIDECAR
 _AUTHORITIES: dict[Target, bytes] = {}  # Host header value per target, encoded once
 
 
 def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
     parts = [http1.status_line(head.status, head.reason)]
-    dropped = http1.connection_tokens(head.headers) if head.headers else frozenset()
+    listed = None  # a Connection header's value: the headers it names are hop-by-hop too
     for name, value in head.headers:
         lowered = name.lower()
-        if lowered in http1.HOP_BY_HOP or lowered in dropped:
+        if lowered in http1.HOP_BY_HOP:
+            if lowered == b"connection":
+                listed = value if listed is None else listed + b"," + value
             continue
-        parts += [name, b": ", value, b"\r\n"]
+        parts += (name, b": ", value, b"\r\n")
+    if listed is not None:
+        named = http1.connection_tokens([(b"connection", listed)]) - _CONNECTION_OPTIONS
+        if named:  # rare: go again without them
+            parts = [parts[0]]
+            for name, value in head.headers:
+                lowered = name.lower()
+                if lowered not in http1.HOP_BY_HOP and lowered not in named:
+                    parts += (name, b": ", value, b"\r\n")
     if client_chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     if attempts > 1:
@@ -86,6 +97,9 @@ def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
 
 
 class Exchange:
@@ -407,26 +421,8 @@ class Exchange:
             self.rt.breaker.record_ignored(permit)
 
     def _breaker_open(self, now: float) -> None:
-        rt = self.rt
-        snapshot = rt.breaker.snapshot(now)
-        retry_in = max(1, math.ceil(snapshot.retry_in))
-        last = snapshot.last_transition
-        why = "forced_open" if snapshot.override is not None else (last.reason if last else "open")
-        decision = f"upstream={rt.name} state={snapshot.effective_state.value} reason={why} retry_in={retry_in}s"
-        extra = [(b"retry-after", b"%d" % retry_in)]
-        fallback = rt.fallback
-        if fallback is not None:
-            self._local(
-                fallback.status,
-                "breaker_open",
-                "",
-                decision=decision,
-                extra=extra,
-                body=fallback.body.encode(),
-                content_type=fallback.content_type.encode(),
-            )
-        else:
-            self._local(503, "breaker_open", f"circuit breaker for {rt.name} is open", decision=decision, extra=extra)
+        self.client.send_raw(breaker_open_answer(self.rt, now, self.client.keep_alive))
+        self.rt.stats.answered(self.rt.fallback.status if self.rt.fallback else 503, 0.0)
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         rt = self.rt
@@ -459,6 +455,58 @@ class Exchange:
             body = http1.error_body(reason, self.rt.name, detail)
         self.client.send_local(status, body, content_type, headers)
         self.rt.stats.answered(status, self.rt.clock.monotonic() - self.started)
+
+
+_ANSWER_CACHE_SIZE = 64
+
+
+def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
+    """The whole fail-fast answer, built once per (transition, override, seconds left, keep-alive).
+
+    While a breaker is open every refused request gets the same bytes for a second at a time, so the fail-fast
+    path is a dictionary lookup and one write instead of formatting headers per request.
+    """
+    breaker = rt.breaker
+    retry_in = max(1, math.ceil(breaker.retry_in(now)))
+    last = breaker.last_transition
+    override = breaker.override
+    key = (last, override, retry_in, keep_alive)
+    cache = rt.answer_cache
+    answer = cache.get(key)
+    if answer is not None:
+        return answer
+    why = "forced_open" if override is not None else (last.reason if last else "open")
+    decision = f"upstream={rt.name} state=open reason={why} retry_in={retry_in}s"
+    headers = [
+        (b"x-sidecar-reason", b"breaker_open"),
+        (b"x-sidecar-decision", decision.encode()),
+        (b"retry-after", b"%d" % retry_in),
+    ]
+    fallback = rt.fallback
+    if fallback is not None:
+        status, body, content_type = fallback.status, fallback.body.encode(), fallback.content_type.encode()
+    else:
+        status, content_type = 503, _JSON
+        body = http1.error_body("breaker_open", rt.name, f"circuit breaker for {rt.name} is open")
+    answer = http1.local_response(status, body, content_type, headers, keep_alive)
+    if len(cache) >= _ANSWER_CACHE_SIZE:
+        cache.clear()
+    cache[key] = answer
+    return answer
+
+
+def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
+    """Refuse a request without a body at once if the breaker is open; None when it must be forwarded."""
+    if not rt.enforce:
+        return None
+    breaker = rt.breaker
+    now = rt.clock.monotonic()
+    if not breaker.rejecting(now) or breaker.try_acquire(now) is not None:
+        return None
+    stats = rt.stats
+    stats.reject("breaker_open")
+    stats.answered(rt.fallback.status if rt.fallback else 503, 0.0)
+    return breaker_open_answer(rt, now, keep_alive)
 
 
 async def forward(rt: UpstreamRuntime, req: Request, client: ClientConnection) -> None:

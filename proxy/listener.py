@@ -22,7 +22,7 @@ import httptools
 from proxy import http1
 from proxy.body import RequestBody
 from proxy.config import HttpServerPolicy
-from proxy.forwarder import forward
+from proxy.forwarder import fail_fast, forward
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
@@ -238,7 +238,8 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = req
         self._request_keep_alive.append((http11, bool(parser.should_keep_alive())))
         if self._active is None:
-            self._start(req)
+            if self._start(req):
+                self._after_response(req)
         else:
             # Pipelined: answer in order; stop reading until the one in flight is done.
             self._queue.append(req)
@@ -257,12 +258,19 @@ class ClientConnection(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------------------------------------
 
-    def _start(self, req: Request) -> None:
+    def _start(self, req: Request) -> bool:
+        """Serve a request; True if it was answered on the spot (breaker open), False if a task serves it."""
         self._phase = _BUSY
         self.http11, self.keep_alive = self._request_keep_alive.popleft()
         self._response_started = False
         self._chunked_out = False
+        if req.body is None:
+            answer = fail_fast(self._get_runtime(), self.keep_alive)
+            if answer is not None:
+                self.send_raw(answer)
+                return True
         self._active = self.loop.create_task(self._serve(req))
+        return False
 
     async def _serve(self, req: Request) -> None:
         try:
@@ -284,15 +292,18 @@ class ClientConnection(asyncio.Protocol):
             self._after_response(req)
 
     def _after_response(self, req: Request) -> None:
-        if self._closing or self.transport is None or self.transport.is_closing():
-            return
-        if not self.keep_alive or (req.body is not None and not req.body.complete):
-            # An unread body would be taken for the next request: close instead of guessing.
-            self._close()
-            return
-        if self._queue:
-            self._start(self._queue.popleft())
-            return
+        while True:  # a loop, not recursion: a pipelined burst may be answered on the spot one after another
+            if self._closing or self.transport is None or self.transport.is_closing():
+                return
+            if not self.keep_alive or (req.body is not None and not req.body.complete):
+                # An unread body would be taken for the next request: close instead of guessing.
+                self._close()
+                return
+            if not self._queue:
+                break
+            req = self._queue.popleft()
+            if not self._start(req):
+                return
         if self._deferred_reject is not None:
             # Every request before the malformed one has had its answer: now it gets its own.
             self._response_started = False
@@ -307,6 +318,13 @@ class ClientConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         if self.transport is not None and not self._closing:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def send_raw(self, answer: bytes) -> None:
+        """A whole answer made by the sidecar, already encoded."""
+        if self._response_started or self.transport is None or self._closing:
+            return
+        self._response_started = True
+        self.transport.write(answer)
 
     def send_local(self, status: int, body: bytes, content_type: bytes, headers: http1.Headers) -> None:
         if self._response_started or self.transport is None or self._closing:

@@ -89,6 +89,7 @@ class UpstreamRuntime:
         )
         self.rng = random.Random()
         self.enforce = policy.breaker.enforce
+        self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
         self.fallback = policy.fallback
 
     def _on_transition(self, transition: Transition) -> None:
