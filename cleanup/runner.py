@@ -78,11 +78,16 @@ class Runner:
             self._finish_metrics(started)
             return False
         self._print(report)
+        ok = report.ok
         if self.report_path:
-            write_report(self.report_path, report, self.tracking_uri)
-            log.info("report written to %s", self.report_path)
-        self._record_metrics(report, started)
-        return report.ok
+            try:
+                write_report(self.report_path, report, self.tracking_uri)
+                log.info("report written to %s", self.report_path)
+            except OSError as error:
+                log.error("cannot write report %s: %s", self.report_path, error)
+                ok = False
+        self._record_metrics(report, started, ok)
+        return ok
 
     def _print(self, report: Report) -> None:
         verb = "would delete" if report.dry_run else "deleted"
@@ -108,7 +113,7 @@ class Runner:
             " — dry run, nothing changed" if report.dry_run else "",
         )
 
-    def _record_metrics(self, report: Report, started: float) -> None:
+    def _record_metrics(self, report: Report, started: float, ok: bool) -> None:
         policy = report.plan.policy
         decisions = report.plan.decisions
         for action in Action:
@@ -124,7 +129,7 @@ class Runner:
             self.metrics.runs_deleted.inc(report.count(Outcome.DELETED))
             self.metrics.bytes_freed.inc(report.bytes_freed)
             self.metrics.errors.inc(report.count(Outcome.FAILED))
-            if report.ok:
+            if ok:
                 self.metrics.last_success.set(time.time())
         self._finish_metrics(started)
 
