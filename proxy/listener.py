@@ -198,6 +198,8 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
+        if self._closing:
+            return  # an earlier request in the same read closed the connection: serve nothing more
         parser = self._parser
         method = parser.get_method()
         if method == b"CONNECT":
