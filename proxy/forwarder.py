@@ -13,10 +13,10 @@ counting as an attempt when nothing of the request can have been processed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 from proxy import http1
@@ -81,7 +81,7 @@ def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep
                 listed = value if listed is None else listed + b"," + value
             continue
         parts += (name, b": ", value, b"\r\n")
-    if listed is not None:
+    if listed is not None and listed.lower() not in _CONNECTION_OPTIONS:
         named = http1.connection_tokens([(b"connection", listed)]) - _CONNECTION_OPTIONS
         if named:  # rare: go again without them
             parts = [parts[0]]
@@ -509,7 +509,7 @@ def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
     return breaker_open_answer(rt, now, keep_alive)
 
 
-async def forward(rt: UpstreamRuntime, req: Request, client: ClientConnection) -> None:
-    """Serve one request; a client that goes away cancels this, which drops the upstream attempt at once."""
-    with contextlib.suppress(asyncio.CancelledError):
-        await Exchange(rt, req, client).run()
+def forward(rt: UpstreamRuntime, req: Request, client: ClientConnection) -> Coroutine[None, None, None]:
+    """Serve one request (a coroutine for the listener's task). A client that goes away cancels that task,
+    which drops the upstream attempt at once."""
+    return Exchange(rt, req, client).run()

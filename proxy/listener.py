@@ -277,6 +277,8 @@ class ClientConnection(asyncio.Protocol):
     async def _serve(self, req: Request) -> None:
         try:
             await forward(self._get_runtime(), req, self)
+        except asyncio.CancelledError:
+            pass  # the client went away (connection_lost); the forwarder has dropped its upstream attempt
         except Exception:
             log.exception("forwarding failed")
             if not self._response_started:
