@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seawall.listener")
 
+_JOIN_LIMIT = 64 * 1024  # below this, copying head and body together beats a vectored write
+
 # What a connection is doing, for its one timer: waiting for a request, reading a head, or serving one.
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 
@@ -357,8 +359,12 @@ class ClientConnection(asyncio.Protocol):
                     parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             parts.append(b"0\r\n\r\n")
             self.transport.write(b"".join(parts))
+        elif not chunks:
+            self.transport.write(head)
+        elif len(chunks) == 1 and len(chunks[0]) < _JOIN_LIMIT:
+            self.transport.write(head + chunks[0])  # the common small answer: one buffer, one syscall
         else:
-            self.transport.write(b"".join((head, *chunks)) if chunks else head)
+            self.transport.writelines((head, *chunks))  # large: hand the buffers over as they are (writev)
 
     def write_body(self, data: bytes) -> None:
         transport = self.transport

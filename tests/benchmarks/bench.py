@@ -61,10 +61,19 @@ class Mode:
     warmup_seconds: int
 
 
-QUICK = Mode("quick", runs=1, tput_seconds=3, c1_seconds=2, open_seconds=3, open_rates=(1000,),
-             body_seconds=2, warmup_seconds=1)
-FULL = Mode("full", runs=3, tput_seconds=10, c1_seconds=5, open_seconds=10, open_rates=(1000, 3000),
-            body_seconds=5, warmup_seconds=2)
+QUICK = Mode(
+    "quick", runs=1, tput_seconds=3, c1_seconds=2, open_seconds=3, open_rates=(1000,), body_seconds=2, warmup_seconds=1
+)
+FULL = Mode(
+    "full",
+    runs=3,
+    tput_seconds=10,
+    c1_seconds=5,
+    open_seconds=10,
+    open_rates=(1000, 3000),
+    body_seconds=5,
+    warmup_seconds=2,
+)
 
 LONG_REQUESTS = 1_000_000
 LONG_MAX_SECONDS = 600  # the 1M-request run gives up (and says so) after this long
@@ -99,9 +108,14 @@ class Tools:
         py_spy = shutil.which("py-spy")
         if want_profile and py_spy is None:
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
-        return cls(wrk=need("wrk", "wrk"), nginx=need("nginx", "nginx-light"),
-                   haproxy=need("haproxy", "haproxy"), caddy=need("caddy", "caddy"),
-                   taskset=shutil.which("taskset"), py_spy=py_spy)
+        return cls(
+            wrk=need("wrk", "wrk"),
+            nginx=need("nginx", "nginx-light"),
+            haproxy=need("haproxy", "haproxy"),
+            caddy=need("caddy", "caddy"),
+            taskset=shutil.which("taskset"),
+            py_spy=py_spy,
+        )
 
     def pinned(self, cmd: list[str], cpus: str | None) -> list[str]:
         # Pinning is an optimisation for stable numbers, not a requirement: without taskset, run unpinned.
@@ -197,17 +211,23 @@ class Proc:
             self.popen.wait(timeout=5)
 
 
-def spawn(name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> Proc:
+def spawn(name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, **(env or {})}, cwd=cwd or workdir)
+        popen = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd or workdir,
+        )
     return Proc(name, popen, log)
 
 
-def http(method: str, url: str, headers: dict[str, str] | None = None,
-         timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, headers: dict[str, str] | None = None, timeout: float = 2.0
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -238,8 +258,9 @@ def wait_ready(proc: Proc, url: str, timeout: float = 20.0) -> None:
 
 def nginx_common(prefix: Path) -> str:
     # Every path nginx would write to lives under our own prefix, so no root-owned system dirs are touched.
-    temps = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in
-                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return f"""daemon off;
 master_process on;
 worker_processes 1;
@@ -255,7 +276,9 @@ http {{
 
 
 def upstream_nginx_conf(prefix: Path, root: Path, port: int) -> str:
-    return nginx_common(prefix) + f"""    server {{
+    return (
+        nginx_common(prefix)
+        + f"""    server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
         root {root};
         location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
@@ -264,11 +287,14 @@ def upstream_nginx_conf(prefix: Path, root: Path, port: int) -> str:
     }}
 }}
 """
+    )
 
 
 def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
     # max_fails/fail_timeout is nginx's passive breaker; proxy_next_upstream is its retry policy.
-    return nginx_common(prefix) + f"""    upstream app {{
+    return (
+        nginx_common(prefix)
+        + f"""    upstream app {{
         server 127.0.0.1:{upstream_port} max_fails=5 fail_timeout=60s;
         keepalive 64;
     }}
@@ -286,6 +312,7 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
     }}
 }}
 """
+    )
 
 
 def haproxy_conf(port: int, upstream_port: int) -> str:
@@ -382,8 +409,9 @@ class Bench:
         prefix.mkdir(exist_ok=True)
         conf_path = prefix / "nginx.conf"
         conf_path.write_text(conf)
-        return spawn(name, self.tools.pinned([self.tools.nginx, "-p", str(prefix), "-c", str(conf_path)], cpus),
-                     self.workdir)
+        return spawn(
+            name, self.tools.pinned([self.tools.nginx, "-p", str(prefix), "-c", str(conf_path)], cpus), self.workdir
+        )
 
     def start_upstream(self) -> Proc:
         root = self.workdir / "www"
@@ -394,8 +422,7 @@ class Bench:
         for path in (self.workdir, root, root / "files"):
             path.chmod(0o755)
         self.upstream_port = free_port()
-        proc = self._nginx("upstream", upstream_nginx_conf(self.workdir / "upstream", root, self.upstream_port),
-                           None)
+        proc = self._nginx("upstream", upstream_nginx_conf(self.workdir / "upstream", root, self.upstream_port), None)
         wait_ready(proc, f"http://127.0.0.1:{self.upstream_port}/")
         return proc
 
@@ -435,8 +462,7 @@ class Bench:
             policy.write_text(sidecar_policy(port, admin, up))
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(policy), "--no-watch"]
             # cwd=REPO so `-m proxy` picks up this checkout even when the package is not installed.
-            proc = spawn("sidecar", t.pinned(cmd, PROXY_CPU), self.workdir, env={TOKEN_ENV: self.token},
-                         cwd=REPO)
+            proc = spawn("sidecar", t.pinned(cmd, PROXY_CPU), self.workdir, env={TOKEN_ENV: self.token}, cwd=REPO)
             run = Running(key, "seawall sidecar", "1 process, core 1", proc, port, admin)
         else:
             raise BenchError(f"unknown system {key!r}")
@@ -444,8 +470,11 @@ class Bench:
         return run
 
     def admin(self, run: Running, action: str) -> None:
-        status, _, body = http("POST", f"http://127.0.0.1:{run.admin_port}/breakers/{UPSTREAM_NAME}/{action}",
-                               headers={"Authorization": f"Bearer {self.token}"})
+        status, _, body = http(
+            "POST",
+            f"http://127.0.0.1:{run.admin_port}/breakers/{UPSTREAM_NAME}/{action}",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
         if status != 200:
             raise BenchError(f"sidecar admin {action} answered {status}: {body[:200]!r}")
 
@@ -464,8 +493,9 @@ def run_wrk(tools: Tools, url: str, connections: int, seconds: int, latency: boo
     if latency:
         cmd.append("--latency")
     cmd.append(url)
-    out = subprocess.run(tools.pinned(cmd, LOADGEN_CPU), capture_output=True, text=True, timeout=seconds + 30,
-                         check=False)
+    out = subprocess.run(
+        tools.pinned(cmd, LOADGEN_CPU), capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
     if out.returncode != 0:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
     text = out.stdout
@@ -499,10 +529,21 @@ def background_wrk(tools: Tools, url: str, seconds: int) -> Iterator[None]:
 
 
 def run_openloop(tools: Tools, port: int, rate: int, seconds: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "openloop.py"), "--port", str(port), "--rate", str(rate),
-           "--duration", str(seconds), "--warmup", "1"]
-    out = subprocess.run(tools.pinned(cmd, LOADGEN_CPU), capture_output=True, text=True, timeout=seconds + 30,
-                         check=False)
+    cmd = [
+        sys.executable,
+        str(HERE / "openloop.py"),
+        "--port",
+        str(port),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(seconds),
+        "--warmup",
+        "1",
+    ]
+    out = subprocess.run(
+        tools.pinned(cmd, LOADGEN_CPU), capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
     if out.returncode != 0:
         raise BenchError(f"open-loop sender failed: {out.stderr.strip()[-500:]}")
     return dict(json.loads(out.stdout))
@@ -515,6 +556,9 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+SETTLE_SECONDS = 2.0
+
+
 def measure_throughput(bench: Bench, runs: list[Running], mode: Mode) -> dict[str, dict[str, Any]]:
     """Idle RSS, then closed-loop throughput in interleaved rounds (a, b, c, a, b, c, ...).
 
@@ -522,12 +566,25 @@ def measure_throughput(bench: Bench, runs: list[Running], mode: Mode) -> dict[st
     penalising whichever happened to run during a busy minute. CPU is counted per system over its own runs.
     """
     time.sleep(0.5)
-    res = {r.key: {"key": r.key, "label": r.label, "workers": r.workers, "rss_idle_mb": rss_mb(r.proc.pid),
-                   "rps_runs": [], "requests": 0, "cpu_s": 0.0} for r in runs}
+    res = {
+        r.key: {
+            "key": r.key,
+            "label": r.label,
+            "workers": r.workers,
+            "rss_idle_mb": rss_mb(r.proc.pid),
+            "rps_runs": [],
+            "requests": 0,
+            "cpu_s": 0.0,
+        }
+        for r in runs
+    }
     for run in runs:
         run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, mode.warmup_seconds)  # warm pools; not kept
     for i in range(mode.runs):
         for run in runs:
+            # Let the previous system finish closing its 50 connections (and collect garbage) first: it shares
+            # core 1 with the next one, whose run would otherwise pay for it.
+            time.sleep(SETTLE_SECONDS)
             cpu0 = cpu_seconds(run.proc.pid)
             r = run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, mode.tput_seconds)
             row = res[run.key]
@@ -584,8 +641,13 @@ def measure_long(bench: Bench, run: Running, rps_hint: float) -> dict[str, Any]:
         log(f"  sidecar long run: {done:,} requests, RSS {rss_mb(pid):.1f} MiB")
     time.sleep(1)
     after = rss_mb(pid)
-    return {"requests": done, "rss_before_mb": before, "rss_after_mb": after, "growth_mb": after - before,
-            "complete": done >= LONG_REQUESTS}
+    return {
+        "requests": done,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_mb": after - before,
+        "complete": done >= LONG_REQUESTS,
+    }
 
 
 def measure_failfast(bench: Bench, run: Running, mode: Mode) -> dict[str, Any]:
@@ -604,8 +666,12 @@ def measure_failfast(bench: Bench, run: Running, mode: Mode) -> dict[str, Any]:
         finally:
             bench.admin(run, "reset")
     log(f"  sidecar fail-fast: {statistics.median(failfast):,.0f} rps vs {statistics.median(proxied):,.0f} proxied")
-    return {"rps": statistics.median(failfast), "rps_runs": failfast, "proxied_rps": statistics.median(proxied),
-            "proxied_runs": proxied}
+    return {
+        "rps": statistics.median(failfast),
+        "rps_runs": failfast,
+        "proxied_rps": statistics.median(proxied),
+        "proxied_runs": proxied,
+    }
 
 
 def profile(bench: Bench, run: Running, out: Path, seconds: int) -> dict[str, Any]:
@@ -615,9 +681,24 @@ def profile(bench: Bench, run: Running, out: Path, seconds: int) -> dict[str, An
     files = {"flamegraph": out / "profile.svg", "raw": out / "profile.txt"}
     for fmt, path in files.items():
         # --nonblocking: sample without pausing the process, so profiling barely perturbs what it measures.
-        cmd = bench.tools.pinned([bench.tools.py_spy, "record", "--nonblocking", "--rate", "250", "-d",
-                                  str(seconds), "--format", fmt, "-o", str(path), "--pid", str(run.proc.pid)],
-                                 LOADGEN_CPU)
+        cmd = bench.tools.pinned(
+            [
+                bench.tools.py_spy,
+                "record",
+                "--nonblocking",
+                "--rate",
+                "250",
+                "-d",
+                str(seconds),
+                "--format",
+                fmt,
+                "-o",
+                str(path),
+                "--pid",
+                str(run.proc.pid),
+            ],
+            LOADGEN_CPU,
+        )
         with background_wrk(bench.tools, url, seconds + 2):
             time.sleep(0.5)
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
@@ -627,8 +708,24 @@ def profile(bench: Bench, run: Running, out: Path, seconds: int) -> dict[str, An
     # The fail-fast path too: with the breaker forced open nothing reaches the upstream, so what remains is
     # the sidecar's own per-request cost.
     failfast_raw = out / "profile-failfast.txt"
-    cmd = bench.tools.pinned([bench.tools.py_spy, "record", "--nonblocking", "--rate", "250", "-d", str(seconds),
-                              "--format", "raw", "-o", str(failfast_raw), "--pid", str(run.proc.pid)], LOADGEN_CPU)
+    cmd = bench.tools.pinned(
+        [
+            bench.tools.py_spy,
+            "record",
+            "--nonblocking",
+            "--rate",
+            "250",
+            "-d",
+            str(seconds),
+            "--format",
+            "raw",
+            "-o",
+            str(failfast_raw),
+            "--pid",
+            str(run.proc.pid),
+        ],
+        LOADGEN_CPU,
+    )
     bench.admin(run, "force-open")
     try:
         with background_wrk(bench.tools, url, seconds + 2):
@@ -671,15 +768,25 @@ def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
         for frame in set(frames):
             inclusive[frame] += count
     pct = (lambda c: round(100 * c / total, 1)) if total else (lambda c: 0.0)
-    return {"samples": total,
-            "self": [(f, pct(c)) for f, c in own.most_common(top)],
-            "inclusive": [(f, pct(c)) for f, c in inclusive.most_common(top * 3)
-                          if not any(marker in f for marker in ENTRY_FRAMES)][:top]}
+    return {
+        "samples": total,
+        "self": [(f, pct(c)) for f, c in own.most_common(top)],
+        "inclusive": [
+            (f, pct(c)) for f, c in inclusive.most_common(top * 3) if not any(marker in f for marker in ENTRY_FRAMES)
+        ][:top],
+    }
 
 
 # Frames under every sample (interpreter start-up, the event loop runner): no information in their totals.
-ENTRY_FRAMES = ("(<frozen", "(proxy/__main__.py)", "(proxy/cli.py)", "run_command (proxy/server.py)",
-                "(uvloop/__init__.py)", "Runner.run (asyncio/runners.py)", "run (asyncio/runners.py)")
+ENTRY_FRAMES = (
+    "(<frozen",
+    "(proxy/__main__.py)",
+    "(proxy/cli.py)",
+    "run_command (proxy/server.py)",
+    "(uvloop/__init__.py)",
+    "Runner.run (asyncio/runners.py)",
+    "run (asyncio/runners.py)",
+)
 
 
 # -------------------------------------------------------------------------------------------- report ----
@@ -706,32 +813,47 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
     direct_p50 = direct["c1"]["p50_us"] if direct else None
     rates = [int(r) for r in meta["open_rates"]]
     lines = [
-        "# Seawall benchmark results", "",
+        "# Seawall benchmark results",
+        "",
         f"Mode **{meta['mode']}**, {meta['date']}, {meta['machine']}.",
         f"Load average (1/5/15 min) at start {meta['loadavg']}, at end {meta['loadavg_end']}"
-        + (f", nice {meta['nice']}" if meta.get("nice") is not None else "") + ".",
-        f"Tools: {meta['versions']}. Sidecar code: {meta['sidecar_code']}.", "",
+        + (f", nice {meta['nice']}" if meta.get("nice") is not None else "")
+        + ".",
+        f"Tools: {meta['versions']}. Sidecar code: {meta['sidecar_code']}.",
+        "",
         "Closed loop: `wrk -t1 -c50`, median of "
         f"{meta['runs']} × {meta['tput_seconds']} s. Load generator on core {LOADGEN_CPU}, proxies on core "
-        f"{PROXY_CPU} (except Caddy default), upstream nginx unpinned.", "",
-        "## Throughput, CPU and memory (small body, 50 connections)", "",
+        f"{PROXY_CPU} (except Caddy default), upstream nginx unpinned.",
+        "",
+        "## Throughput, CPU and memory (small body, 50 connections)",
+        "",
         "| system | workers | rps | sidecar ÷ system | CPU s / 10k req | RSS idle MiB | RSS after MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {r['label']} | {r['workers']} | {fmt_n(r['rps'])} | {ratio(side_rps, r['rps'])} | "
-                     f"{r['cpu_s_per_10k']:.3f} | {r['rss_idle_mb']:.1f} | {r['rss_after_mb']:.1f} |")
-    lines += ["", "## Latency", "",
-              "One connection (`wrk -c1`): p50 and the p50 added over calling nginx directly. Open loop: requests "
-              "on a fixed schedule, latency from the scheduled send time (HdrHistogram), p50 / p90 / p99 / p99.9.",
-              "The last column is how late the sender itself was at worst (it is descheduled too on a busy machine); "
-              "tails of that order may be the load generator's, not the system's.",
-              "", "| system | p50 @1 conn | added p50 | " + " | ".join(f"open loop {x} rps" for x in rates)
-              + " | sender max lag |", "|---|---:|---:|" + "---:|" * (len(rates) + 1)]
+        lines.append(
+            f"| {r['label']} | {r['workers']} | {fmt_n(r['rps'])} | {ratio(side_rps, r['rps'])} | "
+            f"{r['cpu_s_per_10k']:.3f} | {r['rss_idle_mb']:.1f} | {r['rss_after_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Latency",
+        "",
+        "One connection (`wrk -c1`): p50 and the p50 added over calling nginx directly. Open loop: requests "
+        "on a fixed schedule, latency from the scheduled send time (HdrHistogram), p50 / p90 / p99 / p99.9.",
+        "The last column is how late the sender itself was at worst (it is descheduled too on a busy machine); "
+        "tails of that order may be the load generator's, not the system's.",
+        "",
+        "| system | p50 @1 conn | added p50 | "
+        + " | ".join(f"open loop {x} rps" for x in rates)
+        + " | sender max lag |",
+        "|---|---:|---:|" + "---:|" * (len(rates) + 1),
+    ]
     for r in results:
         p50 = r["c1"]["p50_us"]
-        added = fmt_us(p50 - direct_p50) if (p50 is not None and direct_p50 is not None
-                                             and r["key"] != "direct") else "–"
+        added = (
+            fmt_us(p50 - direct_p50) if (p50 is not None and direct_p50 is not None and r["key"] != "direct") else "–"
+        )
         cells = []
         for rate in rates:
             o = r["open"].get(str(rate), {})
@@ -739,40 +861,65 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
                 cells.append(o["skipped"])
             elif o:
                 bad = o["non_2xx"] + o["unanswered"]
-                cells.append(" / ".join(fmt_us(o[k]) for k in ("p50_us", "p90_us", "p99_us", "p999_us"))
-                             + (f" ({bad} failed)" if bad else ""))
+                cells.append(
+                    " / ".join(fmt_us(o[k]) for k in ("p50_us", "p90_us", "p99_us", "p999_us"))
+                    + (f" ({bad} failed)" if bad else "")
+                )
             else:
                 cells.append("–")
         lags = [o["max_send_lag_us"] for o in r["open"].values() if "max_send_lag_us" in o]
         cells.append(fmt_us(max(lags)) if lags else "–")
         lines.append(f"| {r['label']} | {fmt_us(p50)} | {added} | " + " | ".join(cells) + " |")
-    lines += ["", "## Response bodies (50 connections)", "",
-              "| system | small rps | 1 KiB rps | 1 MiB rps | 1 MiB throughput |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Response bodies (50 connections)",
+        "",
+        "| system | small rps | 1 KiB rps | 1 MiB rps | 1 MiB throughput |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in results:
         mib = r["bodies"]["1m"]
-        lines.append(f"| {r['label']} | {fmt_n(r['rps'])} | {fmt_n(r['bodies']['1k'])} | {fmt_n(mib)} | "
-                     f"{mib / 1024:.2f} GiB/s |")
+        lines.append(
+            f"| {r['label']} | {fmt_n(r['rps'])} | {fmt_n(r['bodies']['1k'])} | {fmt_n(mib)} | {mib / 1024:.2f} GiB/s |"
+        )
     if side:
         lines += ["", "## Sidecar specifics", ""]
         if ff := extra.get("failfast"):
-            lines.append(f"- Fail-fast (breaker forced open via admin, 503 `breaker_open` answers): "
-                         f"**{fmt_n(ff['rps'])} rps** vs {fmt_n(ff['proxied_rps'])} proxied in adjacent runs "
-                         f"({ratio(ff['rps'], ff['proxied_rps'])}).")
+            lines.append(
+                f"- Fail-fast (breaker forced open via admin, 503 `breaker_open` answers): "
+                f"**{fmt_n(ff['rps'])} rps** vs {fmt_n(ff['proxied_rps'])} proxied in adjacent runs "
+                f"({ratio(ff['rps'], ff['proxied_rps'])})."
+            )
         if lg := extra.get("long"):
-            lines.append(f"- RSS after {lg['requests']:,} requests: {lg['rss_before_mb']:.1f} → "
-                         f"{lg['rss_after_mb']:.1f} MiB (growth {lg['growth_mb']:+.1f} MiB)"
-                         + ("" if lg["complete"] else " — stopped early at the time cap") + ".")
+            lines.append(
+                f"- RSS after {lg['requests']:,} requests: {lg['rss_before_mb']:.1f} → "
+                f"{lg['rss_after_mb']:.1f} MiB (growth {lg['growth_mb']:+.1f} MiB)"
+                + ("" if lg["complete"] else " — stopped early at the time cap")
+                + "."
+            )
         lines += ["", "## Targets (issue 8)", "", "| target | measured | |", "|---|---|---|"]
         lines += [f"| {name} | {measured} | {verdict} |" for name, measured, verdict in targets(by, extra)]
     if prof := extra.get("profile"):
-        lines += ["", f"## Sidecar profile (py-spy, {prof['samples']} samples under wrk -c50)", "",
-                  "Flame graph: [profile.svg](profile.svg).", "", "| self time | % |", "|---|---:|"]
+        lines += [
+            "",
+            f"## Sidecar profile (py-spy, {prof['samples']} samples under wrk -c50)",
+            "",
+            "Flame graph: [profile.svg](profile.svg).",
+            "",
+            "| self time | % |",
+            "|---|---:|",
+        ]
         lines += [f"| `{f}` | {p} |" for f, p in prof["self"]]
         lines += ["", "| inclusive time | % |", "|---|---:|"]
         lines += [f"| `{f}` | {p} |" for f, p in prof["inclusive"]]
         if ff_prof := prof.get("failfast"):
-            lines += ["", f"Fail-fast path (breaker forced open), {ff_prof['samples']} samples:", "",
-                      "| self time | % |", "|---|---:|"]
+            lines += [
+                "",
+                f"Fail-fast path (breaker forced open), {ff_prof['samples']} samples:",
+                "",
+                "| self time | % |",
+                "|---|---:|",
+            ]
             lines += [f"| `{f}` | {p} |" for f, p in ff_prof["self"][:10]]
             lines += ["", "| inclusive time | % |", "|---|---:|"]
             lines += [f"| `{f}` | {p} |" for f, p in ff_prof["inclusive"][:10]]
@@ -787,9 +934,12 @@ def targets(by: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[tuple[
     def check(name: str, measured: str, ok: bool | None) -> None:
         out.append((name, measured, "–" if ok is None else ("met" if ok else "**missed**")))
 
-    for key, want, label in (("naive", 3.0, "≥ 3× naive aiohttp"), ("caddy", 1.0, "≥ 1.0× Caddy (1 proc)"),
-                             ("caddy-default", 1.0, "≥ 1.0× Caddy (default)"),
-                             ("caddy", 1.5, "stretch: ≥ 1.5× Caddy (1 proc)")):
+    for key, want, label in (
+        ("naive", 3.0, "≥ 3× naive aiohttp"),
+        ("caddy", 1.0, "≥ 1.0× Caddy (1 proc)"),
+        ("caddy-default", 1.0, "≥ 1.0× Caddy (default)"),
+        ("caddy", 1.5, "stretch: ≥ 1.5× Caddy (1 proc)"),
+    ):
         if key in by:
             x = side["rps"] / by[key]["rps"]
             check(label, f"{x:.2f}×", x >= want)
@@ -807,8 +957,11 @@ def targets(by: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[tuple[
         check("fail-fast ≥ 2× proxied", f"{x:.2f}×", x >= 2)
     check("idle RSS ≤ 60 MB", f"{side['rss_idle_mb']:.1f} MiB", side["rss_idle_mb"] * 1.048576 <= 60)
     if lg := extra.get("long"):
-        check("RSS growth after 1M requests < 10 MB", f"{lg['growth_mb']:+.1f} MiB",
-              lg["growth_mb"] * 1.048576 < 10 and lg["complete"])
+        check(
+            "RSS growth after 1M requests < 10 MB",
+            f"{lg['growth_mb']:+.1f} MiB",
+            lg["growth_mb"] * 1.048576 < 10 and lg["complete"],
+        )
     return out
 
 
@@ -827,8 +980,9 @@ def chart(results: list[dict[str, Any]], extra: dict[str, Any], rates: tuple[int
         labels, values, colors = [*labels, "sidecar\nbreaker open"], [*values, ff["rps"]], [*colors, "#dd8452"]
     bars = ax1.bar(range(len(values)), values, color=colors)
     ax1.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize=8)
-    ax1.set_xticks(range(len(values)), [lbl.replace(" (", "\n(") for lbl in labels], fontsize=8, rotation=30,
-                   ha="right")
+    ax1.set_xticks(
+        range(len(values)), [lbl.replace(" (", "\n(") for lbl in labels], fontsize=8, rotation=30, ha="right"
+    )
     ax1.set_ylabel("requests / s (wrk -t1 -c50, median)")
     ax1.set_title("Closed-loop throughput, small body")
 
@@ -837,10 +991,14 @@ def chart(results: list[dict[str, Any]], extra: dict[str, Any], rates: tuple[int
     shown = [r for r in results if "p50_us" in r["open"].get(rate, {})]
     width = 0.8 / len(pcts)
     for i, (key, name) in enumerate(pcts):
-        ax2.bar([j + i * width for j in range(len(shown))], [r["open"][rate][key] for r in shown], width,
-                label=name)
-    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))],
-                   [r["label"].replace(" (", "\n(") for r in shown], fontsize=8, rotation=30, ha="right")
+        ax2.bar([j + i * width for j in range(len(shown))], [r["open"][rate][key] for r in shown], width, label=name)
+    ax2.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(shown))],
+        [r["label"].replace(" (", "\n(") for r in shown],
+        fontsize=8,
+        rotation=30,
+        ha="right",
+    )
     ax2.set_yscale("log")
     if shown:  # head room above the tallest bar so the legend never covers one
         ax2.set_ylim(top=4 * max(r["open"][rate]["p999_us"] for r in shown))
@@ -857,10 +1015,16 @@ def code_version() -> str:
     git = shutil.which("git")
     if git is None:
         return "unknown (git not found)"
-    head = subprocess.run([git, "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          timeout=10, check=False).stdout.strip()
-    dirty = subprocess.run([git, "-C", str(REPO), "status", "--porcelain", "--", "proxy"], capture_output=True,
-                           text=True, timeout=10, check=False).stdout.strip()
+    head = subprocess.run(
+        [git, "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [git, "-C", str(REPO), "status", "--porcelain", "--", "proxy"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout.strip()
     return f"{head or '?'}{' + uncommitted changes in proxy/' if dirty else ''}"
 
 
@@ -884,13 +1048,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short run per measurement (debugging)")
     parser.add_argument("--long", action="store_true", help="also the sidecar's RSS after 1,000,000 requests")
     parser.add_argument("--profile", action="store_true", help="also py-spy the sidecar under load")
-    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    parser.add_argument(
+        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results", help="where results land")
-    parser.add_argument("--nice", type=int, metavar="N",
-                        help="run every benchmark process at this nice level (e.g. -5 on a busy shared machine)")
-    parser.add_argument("--from-json", type=Path, metavar="FILE",
-                        help="measure nothing: re-render results.md and the chart from an earlier results.json")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        metavar="N",
+        help="run every benchmark process at this nice level (e.g. -5 on a busy shared machine)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: re-render results.md and the chart from an earlier results.json",
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir with configs and logs")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -914,10 +1087,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="seawall-bench-"))
     bench = Bench(tools, workdir)
-    meta = {"mode": mode.name, "date": time.strftime("%Y-%m-%d %H:%M"), "runs": mode.runs,
-            "tput_seconds": mode.tput_seconds, "open_rates": mode.open_rates,
-            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()} {platform.release()}",
-            "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]), "versions": versions(tools)}
+    meta = {
+        "mode": mode.name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runs": mode.runs,
+        "tput_seconds": mode.tput_seconds,
+        "open_rates": mode.open_rates,
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()} {platform.release()}",
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "versions": versions(tools),
+    }
     meta["nice"] = args.nice
     meta["sidecar_code"] = code_version()
     if tools.taskset is None:

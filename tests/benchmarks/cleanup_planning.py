@@ -13,21 +13,17 @@ is always stopped; only 127.0.0.1 is used.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cleanup.store import RUN_PAGE_SIZE
+from tests.support.mlflow_server import start_mlflow_server, stop_mlflow_server
+from tests.support.sidecar import free_port
 
 DAY_MS = 86_400_000
 TARGET_SECONDS = 60.0
@@ -75,49 +71,6 @@ def seed(db_uri: str, runs: int, experiments: int, now_ms: int) -> None:
     store.engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(db_uri: str, artifacts: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", db_uri,
-        "--artifacts-destination", str(artifacts),
-        "--serve-artifacts",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--uvicorn-opts", "--timeout-graceful-shutdown 2",
-    ]  # fmt: skip
-    with log.open("wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            time.sleep(0.3)
-    stop_server(process)
-    raise RuntimeError("mlflow server did not become healthy within 120 s")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def time_phases(store: Any, now: datetime) -> dict[str, float]:
     """Where planning time goes: one more pass, timing each read and the pure planner separately."""
     from cleanup.lineage import registry_protections
@@ -162,7 +115,7 @@ def main() -> int:
         print(f"seeded {args.runs} runs in {args.experiments} experiments in {time.monotonic() - started:.1f}s")
 
         port = free_port()
-        server = start_server(db_uri, root / "artifacts", port, root / "server.log")
+        server = start_mlflow_server(db_uri, root / "artifacts", port, root / "server.log")
         try:
             import mlflow
             from mlflow import MlflowClient
@@ -191,7 +144,7 @@ def main() -> int:
             elapsed = time.monotonic() - started
             phases = time_phases(store, now)
         finally:
-            stop_server(server)
+            stop_mlflow_server(server)
 
     print("warm pass by phase: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
     plan = snapshot.plan

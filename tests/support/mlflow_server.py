@@ -1,0 +1,67 @@
+"""A real ``mlflow server`` (SQLite backend, served local artifacts) on loopback, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def start_mlflow_server(
+    backend_store_uri: str, artifacts: Path, port: int, log_path: Path, startup_timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
+    """Start the server in its own process group and wait until ``/health`` answers."""
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(artifacts),
+        "--serve-artifacts",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--uvicorn-opts", "--timeout-graceful-shutdown 2",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.3)
+    stop_mlflow_server(process)
+    raise RuntimeError(f"mlflow server not healthy after {startup_timeout:g}s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_mlflow_server(process: subprocess.Popen[bytes]) -> None:
+    """The server runs uvicorn in a child: stop the whole process group we started, nothing else."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server_running(
+    backend_store_uri: str, artifacts: Path, port: int, log_path: Path, startup_timeout: float = 120.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    process = start_mlflow_server(backend_store_uri, artifacts, port, log_path, startup_timeout)
+    try:
+        yield process
+    finally:
+        stop_mlflow_server(process)
