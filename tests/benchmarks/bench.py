@@ -674,67 +674,36 @@ def measure_failfast(bench: Bench, run: Running, mode: Mode) -> dict[str, Any]:
     }
 
 
+def _py_spy_under_load(bench: Bench, run: Running, fmt: str, path: Path, seconds: int) -> None:
+    """Record ``seconds`` of the sidecar under wrk load into ``path`` (py-spy format ``fmt``)."""
+    assert bench.tools.py_spy is not None
+    # --nonblocking: sample without pausing the process, so profiling barely perturbs what it measures.
+    cmd = bench.tools.pinned(
+        [bench.tools.py_spy, "record", "--nonblocking", "--rate", "250", "-d", str(seconds),
+         "--format", fmt, "-o", str(path), "--pid", str(run.proc.pid)],
+        LOADGEN_CPU,
+    )  # fmt: skip
+    with background_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", seconds + 2):
+        time.sleep(0.5)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"py-spy failed: {done.stderr.strip()[-500:]}")
+
+
 def profile(bench: Bench, run: Running, out: Path, seconds: int) -> dict[str, Any]:
     """py-spy the sidecar under wrk load: a flame graph (SVG) and a raw collapsed-stack file we summarise."""
-    assert bench.tools.py_spy is not None
-    url = f"http://127.0.0.1:{run.port}/"
     files = {"flamegraph": out / "profile.svg", "raw": out / "profile.txt"}
     for fmt, path in files.items():
-        # --nonblocking: sample without pausing the process, so profiling barely perturbs what it measures.
-        cmd = bench.tools.pinned(
-            [
-                bench.tools.py_spy,
-                "record",
-                "--nonblocking",
-                "--rate",
-                "250",
-                "-d",
-                str(seconds),
-                "--format",
-                fmt,
-                "-o",
-                str(path),
-                "--pid",
-                str(run.proc.pid),
-            ],
-            LOADGEN_CPU,
-        )
-        with background_wrk(bench.tools, url, seconds + 2):
-            time.sleep(0.5)
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
-        if done.returncode != 0:
-            raise BenchError(f"py-spy failed: {done.stderr.strip()[-500:]}")
+        _py_spy_under_load(bench, run, fmt, path, seconds)
     summary = summarise_profile(files["raw"])
     # The fail-fast path too: with the breaker forced open nothing reaches the upstream, so what remains is
     # the sidecar's own per-request cost.
     failfast_raw = out / "profile-failfast.txt"
-    cmd = bench.tools.pinned(
-        [
-            bench.tools.py_spy,
-            "record",
-            "--nonblocking",
-            "--rate",
-            "250",
-            "-d",
-            str(seconds),
-            "--format",
-            "raw",
-            "-o",
-            str(failfast_raw),
-            "--pid",
-            str(run.proc.pid),
-        ],
-        LOADGEN_CPU,
-    )
     bench.admin(run, "force-open")
     try:
-        with background_wrk(bench.tools, url, seconds + 2):
-            time.sleep(0.5)
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+        _py_spy_under_load(bench, run, "raw", failfast_raw, seconds)
     finally:
         bench.admin(run, "reset")
-    if done.returncode != 0:
-        raise BenchError(f"py-spy failed: {done.stderr.strip()[-500:]}")
     summary["failfast"] = summarise_profile(failfast_raw)
     return summary
 
