@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from mlflow import MlflowClient
 
 from tests.cleanup.cleanup_scenario import RunSpec, build_scenario
 from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.sidecar import free_port
 
 OLD_LOW = [RunSpec("keep_best", 90, (1.0,)), RunSpec("old_a", 90, (0.1,)), RunSpec("old_b", 90, (0.2,))]
 FLAGS = (
@@ -111,9 +111,7 @@ def test_failure_exits_non_zero_and_deletes_nothing(
 
 
 def test_unreachable_server_exits_non_zero_quickly(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
     result = subprocess.run(
         [sys.executable, "-m", "cleanup", "--tracking-uri", f"http://user:hunter2@127.0.0.1:{port}"],
@@ -130,9 +128,7 @@ def test_unreachable_server_exits_non_zero_quickly(tmp_path: Path) -> None:
 def test_schedule_serves_metrics_logs_next_run_and_exits_on_sigterm(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log_path = tmp_path / "scheduled.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

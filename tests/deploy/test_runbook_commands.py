@@ -20,7 +20,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -28,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+
+from tests.support.sidecar import free_port
 
 from .conftest import REPO, RUNBOOK
 
@@ -53,12 +54,6 @@ def _commands() -> list[str]:
     return extract_commands(RUNBOOK.read_text(encoding="utf-8")) if RUNBOOK.exists() else []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
@@ -82,7 +77,7 @@ def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     tmp = tmp_path_factory.mktemp("runbook")
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    admin, db_port, echo_port = _free_port(), _free_port(), _free_port()
+    admin, db_port, echo_port = free_port(), free_port(), free_port()
     policy = tmp / "policy.yaml"
     policy.write_text(
         "# yaml-language-server: $schema=../sidecar.schema.json\n"
@@ -91,7 +86,7 @@ def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         "  timescaledb:\n"
         "    protocol: tcp\n"
         f"    listen: 127.0.0.1:{db_port}\n"
-        f"    targets: ['127.0.0.1:{_free_port()}']\n"
+        f"    targets: ['127.0.0.1:{free_port()}']\n"
         "  echo:\n"
         f"    listen: 127.0.0.1:{echo_port}\n"
         f"    targets: ['http://127.0.0.1:{upstream.server_address[1]}']\n",

@@ -16,8 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.server import Sidecar
-from tests.reload.ports import free_ports
-from tests.support.sidecar import admin_url, running_sidecar, wait_for, write_policy
+from tests.support.sidecar import admin_url, free_port, running_sidecar, wait_for, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 
@@ -42,7 +41,7 @@ async def test_good_reload_keeps_unchanged_breakers_and_applies_new_thresholds(t
         scripted_upstream() as ok,
         aiohttp.ClientSession() as session,
     ):
-        *listen, admin = free_ports(5)
+        *listen, admin = [free_port() for _ in range(5)]
         ports = dict(zip(("down", "flaky", "ok", "added"), listen, strict=True))
         upstreams = {
             "down": ups(ports["down"], down.url, breaker={"failure_threshold": 2}),
@@ -81,7 +80,7 @@ async def test_good_reload_keeps_unchanged_breakers_and_applies_new_thresholds(t
 
 async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: Path) -> None:
     async with scripted_upstream(delay(0.6)) as slow, scripted_upstream() as ok, aiohttp.ClientSession() as session:
-        keep, gone, admin = free_ports(3)
+        keep, gone, admin = [free_port() for _ in range(3)]
         policy = write_policy(
             tmp_path / "policy.yaml", {"keep": ups(keep, ok.url), "gone": ups(gone, slow.url)}, admin_port=admin
         )
@@ -125,7 +124,7 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
 )
 async def test_broken_reload_keeps_the_running_policy(tmp_path: Path, edit: Any, expected: str) -> None:
     async with scripted_upstream() as ok, aiohttp.ClientSession() as session:
-        port, admin = free_ports(2)
+        port, admin = [free_port() for _ in range(2)]
         policy = write_policy(
             tmp_path / "policy.yaml", {"api": ups(port, ok.url, breaker={"failure_threshold": 3})}, admin_port=admin
         )
@@ -153,7 +152,7 @@ async def test_broken_reload_keeps_the_running_policy(tmp_path: Path, edit: Any,
 
 async def test_health_shows_the_loaded_files_hash_and_time(tmp_path: Path) -> None:
     async with scripted_upstream() as ok, aiohttp.ClientSession() as session:
-        port, admin = free_ports(2)
+        port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
         async with running_sidecar(policy) as sidecar:
 
@@ -177,7 +176,7 @@ async def test_health_shows_the_loaded_files_hash_and_time(tmp_path: Path) -> No
 
 async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path) -> None:
     async with scripted_upstream() as ok:
-        port, admin = free_ports(2)
+        port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
         async with running_sidecar(policy) as sidecar:
             sidecar._spawn(sidecar.watch(interval=0.05))
@@ -199,7 +198,7 @@ async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path)
 
 async def test_sighup_style_reload_is_not_repeated_by_the_watcher(tmp_path: Path) -> None:
     async with scripted_upstream() as ok:
-        port, admin = free_ports(2)
+        port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
         async with running_sidecar(policy) as sidecar:
             sidecar._spawn(sidecar.watch(interval=0.05))

@@ -21,8 +21,7 @@ from typing import Any
 import aiohttp
 
 from proxy.config import load_text
-from tests.reload.ports import free_ports
-from tests.support.sidecar import SidecarProcess, sidecar_process, write_policy
+from tests.support.sidecar import SidecarProcess, free_port, sidecar_process, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 RATE = 0.01  # seconds between requests of the steady load
@@ -103,7 +102,7 @@ async def test_sighup_reload_under_load(tmp_path: Path) -> None:
         scripted_upstream(delay(0.8)) as slow,
         aiohttp.ClientSession() as session,
     ):
-        *listen, admin = free_ports(6)
+        *listen, admin = [free_port() for _ in range(6)]
         port = dict(zip(("api", "down", "flaky", "gone", "added"), listen, strict=True))
         upstreams = {
             "api": ups(port["api"], ok.url),
@@ -165,7 +164,7 @@ async def test_sighup_reload_under_load(tmp_path: Path) -> None:
 
 async def test_broken_edits_are_rejected_with_the_exact_line_and_traffic_continues(tmp_path: Path) -> None:
     async with scripted_upstream() as ok, aiohttp.ClientSession() as session:
-        port, admin = free_ports(2)
+        port, admin = [free_port() for _ in range(2)]
         policy = write_policy(
             tmp_path / "policy.yaml", {"api": ups(port, ok.url, breaker={"failure_threshold": 3})}, admin_port=admin
         )
@@ -212,7 +211,7 @@ async def test_broken_edits_are_rejected_with_the_exact_line_and_traffic_continu
 
 async def test_file_watch_reload(tmp_path: Path) -> None:
     async with scripted_upstream() as ok, scripted_upstream(status(500)) as flaky, aiohttp.ClientSession() as session:
-        api, bad, admin = free_ports(3)
+        api, bad, admin = [free_port() for _ in range(3)]
         upstreams = {"api": ups(api, ok.url), "flaky": ups(bad, flaky.url, breaker={"failure_threshold": 5})}
         policy = write_policy(tmp_path / "policy.yaml", upstreams, admin_port=admin)
         with sidecar_process(policy) as proc:  # the watch is on by default
