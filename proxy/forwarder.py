@@ -139,7 +139,6 @@ class Exchange:
                 # Read a small body whole before any upstream sees it: a malformed one (bad chunk size) is then
                 # answered 400 with nothing forwarded, and a retry can replay it. Large bodies stream.
                 if rt.enforce and rt.breaker.rejecting(rt.clock.monotonic()):
-                    stats.reject("breaker_open")
                     self._breaker_open(rt.clock.monotonic())
                     return
                 if self.req.expect_continue:
@@ -179,7 +178,6 @@ class Exchange:
             if permit is None:
                 if rt.enforce:
                     if self.attempts == 0:
-                        rt.stats.reject("breaker_open")
                         self._breaker_open(now)
                         return
                     # The breaker opened while we backed off: stop at once with what we have.
@@ -421,8 +419,7 @@ class Exchange:
             self.rt.breaker.record_ignored(permit)
 
     def _breaker_open(self, now: float) -> None:
-        self.client.send_raw(breaker_open_answer(self.rt, now, self.client.keep_alive))
-        self.rt.stats.answered(self.rt.fallback.status if self.rt.fallback else 503, 0.0)
+        self.client.send_raw(refuse_breaker_open(self.rt, now, self.client.keep_alive))
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         rt = self.rt
@@ -503,9 +500,13 @@ def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
     now = rt.clock.monotonic()
     if not breaker.rejecting(now) or breaker.try_acquire(now) is not None:
         return None
-    stats = rt.stats
-    stats.reject("breaker_open")
-    stats.answered(rt.fallback.status if rt.fallback else 503, 0.0)
+    return refuse_breaker_open(rt, now, keep_alive)
+
+
+def refuse_breaker_open(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
+    """Count one request refused by the open breaker; the answer to send it."""
+    rt.stats.reject("breaker_open")
+    rt.stats.answered(rt.fallback.status if rt.fallback else 503, 0.0)
     return breaker_open_answer(rt, now, keep_alive)
 
 
