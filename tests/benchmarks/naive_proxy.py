@@ -13,8 +13,17 @@ import sys
 from aiohttp import ClientSession, TCPConnector, web
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones aiohttp sets itself for the body it sends.
-SKIP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "content-length", "content-encoding"}
+SKIP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+}
 
 
 def make_app(upstream: str) -> web.Application:
@@ -30,8 +39,9 @@ def make_app(upstream: str) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in SKIP and k.lower() != "host"}
         body = await request.read()
-        async with app["session"].request(request.method, upstream + request.rel_url.raw_path_qs,
-                                          headers=headers, data=body or None) as resp:
+        async with app["session"].request(
+            request.method, upstream + request.rel_url.raw_path_qs, headers=headers, data=body or None
+        ) as resp:
             payload = await resp.read()
             out = {k: v for k, v in resp.headers.items() if k.lower() not in SKIP}
             return web.Response(status=resp.status, body=payload, headers=out)

@@ -60,8 +60,9 @@ class Conn:
 
 
 class Sender:
-    def __init__(self, host: str, port: int, path: str, rate: float, duration: float, conns: int,
-                 warmup: float) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, rate: float, duration: float, conns: int, warmup: float
+    ) -> None:
         self.host, self.port = host, port
         self.request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: seawall-openloop\r\n\r\n".encode()
         self.rate, self.duration, self.nconns, self.warmup = rate, duration, conns, warmup

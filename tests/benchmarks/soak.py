@@ -118,8 +118,10 @@ def scrape(admin: str) -> str:
 
 
 def metric_sum(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*upstream=\"soak\"[^}}]*\}} (\S+)$", text,
-                                                       re.MULTILINE))
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(rf"^{name}\{{[^}}]*upstream=\"soak\"[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    )
 
 
 async def closed_loop(port: int, connections: int, seconds: float) -> float:
@@ -176,25 +178,34 @@ async def main(args: argparse.Namespace) -> int:
     faults = FaultProxy("127.0.0.1", upstream_port, seed=1)
     await faults.enable()
     tmp = Path(tempfile.mkdtemp(prefix="seawall-soak-"))
-    policy = write_policy(tmp / "soak.yaml", {"soak": {"targets": [faults.url]}}, defaults={
-        "timeouts": {"connect": "1s", "per_try": "2s", "total": "5s"},
-        "breaker": {"failure_threshold": 1000, "window": "10s", "open_duration": "1s"},
-        "retry": {"max_retries": 1, "base_delay": "10ms", "max_delay": "50ms", "jitter": True},
-        "limits": {"max_concurrent": 1024, "max_pending": 1024},
-    })
+    policy = write_policy(
+        tmp / "soak.yaml",
+        {"soak": {"targets": [faults.url]}},
+        defaults={
+            "timeouts": {"connect": "1s", "per_try": "2s", "total": "5s"},
+            "breaker": {"failure_threshold": 1000, "window": "10s", "open_duration": "1s"},
+            "retry": {"max_retries": 1, "base_delay": "10ms", "max_delay": "50ms", "jitter": True},
+            "limits": {"max_concurrent": 1024, "max_pending": 1024},
+        },
+    )
     _, port = policy_listen(policy, "soak")
     try:
         with sidecar_process(policy) as sidecar:
             pid = sidecar.proc.pid
             max_rps = await closed_loop(port, args.connections, args.calibrate)
             rate = max_rps * args.load
-            print(f"calibration: max {max_rps:.0f} req/s through the chain; soaking at {rate:.0f} req/s "
-                  f"({args.load:.0%}) for {args.minutes:g} min with faults", flush=True)
+            print(
+                f"calibration: max {max_rps:.0f} req/s through the chain; soaking at {rate:.0f} req/s "
+                f"({args.load:.0%}) for {args.minutes:g} min with faults",
+                flush=True,
+            )
             before = metric_sum(scrape(sidecar.admin), "sidecar_requests_total")
-            for toxic in (Latency(latency=0.002, jitter=0.002, probability=0.2),
-                          Slicer(average_size=512, size_variation=256, probability=0.05),
-                          ResetPeer(probability=0.002),  # before the status line
-                          ResetPeer(after=1024, probability=0.002)):  # in the middle of the (first) body
+            for toxic in (
+                Latency(latency=0.002, jitter=0.002, probability=0.2),
+                Slicer(average_size=512, size_variation=256, probability=0.05),
+                ResetPeer(probability=0.002),  # before the status line
+                ResetPeer(after=1024, probability=0.002),
+            ):  # in the middle of the (first) body
                 faults.add(toxic)
             counts: dict[str, int] = {}
             samples: list[tuple[float, float, int, float]] = []
@@ -230,9 +241,11 @@ async def main(args: argparse.Namespace) -> int:
     rss_growth = max(s[1] for s in warm) - warm[0][1]
     fds_start = samples[0][2]
     print(f"\nrequests answered: {answered} ({counts}); counted in sidecar_requests_total: {counted:.0f}")
-    print(f"RSS after warm-up {warm[0][1]:.1f} MiB, max {max(s[1] for s in warm):.1f}, idle end {idle_rss:.1f} "
-          f"(growth {rss_growth:+.1f} MiB); FDs first sample {fds_start}, max {max(s[2] for s in samples)}, "
-          f"idle end {idle_fds}; inflight at end {metric_sum(text, 'sidecar_inflight_requests'):.0f}")
+    print(
+        f"RSS after warm-up {warm[0][1]:.1f} MiB, max {max(s[1] for s in warm):.1f}, idle end {idle_rss:.1f} "
+        f"(growth {rss_growth:+.1f} MiB); FDs first sample {fds_start}, max {max(s[2] for s in samples)}, "
+        f"idle end {idle_fds}; inflight at end {metric_sum(text, 'sidecar_inflight_requests'):.0f}"
+    )
     print("asyncio task count: not measured (the sidecar exposes no endpoint for it)")
     ok = True
     if counted != answered:
