@@ -268,17 +268,18 @@ class ClientConnection(asyncio.Protocol):
         self.http11, self.keep_alive = self._request_keep_alive.popleft()
         self._response_started = False
         self._chunked_out = False
+        rt = self._get_runtime()  # one lookup: the fail-fast check and the forwarding see the same policy
         if req.body is None:
-            answer = fail_fast(self._get_runtime(), self.keep_alive)
+            answer = fail_fast(rt, self.keep_alive)
             if answer is not None:
                 self.send_raw(answer)
                 return True
-        self._active = self.loop.create_task(self._serve(req))
+        self._active = self.loop.create_task(self._serve(rt, req))
         return False
 
-    async def _serve(self, req: Request) -> None:
+    async def _serve(self, rt: UpstreamRuntime, req: Request) -> None:
         try:
-            await forward(self._get_runtime(), req, self)
+            await forward(rt, req, self)
         except asyncio.CancelledError:
             pass  # the client went away (connection_lost); the forwarder has dropped its upstream attempt
         except Exception:
