@@ -46,9 +46,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from proxy.breaker import Override, Snapshot, State
-from proxy.config import Address, parse_duration
 from proxy.metrics import SidecarCollector
+from proxy.policy.values import Address, parse_duration
+from proxy.resilience.breaker import Override, Snapshot, State
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime

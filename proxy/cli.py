@@ -39,15 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_command(args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level)
     if args.command == "check":
-        from proxy.check import check_command
+        from proxy.policy.check import check_command
 
         return check_command(args.paths, sys.stdout)
     if args.command == "schema":
-        from proxy.schema import schema_command
+        from proxy.policy.schema import schema_command
 
         return schema_command(sys.stdout)
     if args.command == "explain":
-        from proxy.explain import explain_command
+        from proxy.policy.explain import explain_command
 
         return explain_command(args.path, args.upstream, sys.stdout)
     return 2

@@ -17,8 +17,8 @@
   breaker has opened, more attempts would only be refused.
 - Breakers live in a registry by name, so ``/health`` and ``health_check_endpoint`` can report them.
 
-The core (``proxy.breaker``) is single-threaded by design; here each breaker gets a lock held only around core
-calls, never around the user's function.
+The core (``proxy.resilience.breaker``) is single-threaded by design; here each breaker gets a lock held only around
+core calls, never around the user's function.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
-from proxy.breaker import BreakerSettings, CircuitBreaker, Permit, Snapshot, State, Transition
-from proxy.clock import Clock, SystemClock
-from proxy.retry import backoff_delays
+from proxy.resilience.breaker import BreakerSettings, CircuitBreaker, Permit, Snapshot, State, Transition
+from proxy.resilience.clock import Clock, SystemClock
+from proxy.resilience.retry import backoff_delays
 
 __all__ = [
     "BreakerRegistry",

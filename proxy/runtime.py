@@ -13,12 +13,12 @@ import random
 import time
 from dataclasses import dataclass
 
-from proxy.breaker import CircuitBreaker, State, Transition
-from proxy.clock import Clock
-from proxy.config import UpstreamPolicy
-from proxy.limits import Bulkhead
 from proxy.metrics import UpstreamStats, UpstreamView
-from proxy.retry import RetryBudget, RetryRules
+from proxy.policy.model import UpstreamPolicy
+from proxy.resilience.breaker import CircuitBreaker, State, Transition
+from proxy.resilience.bulkhead import Bulkhead
+from proxy.resilience.clock import Clock
+from proxy.resilience.retry import RetryBudget, RetryRules
 from proxy.upstream.balancer import Balancer
 
 log = logging.getLogger("seawall.breaker")

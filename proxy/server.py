@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.clock import Clock, SystemClock
-from proxy.config import Address, ConfigError, SidecarConfig, UpstreamPolicy, load_file, load_text
-from proxy.listener import ClientConnection
+from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
+from proxy.policy.issues import ConfigError
+from proxy.policy.loader import load_file, load_text
+from proxy.policy.model import SidecarConfig, UpstreamPolicy
+from proxy.policy.values import Address
+from proxy.resilience.clock import Clock, SystemClock
 from proxy.runtime import UpstreamRuntime
 from proxy.tcp import TcpClient
 from proxy.upstream import health
@@ -364,7 +367,7 @@ def _read(path: str) -> bytes:
 
 
 def _warnings(path: str, environ: Mapping[str, str] | None) -> list[str]:
-    from proxy.config import load_text
+    from proxy.policy.loader import load_text
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -417,7 +420,7 @@ async def serve(config_path: str, demo: bool, watch: bool) -> int:
 
 def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
     from proxy import logs
-    from proxy.config import load_text
+    from proxy.policy.loader import load_text
 
     level = log_level
     if level is None:

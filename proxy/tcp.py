@@ -22,10 +22,10 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.errors import UpstreamError, map_connect_error
+from proxy.upstream.errors import UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
-    from proxy.breaker import Permit
+    from proxy.resilience.breaker import Permit
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.balancer import TargetState
 

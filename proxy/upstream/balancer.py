@@ -12,7 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from proxy.config import OutlierPolicy, Target
+from proxy.policy.model import OutlierPolicy
+from proxy.policy.values import Target
 from proxy.upstream.pool import TargetPool
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
+from proxy.upstream.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import TargetPool

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.config import HealthPolicy, Target
+from proxy.policy.model import HealthPolicy
+from proxy.policy.values import Target
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime

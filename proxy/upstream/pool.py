@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from proxy.config import Target
-from proxy.errors import UpstreamError, map_connect_error
+from proxy.policy.values import Target
 from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.errors import UpstreamError, map_connect_error
 
 MAX_IDLE_PER_TARGET = 512
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.clock import ManualClock
+from proxy.resilience.clock import ManualClock
 from proxy.server import Sidecar
 from tests.support.sidecar import admin_url, listener_url
 

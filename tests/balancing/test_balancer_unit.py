@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import OutlierPolicy, Target
+from proxy.policy.model import OutlierPolicy
+from proxy.policy.values import Target
 from proxy.upstream.balancer import Balancer, TargetState
 
 T0 = 1000.0

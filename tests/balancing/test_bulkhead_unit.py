@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.config import LimitsPolicy
-from proxy.limits import Bulkhead
 from proxy.metrics import UpstreamStats
+from proxy.policy.model import LimitsPolicy
+from proxy.resilience.bulkhead import Bulkhead
 
 
 def make(max_concurrent: int = 2, max_pending: int = 0, pending_timeout: float = 1.0) -> Bulkhead:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.clock import ManualClock
+from proxy.resilience.clock import ManualClock
 from tests.balancing.conftest import breakers, get, manual_sidecar, metrics
 from tests.support.sidecar import free_port, write_policy
 from tests.support.upstream import scripted_upstream, status

@@ -21,7 +21,7 @@ import httptools
 import pytest
 from aiohttp import web
 
-from proxy.breaker import State, Transition
+from proxy.resilience.breaker import State, Transition
 from proxy.server import Sidecar
 from tests.support.faults import UPSTREAM, Bandwidth, Latency, ResetPeer, Timeout, fault_proxy
 from tests.support.sidecar import admin_url, policy_listen, running_sidecar, wait_for, write_policy

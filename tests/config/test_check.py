@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.check import check_command
-from proxy.config import load_text
+from proxy.policy.check import check_command
+from proxy.policy.loader import load_text
 
 GOOD = """\
 admin:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import UpstreamPolicy, load_text
-from proxy.explain import explain_command, explain_upstream
+from proxy.policy.explain import explain_command, explain_upstream
+from proxy.policy.loader import load_text
+from proxy.policy.model import UpstreamPolicy
 
 
 def policy(upstream: str = "", defaults: str = "") -> UpstreamPolicy:

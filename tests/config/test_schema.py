@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.config import load_text
-from proxy.schema import build_schema, schema_command
+from proxy.policy.loader import load_text
+from proxy.policy.schema import build_schema, schema_command
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "config" / "sidecar.schema.json"

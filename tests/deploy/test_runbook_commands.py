@@ -141,9 +141,9 @@ def test_the_runbook_has_commands_for_every_program() -> None:
 
 # The module behind each command; while a part is still being written its commands are skipped, by name.
 _IMPLEMENTED_BY = {
-    "sidecar check": "proxy.check",
-    "sidecar explain": "proxy.explain",
-    "sidecar schema": "proxy.schema",
+    "sidecar check": "proxy.policy.check",
+    "sidecar explain": "proxy.policy.explain",
+    "sidecar schema": "proxy.policy.schema",
     "checkpoint-cleanup": "cleanup.cli",
 }
 

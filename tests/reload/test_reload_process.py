@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config import load_text
+from proxy.policy.loader import load_text
 from tests.support.sidecar import SidecarProcess, free_port, sidecar_process, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.breaker import (
+from proxy.resilience.breaker import (
     BreakerSettings,
     CircuitBreaker,
     IllegalTransition,

@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from proxy.breaker import BreakerSettings, CircuitBreaker, Permit, State, Transition
+from proxy.resilience.breaker import BreakerSettings, CircuitBreaker, Permit, State, Transition
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 

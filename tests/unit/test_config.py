@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, ConfigIssue, load_file, load_text, parse_duration
+from proxy.policy.issues import ConfigError, ConfigIssue
+from proxy.policy.loader import load_file, load_text
+from proxy.policy.values import parse_duration
 
 FILE = "policy.yaml"
 

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 
 from proxy import inprocess
-from proxy.breaker import State, Transition
-from proxy.clock import ManualClock
 from proxy.inprocess import (
     BreakerRegistry,
     CircuitOpenError,
@@ -22,6 +20,8 @@ from proxy.inprocess import (
     health_check_endpoint_async,
     retry_with_backoff,
 )
+from proxy.resilience.breaker import State, Transition
+from proxy.resilience.clock import ManualClock
 
 
 class Down(ConnectionError):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.retry import (
+from proxy.resilience.retry import (
     CONNECT_ERROR,
     RESET,
     TIMEOUT,

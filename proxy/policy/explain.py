@@ -1,7 +1,7 @@
 """``sidecar explain PATH [UPSTREAM]``: what a policy will actually do, in plain words.
 
 For each upstream: the effective policy after ``defaults`` are merged in, then its consequences, computed the
-way ``proxy.forwarder`` behaves (each try gets ``min(per_try, time left)``; a retry starts only if its backoff
+way ``proxy.http.forwarder`` behaves (each try gets ``min(per_try, time left)``; a retry starts only if its backoff
 ends before ``total``; every failed try is recorded by the breaker; the retry budget caps retries to a share of
 recent requests), and finally the contradictions: settings that quietly cancel each other out.
 
@@ -18,9 +18,10 @@ from typing import IO
 
 import yaml
 
-from proxy.check import check_file
-from proxy.config import UpstreamPolicy, format_duration
-from proxy.schema import to_plain
+from proxy.policy.check import check_file
+from proxy.policy.model import UpstreamPolicy
+from proxy.policy.schema import to_plain
+from proxy.policy.values import format_duration
 
 # Outcomes the forwarder records as breaker failures, in the words of ``x-sidecar-reason``.
 _HTTP_FAILURES = ("connect_error", "timeout", "reset", "bad_response", "5xx answers")

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from proxy.config import ConfigIssue, SidecarConfig, load_text
+from proxy.policy.issues import ConfigIssue
+from proxy.policy.loader import load_text
+from proxy.policy.model import SidecarConfig
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 

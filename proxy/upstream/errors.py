@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy import retry
+from proxy.resilience import retry
 
 
 class UpstreamError(Exception):

@@ -19,16 +19,16 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from proxy import http1
-from proxy.body import BodyAborted
-from proxy.config import Target
-from proxy.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
-from proxy.retry import backoff_delays, choose_delay, parse_retry_after
+from proxy.http import wire
+from proxy.http.body import BodyAborted
+from proxy.policy.values import Target
+from proxy.resilience.retry import backoff_delays, choose_delay, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
+from proxy.upstream.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
-    from proxy.breaker import Permit
-    from proxy.listener import ClientConnection, Request
+    from proxy.http.listener import ClientConnection, Request
+    from proxy.resilience.breaker import Permit
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.balancer import TargetState
 
@@ -67,27 +67,27 @@ def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: 
 
 
 _SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
-_NOT_FORWARDED = http1.HOP_BY_HOP | _SET_BY_SIDECAR
+_NOT_FORWARDED = wire.HOP_BY_HOP | _SET_BY_SIDECAR
 _AUTHORITIES: dict[Target, bytes] = {}  # Host header value per target, encoded once
 
 
 def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
-    parts = [http1.status_line(head.status, head.reason)]
+    parts = [wire.status_line(head.status, head.reason)]
     listed = None  # a Connection header's value: the headers it names are hop-by-hop too
     for name, value in head.headers:
         lowered = name.lower()
-        if lowered in http1.HOP_BY_HOP:
+        if lowered in wire.HOP_BY_HOP:
             if lowered == b"connection":
                 listed = value if listed is None else listed + b"," + value
             continue
         parts += (name, b": ", value, b"\r\n")
     if listed is not None and listed.lower() not in _CONNECTION_OPTIONS:
-        named = http1.connection_tokens([(b"connection", listed)]) - _CONNECTION_OPTIONS
+        named = wire.connection_tokens([(b"connection", listed)]) - _CONNECTION_OPTIONS
         if named:  # rare: go again without them
             parts = [parts[0]]
             for name, value in head.headers:
                 lowered = name.lower()
-                if lowered not in http1.HOP_BY_HOP and lowered not in named:
+                if lowered not in wire.HOP_BY_HOP and lowered not in named:
                     parts += (name, b": ", value, b"\r\n")
     if client_chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
@@ -449,7 +449,7 @@ class Exchange:
         if extra:
             headers += extra
         if body is None:
-            body = http1.error_body(reason, self.rt.name, detail)
+            body = wire.error_body(reason, self.rt.name, detail)
         self.client.send_local(status, body, content_type, headers)
         self.rt.stats.answered(status, self.rt.clock.monotonic() - self.started)
 
@@ -484,8 +484,8 @@ def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> by
         status, body, content_type = fallback.status, fallback.body.encode(), fallback.content_type.encode()
     else:
         status, content_type = 503, _JSON
-        body = http1.error_body("breaker_open", rt.name, f"circuit breaker for {rt.name} is open")
-    answer = http1.local_response(status, body, content_type, headers, keep_alive)
+        body = wire.error_body("breaker_open", rt.name, f"circuit breaker for {rt.name} is open")
+    answer = wire.local_response(status, body, content_type, headers, keep_alive)
     if len(cache) >= _ANSWER_CACHE_SIZE:
         cache.clear()
     cache[key] = answer

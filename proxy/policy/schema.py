@@ -17,14 +17,14 @@ import typing
 from collections.abc import Callable
 from typing import IO, Any
 
-from proxy import config as model
-from proxy.config import (
-    TOP_LEVEL,
-    UPSTREAM_ONLY,
+from proxy.policy import model
+from proxy.policy.model import TOP_LEVEL, UPSTREAM_ONLY, model_fields, unwrap_optional
+from proxy.policy.values import (
+    RETRY_KINDS,
+    STATUS_GROUPS,
     Address,
     Target,
     format_duration,
-    model_fields,
     parse_address,
     parse_method,
     parse_retry_on,
@@ -54,7 +54,7 @@ def _or_env(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _retry_on_item() -> dict[str, Any]:
-    kinds = [*model._RETRY_KINDS, *model._STATUS_GROUPS]
+    kinds = [*RETRY_KINDS, *STATUS_GROUPS]
     return _or_env(
         {
             "anyOf": [
@@ -136,7 +136,7 @@ def _scalar_schema(tp: Any, info: typing.Mapping[str, Any]) -> dict[str, Any]:
 
 def _field_schema(f: dataclasses.Field[Any], tp: Any, refs: dict[type, str]) -> dict[str, Any]:
     info = f.metadata
-    inner, optional = model._unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if dataclasses.is_dataclass(inner) and not info.get("parse"):
         body: dict[str, Any] = {"$ref": f"#/$defs/{refs[typing.cast(type, inner)]}"}
     elif typing.get_origin(inner) is tuple:

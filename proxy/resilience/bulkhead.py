@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from proxy.config import LimitsPolicy
 from proxy.metrics import UpstreamStats
+from proxy.policy.model import LimitsPolicy
 
 
 class Bulkhead:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy import http1
-from proxy.body import RequestBody
-from proxy.config import HttpServerPolicy
-from proxy.forwarder import fail_fast, forward
+from proxy.http import wire
+from proxy.http.body import RequestBody
+from proxy.http.forwarder import fail_fast, forward
+from proxy.policy.model import HttpServerPolicy
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
@@ -225,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
                     raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
                 chunked = True
             elif lowered == b"connection":
-                req.connection_tokens = http1.connection_tokens([(name, value)]) | req.connection_tokens
+                req.connection_tokens = wire.connection_tokens([(name, value)]) | req.connection_tokens
             elif lowered == b"expect" and value.strip().lower() == b"100-continue":
                 req.expect_continue = http11
         if hosts > 1:
@@ -287,7 +287,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._response_started:
                 self.send_local(
                     500,
-                    http1.error_body("internal_error", None, "see the sidecar's log"),
+                    wire.error_body("internal_error", None, "see the sidecar's log"),
                     b"application/json",
                     [(b"x-sidecar-reason", b"internal_error")],
                 )
@@ -333,11 +333,11 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = True
         self.transport.write(answer)
 
-    def send_local(self, status: int, body: bytes, content_type: bytes, headers: http1.Headers) -> None:
+    def send_local(self, status: int, body: bytes, content_type: bytes, headers: wire.Headers) -> None:
         if self._response_started or self.transport is None or self._closing:
             return
         self._response_started = True
-        self.transport.write(http1.local_response(status, body, content_type, headers, self.keep_alive))
+        self.transport.write(wire.local_response(status, body, content_type, headers, self.keep_alive))
 
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         self._response_started = True
@@ -406,10 +406,10 @@ class ClientConnection(asyncio.Protocol):
         if not self._response_started:
             self._response_started = True
             self.keep_alive = False
-            body = http1.error_body("bad_request", None, detail)
+            body = wire.error_body("bad_request", None, detail)
             if self.transport is not None:
                 self.transport.write(
-                    http1.local_response(
+                    wire.local_response(
                         status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False
                     )
                 )

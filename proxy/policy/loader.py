@@ -1,0 +1,125 @@
+"""Loading a policy: text → sourced YAML → defaults merged per upstream → model → rules → ``SidecarConfig``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from proxy.policy.build import ModelBuilder
+from proxy.policy.issues import ConfigError, ConfigIssue
+from proxy.policy.model import (
+    TOP_LEVEL,
+    UPSTREAM_ONLY,
+    AdminPolicy,
+    HttpServerPolicy,
+    LoggingPolicy,
+    SidecarConfig,
+    UpstreamPolicy,
+)
+from proxy.policy.rules import check_listens, check_upstream
+from proxy.policy.source import UNRESOLVED, Sourced, SourceReader, merge
+from proxy.policy.values import did_you_mean
+
+
+def load_text(
+    text: str, file: str = "<string>", environ: Mapping[str, str] | None = None
+) -> tuple[SidecarConfig | None, list[ConfigIssue]]:
+    """Parse and validate. Returns the config (None if any error) and every issue found, errors and warnings."""
+    reader = SourceReader(file, os.environ if environ is None else environ)
+    root = reader.read(text)
+    if root is None:
+        return None, reader.issues
+    builder = ModelBuilder(reader)
+    if not isinstance(root.value, dict):
+        reader.error(root, "", "the policy file must be a mapping with admin, defaults and upstreams")
+        return None, reader.issues
+    top = root.value
+    for key, child in top.items():
+        if key not in TOP_LEVEL:
+            reader.error(child, key, f"unknown key{did_you_mean(key, TOP_LEVEL)}")
+
+    def section(key: str, cls: type) -> Any:
+        node = top.get(key)
+        if node is None or node.value is None:
+            return cls()
+        return builder.build(cls, node)
+
+    admin = section("admin", AdminPolicy)
+    http = section("http", HttpServerPolicy)
+    logging_policy = section("logging", LoggingPolicy)
+    allow_non_loopback = False
+    if "allow_non_loopback" in top:
+        node = top["allow_non_loopback"]
+        if isinstance(node.value, bool):
+            allow_non_loopback = node.value
+        elif node.value is not UNRESOLVED:
+            reader.error(node, "allow_non_loopback", f"expected true or false, got {node.value!r}")
+
+    defaults = top.get("defaults") or Sourced({}, 0, 0, "defaults")
+    if defaults.value is None:
+        defaults = Sourced({}, defaults.line, defaults.column, "defaults")
+    if not isinstance(defaults.value, dict):
+        reader.error(defaults, "defaults", "expected a mapping of keys")
+        defaults = Sourced({}, defaults.line, defaults.column, "defaults")
+    for key in UPSTREAM_ONLY:
+        if key in defaults.value:
+            reader.error(defaults.value[key], f"defaults.{key}", f"{key} is set per upstream, not in defaults")
+
+    upstreams: list[UpstreamPolicy] = []
+    ups_node = top.get("upstreams")
+    if ups_node is None or not ups_node.value:
+        reader.error(ups_node or root, "upstreams", "at least one upstream is required")
+    elif not isinstance(ups_node.value, dict):
+        reader.error(ups_node, "upstreams", "expected a mapping of upstream name → policy")
+    else:
+        for name, up_node in ups_node.value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
+                reader.error(up_node, up_node.path, "names are letters, digits, '-', '_' and '.' (≤ 63)")
+                continue
+            if not isinstance(up_node.value, dict):
+                reader.error(up_node, up_node.path, "expected a mapping of keys")
+                continue
+            inherited = {k: v for k, v in defaults.value.items() if k not in UPSTREAM_ONLY}
+            merged = merge(Sourced(inherited, defaults.line, defaults.column, "defaults"), up_node)
+            merged.path = up_node.path
+            policy = builder.build(UpstreamPolicy, merged, name=name)
+            if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
+                check_upstream(builder, policy, merged)
+                upstreams.append(policy)
+
+    if admin is not None:
+        check_listens(builder, admin, top.get("admin"), upstreams, ups_node, allow_non_loopback)
+
+    errors = [i for i in reader.issues if i.severity == "error"]
+    if errors or admin is None or http is None or logging_policy is None:
+        return None, sorted(reader.issues, key=lambda i: (i.line, i.column))
+    config = SidecarConfig(
+        admin=admin,
+        http=http,
+        logging=logging_policy,
+        upstreams=tuple(upstreams),
+        allow_non_loopback=allow_non_loopback,
+        source=file,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+    return config, sorted(reader.issues, key=lambda i: (i.line, i.column))
+
+
+def load_file(path: str | Path, environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Load a policy file or raise ``ConfigError`` with every problem in it."""
+    file = str(path)
+    try:
+        # Bytes decoded as-is (no newline translation), so ``sha256`` is the hash of the file on disk.
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, 0, 0, "", f"cannot read: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(file, 0, 0, "", f"not UTF-8 text: {exc.reason}")]) from exc
+    config, issues = load_text(text, file, environ)
+    if config is None:
+        raise ConfigError(issues)
+    return config

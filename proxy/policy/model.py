@@ -1,0 +1,336 @@
+"""The policy model: typed, frozen dataclasses whose field ``meta`` drives validation, the schema and explain."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.policy.values import (
+    RETRY_KINDS,
+    STATUS_GROUPS,
+    Address,
+    Target,
+    parse_address,
+    parse_method,
+    parse_retry_on,
+    parse_target,
+)
+from proxy.resilience.breaker import BreakerSettings
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model. ``meta`` carries what the schema, the validator and ``explain`` need to know about a field.
+
+
+def meta(
+    doc: str,
+    *,
+    default: Any = dataclasses.MISSING,
+    factory: Callable[[], Any] | None = None,
+    duration: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    parse: Callable[[object], Any] | None = None,
+    schema: dict[str, Any] | None = None,
+) -> Any:
+    info = {
+        "doc": doc,
+        "duration": duration,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+        "choices": choices,
+        "parse": parse,
+        "schema": schema,
+    }
+    if factory is not None:
+        return field(default_factory=factory, metadata=info)
+    return field(default=default, metadata=info)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = meta("Time allowed to open a connection to a target.", default=1.0, duration=True)
+    per_try: float = meta(
+        "Time allowed for one attempt to produce response headers, and the longest silence between body chunks.",
+        default=5.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    total: float = meta(
+        "Bound on all attempts and backoff together, until the response headers reach the client.",
+        default=15.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    failure_threshold: int = meta("Failures within `window` that open the breaker.", default=5, minimum=1)
+    window: float = meta(
+        "The sliding window failures are counted in.", default=60.0, duration=True, exclusive_minimum=0
+    )
+    open_duration: float = meta(
+        "How long an open breaker rejects before it lets a probe through.", default=60.0, duration=True
+    )
+    half_open_max_calls: int = meta("Probes allowed at once while half-open.", default=1, minimum=1)
+    failure_rate_threshold: float | None = meta(
+        "Also open when this percentage of the calls in `window` failed (needs `minimum_calls`). Off when null.",
+        default=None,
+        exclusive_minimum=0,
+        maximum=100,
+    )
+    slow_call_duration: float | None = meta(
+        "A call taking at least this long counts as slow. Off when null.", default=None, duration=True
+    )
+    slow_call_rate_threshold: float | None = meta(
+        "Also open when this percentage of the calls in `window` were slow. Off when null.",
+        default=None,
+        exclusive_minimum=0,
+        maximum=100,
+    )
+    minimum_calls: int = meta("Calls in `window` before the rate thresholds are judged.", default=10, minimum=1)
+    enforce: bool = meta(
+        "false = shadow mode: the breaker evaluates and reports as usual but never rejects a request.",
+        default=True,
+    )
+
+    def settings(self) -> BreakerSettings:
+        return BreakerSettings(
+            failure_threshold=self.failure_threshold,
+            window=self.window,
+            open_duration=self.open_duration,
+            half_open_max_calls=self.half_open_max_calls,
+            failure_rate_threshold=self.failure_rate_threshold,
+            slow_call_duration=self.slow_call_duration,
+            slow_call_rate_threshold=self.slow_call_rate_threshold,
+            minimum_calls=self.minimum_calls,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetPolicy:
+    ratio: float = meta(
+        "Retries may add at most this share of the requests in the last 10 s.", default=0.2, minimum=0, maximum=10
+    )
+    min_per_second: float = meta(
+        "A floor of retries per second allowed regardless of traffic.", default=10.0, minimum=0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = meta("Retries after the first attempt.", default=3, minimum=0, maximum=20)
+    base_delay: float = meta("Backoff before the first retry; doubles each time.", default=1.0, duration=True)
+    max_delay: float = meta("Cap on one backoff delay.", default=4.0, duration=True)
+    jitter: bool = meta("Full jitter: wait a uniform random time in [0, delay].", default=True)
+    retry_on: tuple[str | int, ...] = meta(
+        "Outcomes worth another try: connect_error, timeout, reset, bad_response, status codes, 5xx, "
+        "gateway_error (502/503/504).",
+        default=("connect_error", "reset", 502, 503, 504),
+        parse=parse_retry_on,
+    )
+    methods: tuple[str, ...] = meta(
+        "Methods that may be retried. POST and PATCH are never retried unless listed.",
+        default=("GET", "HEAD", "OPTIONS", "PUT", "DELETE"),
+        parse=parse_method,
+    )
+    budget: RetryBudgetPolicy | None = meta(
+        "Caps retries to a share of recent traffic, so a failing upstream cannot cause a retry storm. "
+        "null turns it off.",
+        factory=RetryBudgetPolicy,
+    )
+
+    def retry_kinds(self) -> frozenset[str]:
+        return frozenset(v for v in self.retry_on if isinstance(v, str) and v in RETRY_KINDS)
+
+    def retry_statuses(self) -> frozenset[int]:
+        statuses: set[int] = set()
+        for value in self.retry_on:
+            if isinstance(value, int):
+                statuses.add(value)
+            elif value in STATUS_GROUPS:
+                statuses.update(STATUS_GROUPS[value])
+        return frozenset(statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    path: str = meta("HTTP path probed with GET (http upstreams).", default="/health")
+    interval: float = meta("Time between checks (with ±10% jitter).", default=10.0, duration=True, exclusive_minimum=0)
+    timeout: float = meta("Time allowed for one check.", default=2.0, duration=True, exclusive_minimum=0)
+    critical: bool = meta("A failing critical upstream makes /health answer 503 (unhealthy).", default=True)
+    healthy_threshold: int = meta(
+        "Consecutive passes before a failing upstream counts as healthy.", default=1, minimum=1
+    )
+    unhealthy_threshold: int = meta(
+        "Consecutive failures before a healthy upstream counts as unhealthy.", default=2, minimum=1
+    )
+    probe: str = meta(
+        "tcp upstreams: connect (a TCP connect), redis (PING → +PONG) or postgres (an SSLRequest answered).",
+        default="connect",
+        choices=("connect", "redis", "postgres"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    status: int = meta("Status of the answer given while the breaker is open.", default=503, minimum=200, maximum=599)
+    body: str = meta("Body of that answer.", default="")
+    content_type: str = meta("Its Content-Type.", default="text/plain; charset=utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsPolicy:
+    max_concurrent: int = meta(
+        "Requests (tcp: connections) in flight to the upstream at once.", default=1024, minimum=1
+    )
+    max_pending: int = meta(
+        "Requests waiting for a slot; more are answered 503 overload at once.", default=1024, minimum=0
+    )
+    pending_timeout: float = meta("Longest wait for a slot before 503 overload.", default=1.0, duration=True)
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_failures: int = meta("Consecutive failures of one target that eject it.", default=5, minimum=1)
+    interval: float = meta(
+        "Each interval a target stays in, its ejection multiplier decays by one.",
+        default=10.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    base_ejection: float = meta("First ejection time; grows with each repeat ejection.", default=30.0, duration=True)
+    max_ejection: float = meta("Cap on one ejection time.", default=300.0, duration=True)
+    max_ejected_percent: int = meta(
+        "Never eject more than this share of the targets.", default=50, minimum=0, maximum=100
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPolicy:
+    name: str
+    listen: Address = meta(
+        "Where this upstream's listener accepts connections.", default=Address("127.0.0.1", 0), parse=parse_address
+    )
+    targets: tuple[Target, ...] = meta(
+        "Where requests go: http://host:port (http) or host:port (tcp).", default=(), parse=parse_target
+    )
+    protocol: str = meta(
+        "http: L7 proxy with retries; tcp: byte relay with a connection-level breaker.",
+        default="http",
+        choices=("http", "tcp"),
+    )
+    balance: str = meta(
+        "How a target is chosen among several.", default="round_robin", choices=("round_robin", "least_request")
+    )
+    preserve_host: bool = meta("Forward the client's Host header instead of the target's authority.", default=False)
+    timeouts: Timeouts = meta("Connect, per-try and total deadlines.", factory=Timeouts)
+    breaker: BreakerPolicy = meta("When to stop sending traffic, and for how long.", factory=BreakerPolicy)
+    retry: RetryPolicy = meta("When and how to try again.", factory=RetryPolicy)
+    health: HealthPolicy | None = meta("Active checks, run without traffic. Off when absent.", default=None)
+    fallback: FallbackPolicy | None = meta("The answer given while the breaker is open (default: 503).", default=None)
+    limits: LimitsPolicy = meta("Bulkhead: in-flight and pending bounds.", factory=LimitsPolicy)
+    outlier: OutlierPolicy | None = meta(
+        "Per-target ejection for upstreams with several targets.", factory=OutlierPolicy
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPolicy:
+    listen: Address = meta(
+        "Admin server: /health /ready /live /metrics /breakers /dashboard.",
+        default=Address("127.0.0.1", 9901),
+        parse=parse_address,
+    )
+    token_env: str | None = meta(
+        "Environment variable holding the bearer token that mutating admin calls need.",
+        default="SIDECAR_ADMIN_TOKEN",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpServerPolicy:
+    header_timeout: float = meta(
+        "A client must send a whole request head within this time (slowloris).",
+        default=10.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    keepalive_timeout: float = meta(
+        "Idle client connections are closed after this.", default=75.0, duration=True, exclusive_minimum=0
+    )
+    max_header_bytes: int = meta("Largest request head accepted (431 above).", default=65536, minimum=1024)
+    max_headers: int = meta("Most header fields in a request (431 above).", default=100, minimum=8)
+    max_url_bytes: int = meta("Longest request target (414 above).", default=8192, minimum=256)
+    replay_buffer_bytes: int = meta(
+        "Request bodies up to this size are kept so they can be replayed on retry; larger ones are streamed "
+        "and not retried.",
+        default=65536,
+        minimum=0,
+    )
+    drain_timeout: float = meta(
+        "On SIGTERM, how long in-flight requests may take to finish.", default=20.0, duration=True
+    )
+    upstream_idle_timeout: float = meta(
+        "Pooled upstream connections idle longer than this are closed.",
+        default=30.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingPolicy:
+    level: str = meta("Log level.", default="info", choices=("debug", "info", "warning", "error"))
+    requests: bool = meta("One JSON line per proxied request (costs throughput).", default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    admin: AdminPolicy
+    http: HttpServerPolicy
+    logging: LoggingPolicy
+    upstreams: tuple[UpstreamPolicy, ...]
+    allow_non_loopback: bool = False
+    source: str = "<string>"
+    sha256: str = ""
+
+    def upstream(self, name: str) -> UpstreamPolicy:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+
+# Top-level keys: (doc, model or None for special handling).
+TOP_LEVEL: dict[str, str] = {
+    "admin": "The admin server.",
+    "http": "Limits on the client side of every http listener.",
+    "logging": "Structured JSON logs.",
+    "defaults": "Every upstream inherits these and may override any key.",
+    "upstreams": "One listener per dependency, by name.",
+    "allow_non_loopback": "Allow listen addresses off loopback without a warning (containers, pods).",
+}
+# Keys an upstream may have that ``defaults`` may not.
+UPSTREAM_ONLY = ("name", "listen", "targets")
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True  # noqa: UP007
+    return tp, False
+
+
+def model_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield f, hints[f.name]

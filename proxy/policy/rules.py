@@ -1,0 +1,117 @@
+"""Cross-field rules: what each key allows alone but that makes no sense together."""
+
+from __future__ import annotations
+
+from proxy.policy.build import ModelBuilder
+from proxy.policy.model import AdminPolicy, UpstreamPolicy
+from proxy.policy.source import Sourced
+from proxy.policy.values import Address, format_duration
+
+
+def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> None:
+    """Cross-field rules: things each key allows alone but that make no sense together.
+
+    A rule is skipped when one of its keys was itself invalid: it would judge the stand-in default, not what
+    the operator wrote, and the key already has its own error.
+    """
+    reader = builder.reader
+    children = node.value if isinstance(node.value, dict) else {}
+
+    def ok(*keys: str) -> bool:
+        return not any(builder.broken(f"{node.path}.{key}") for key in keys)
+
+    def at(*keys: str) -> Sourced:
+        current: Sourced = node
+        for key in keys:
+            inner = current.value.get(key) if isinstance(current.value, dict) else None
+            if inner is None:
+                return current
+            current = inner
+        return current
+
+    path = node.path
+    if ok("targets") and ("targets" not in children or not up.targets):
+        reader.error(node, f"{path}.targets", "at least one target is required")
+    for target in up.targets if ok("protocol") else ():
+        wanted = "tcp" if up.protocol == "tcp" else "http"
+        if target.scheme != wanted:
+            example = "host:port" if wanted == "tcp" else "http://host:port"
+            reader.error(
+                at("targets"),
+                f"{path}.targets",
+                f"{target} is not a {wanted} target (write {example} for protocol {up.protocol})",
+            )
+    if "listen" not in children:
+        reader.error(node, f"{path}.listen", "a listen address is required")
+    retry = up.retry
+    if ok("retry.max_delay", "retry.base_delay") and retry.max_delay < retry.base_delay:
+        reader.error(
+            at("retry", "max_delay"),
+            f"{path}.retry.max_delay",
+            f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
+            f"({format_duration(retry.base_delay)})",
+        )
+    t = up.timeouts
+    if ok("timeouts.per_try", "timeouts.total") and t.per_try > t.total:
+        reader.error(
+            at("timeouts", "per_try"),
+            f"{path}.timeouts.per_try",
+            f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})",
+        )
+    if ok("timeouts.connect", "timeouts.per_try") and t.connect > t.per_try:
+        reader.error(
+            at("timeouts", "connect"),
+            f"{path}.timeouts.connect",
+            f"connect ({format_duration(t.connect)}) is longer than per_try ({format_duration(t.per_try)})",
+        )
+    b = up.breaker
+    if ok("breaker.slow_call_rate_threshold", "breaker.slow_call_duration") and (
+        (b.slow_call_rate_threshold is None) != (b.slow_call_duration is None)
+    ):
+        reader.error(at("breaker"), f"{path}.breaker", "slow_call_duration and slow_call_rate_threshold go together")
+    if (
+        ok("outlier.max_ejection", "outlier.base_ejection")
+        and up.outlier
+        and (up.outlier.max_ejection < up.outlier.base_ejection)
+    ):
+        reader.error(
+            at("outlier", "max_ejection"), f"{path}.outlier.max_ejection", "max_ejection is shorter than base_ejection"
+        )
+    if up.protocol == "tcp" and "fallback" in children:
+        reader.error(at("fallback"), f"{path}.fallback", "a tcp upstream has no HTTP fallback answer")
+
+
+def check_listens(
+    builder: ModelBuilder,
+    admin: AdminPolicy,
+    admin_node: Sourced | None,
+    upstreams: list[UpstreamPolicy],
+    ups_node: Sourced | None,
+    allow_non_loopback: bool,
+) -> None:
+    """Every listen address used once; a warning for each one reachable off this host."""
+    reader = builder.reader
+    listens: list[tuple[str, Address, Sourced | None]] = []
+    if not builder.broken("admin.listen"):
+        listen_node = admin_node.value.get("listen") if admin_node and isinstance(admin_node.value, dict) else None
+        listens.append(("admin.listen", admin.listen, listen_node or admin_node))
+    for u in upstreams:
+        up_value = ups_node.value[u.name].value if ups_node is not None else {}
+        # An absent or invalid listen already has its error; its stand-in must not collide with others.
+        if "listen" in up_value and not builder.broken(f"upstreams.{u.name}.listen"):
+            listens.append((f"upstreams.{u.name}.listen", u.listen, up_value["listen"]))
+    seen: dict[Address, str] = {}
+    for path, address, node in listens:
+        other = seen.get(address)
+        if other is not None:
+            reader.error(node, path, f"{address} is already used by {other}")
+        seen[address] = path
+    for path, address, node in listens:
+        if not address.is_loopback and not allow_non_loopback:
+            reader.error(
+                node,
+                path,
+                f"{address} is not a loopback address: reachable from other hosts "
+                "(set allow_non_loopback: true to silence this)",
+                severity="warning",
+            )

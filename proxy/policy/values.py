@@ -1,0 +1,138 @@
+"""Policy values: durations, addresses, targets, failure kinds and methods, each parsed in one place."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import typing
+from dataclasses import dataclass
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """``"250ms"`` → 0.25; numbers are seconds. Negative or malformed values raise ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 250ms, 1s or 2m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 250ms, 1s or 2m, got {value!r}")
+    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"a duration must be a finite number ≥ 0, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds >= 120 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_address(value: object) -> Address:
+    """``host:port`` or ``[v6]:port``."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port, got {value!r}")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9_.-]+):(\d{1,5})", value.strip())
+    if not match:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:15001), got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be 1–65535, got {port}")
+    return Address(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream endpoint. ``scheme`` is ``http`` or ``tcp``."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.scheme == "http" and self.port == 80 else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"http://{self.authority}" if self.scheme == "http" else f"{self.host}:{self.port}"
+
+
+def parse_target(value: object) -> Target:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a target like http://host:port or host:port, got {value!r}")
+    text = value.strip()
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme == "https":
+            raise ValueError("https targets are not supported: TLS is terminated by the upstream's own proxy")
+        if scheme != "http":
+            raise ValueError(f"unsupported scheme {scheme!r} (use http://host:port, or host:port for tcp)")
+        rest = rest.rstrip("/")
+        if "/" in rest or "?" in rest:
+            raise ValueError(f"a target is scheme://host:port, without a path: {value!r}")
+        if not re.search(r":\d+$", rest):
+            rest += ":80"
+        address = parse_address(rest)
+        return Target("http", address.host, address.port)
+    address = parse_address(text)
+    return Target("tcp", address.host, address.port)
+
+
+RETRY_KINDS = ("connect_error", "timeout", "reset", "bad_response")
+STATUS_GROUPS = {"5xx": range(500, 600), "gateway_error": (502, 503, 504), "retriable_4xx": (409,)}
+METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE")
+
+
+def parse_retry_on(value: object) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 100 <= value <= 599:
+            return value
+        raise ValueError(f"status codes are 100–599, got {value}")
+    if isinstance(value, str):
+        token = value.strip().lower().replace("-", "_")
+        if token.isdigit():
+            return parse_retry_on(int(token))
+        if token in RETRY_KINDS or token in STATUS_GROUPS:
+            return token
+        hint = did_you_mean(token, (*RETRY_KINDS, *STATUS_GROUPS))
+        raise ValueError(f"unknown retry_on value {value!r}{hint}")
+    raise ValueError(f"expected a failure kind or a status code, got {value!r}")
+
+
+def parse_method(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]+", value):
+        raise ValueError(f"expected an HTTP method name, got {value!r}")
+    return value.upper()
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
