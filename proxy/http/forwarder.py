@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from proxy.http import wire
+from proxy.http import heads, wire
+from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
-from proxy.policy.values import Target
 from proxy.resilience.retry import backoff_delays, choose_delay, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
-    from proxy.http.listener import ClientConnection, Request
+    from proxy.http.request import Request
+    from proxy.http.sink import ResponseSink
     from proxy.resilience.breaker import Permit
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.balancer import TargetState
@@ -38,76 +38,12 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _JSON = b"application/json"
 
 
-def _request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: bytes) -> bytes:
-    parts = [
-        req.method_bytes,
-        b" ",
-        req.path,
-        b" HTTP/1.1\r\nhost: ",
-        req.host if rt.policy.preserve_host and req.host else authority,
-        b"\r\n",
-    ]
-    forwarded_for = None
-    dropped = req.connection_tokens
-    for name, value in req.headers:
-        lowered = name.lower()
-        if lowered in _NOT_FORWARDED or (dropped and lowered in dropped):
-            if lowered == b"x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        parts += [name, b": ", value, b"\r\n"]
-    parts += [
-        b"x-forwarded-for: ",
-        req.client_ip if forwarded_for is None else forwarded_for + b", " + req.client_ip,
-        b"\r\n",
-        framing,
-        b"\r\n",
-    ]
-    return b"".join(parts)
-
-
-_SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
-_NOT_FORWARDED = wire.HOP_BY_HOP | _SET_BY_SIDECAR
-_AUTHORITIES: dict[Target, bytes] = {}  # Host header value per target, encoded once
-
-
-def _response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
-    parts = [wire.status_line(head.status, head.reason)]
-    listed = None  # a Connection header's value: the headers it names are hop-by-hop too
-    for name, value in head.headers:
-        lowered = name.lower()
-        if lowered in wire.HOP_BY_HOP:
-            if lowered == b"connection":
-                listed = value if listed is None else listed + b"," + value
-            continue
-        parts += (name, b": ", value, b"\r\n")
-    if listed is not None and listed.lower() not in _CONNECTION_OPTIONS:
-        named = wire.connection_tokens([(b"connection", listed)]) - _CONNECTION_OPTIONS
-        if named:  # rare: go again without them
-            parts = [parts[0]]
-            for name, value in head.headers:
-                lowered = name.lower()
-                if lowered not in wire.HOP_BY_HOP and lowered not in named:
-                    parts += (name, b": ", value, b"\r\n")
-    if client_chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    if attempts > 1:
-        parts.append(b"x-sidecar-attempts: %d\r\n" % attempts)
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
-
-
 class Exchange:
     """One client request's journey. Holds what the finally-blocks need to clean up."""
 
     __slots__ = ("_last_error", "attempts", "client", "conn", "permit", "pump", "req", "rt", "started")
 
-    def __init__(self, rt: UpstreamRuntime, req: Request, client: ClientConnection) -> None:
+    def __init__(self, rt: UpstreamRuntime, req: Request, client: ResponseSink) -> None:
         self.rt = rt
         self.req = req
         self.client = client
@@ -316,10 +252,7 @@ class Exchange:
             framing = b"content-length: %d\r\n" % body.length
         else:
             framing = b"transfer-encoding: chunked\r\n"
-        authority = _AUTHORITIES.get(state.target)
-        if authority is None:
-            authority = _AUTHORITIES[state.target] = state.target.authority.encode()
-        head = _request_head(self.rt, req, authority, framing)
+        head = heads.request_head(self.rt, req, heads.authority_of(state.target), framing)
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
         if body is not None and whole is None:
@@ -350,7 +283,7 @@ class Exchange:
         assert conn is not None
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
         keep_alive = client.keep_alive and (head.framing != "eof" or client_chunked)
-        response_head = _response_head(head, client_chunked, self.attempts, keep_alive)
+        response_head = heads.response_head(head, client_chunked, self.attempts, keep_alive)
         status = head.status
         permit, self.permit = self.permit, None
         whole = conn.complete_body()
@@ -402,7 +335,7 @@ class Exchange:
     def _discard_answer(self) -> bool:
         """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""
         conn = self.conn
-        return conn is not None and conn._complete
+        return conn is not None and conn.response_complete
 
     def _release(self, abort: bool) -> None:
         pump, self.pump = self.pump, None
@@ -436,81 +369,16 @@ class Exchange:
         )
 
     def _local(
-        self,
-        status: int,
-        reason: str,
-        detail: str,
-        decision: str,
-        extra: list[tuple[bytes, bytes]] | None = None,
-        body: bytes | None = None,
-        content_type: bytes = _JSON,
+        self, status: int, reason: str, detail: str, decision: str, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         headers = [(b"x-sidecar-reason", reason.encode()), (b"x-sidecar-decision", decision.encode())]
         if extra:
             headers += extra
-        if body is None:
-            body = wire.error_body(reason, self.rt.name, detail)
-        self.client.send_local(status, body, content_type, headers)
+        self.client.send_local(status, wire.error_body(reason, self.rt.name, detail), _JSON, headers)
         self.rt.stats.answered(status, self.rt.clock.monotonic() - self.started)
 
 
-_ANSWER_CACHE_SIZE = 64
-
-
-def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
-    """The whole fail-fast answer, built once per (transition, override, seconds left, keep-alive).
-
-    While a breaker is open every refused request gets the same bytes for a second at a time, so the fail-fast
-    path is a dictionary lookup and one write instead of formatting headers per request.
-    """
-    breaker = rt.breaker
-    retry_in = max(1, math.ceil(breaker.retry_in(now)))
-    last = breaker.last_transition
-    override = breaker.override
-    key = (last, override, retry_in, keep_alive)
-    cache = rt.answer_cache
-    answer = cache.get(key)
-    if answer is not None:
-        return answer
-    why = "forced_open" if override is not None else (last.reason if last else "open")
-    decision = f"upstream={rt.name} state=open reason={why} retry_in={retry_in}s"
-    headers = [
-        (b"x-sidecar-reason", b"breaker_open"),
-        (b"x-sidecar-decision", decision.encode()),
-        (b"retry-after", b"%d" % retry_in),
-    ]
-    fallback = rt.fallback
-    if fallback is not None:
-        status, body, content_type = fallback.status, fallback.body.encode(), fallback.content_type.encode()
-    else:
-        status, content_type = 503, _JSON
-        body = wire.error_body("breaker_open", rt.name, f"circuit breaker for {rt.name} is open")
-    answer = wire.local_response(status, body, content_type, headers, keep_alive)
-    if len(cache) >= _ANSWER_CACHE_SIZE:
-        cache.clear()
-    cache[key] = answer
-    return answer
-
-
-def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
-    """Refuse a request without a body at once if the breaker is open; None when it must be forwarded."""
-    if not rt.enforce:
-        return None
-    breaker = rt.breaker
-    now = rt.clock.monotonic()
-    if not breaker.rejecting(now) or breaker.try_acquire(now) is not None:
-        return None
-    return refuse_breaker_open(rt, now, keep_alive)
-
-
-def refuse_breaker_open(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
-    """Count one request refused by the open breaker; the answer to send it."""
-    rt.stats.reject("breaker_open")
-    rt.stats.answered(rt.fallback.status if rt.fallback else 503, 0.0)
-    return breaker_open_answer(rt, now, keep_alive)
-
-
-def forward(rt: UpstreamRuntime, req: Request, client: ClientConnection) -> Coroutine[None, None, None]:
+def forward(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> Coroutine[None, None, None]:
     """Serve one request (a coroutine for the listener's task). A client that goes away cancels that task,
     which drops the upstream attempt at once."""
     return Exchange(rt, req, client).run()

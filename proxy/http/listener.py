@@ -1,18 +1,17 @@
 """The client side: one asyncio protocol per accepted connection on an upstream's listener.
 
-Requests are parsed by llhttp (httptools) in strict mode, which already refuses Content-Length with
-Transfer-Encoding, duplicate or malformed lengths, bad chunk sizes, CR/LF/NUL in header values and whitespace
-before the colon. On top of that the sidecar refuses what llhttp lets through but a proxy must not: a
-Transfer-Encoding other than exactly ``chunked``, Transfer-Encoding on HTTP/1.0, several Host headers, and
-request targets other than origin-form (absolute-form is reduced to its path: the listener alone picks the
-destination). Any of these is answered 400 and the connection closed; nothing of it reaches an upstream.
+Requests are parsed by llhttp (httptools) in strict mode and judged by ``validate_head``
+(``proxy.http.request``); a refused request is answered 4xx and the connection closed, with nothing of it
+forwarded. Pipelined requests are answered in order, one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
+import typing
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,8 +19,10 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxy.http import wire
+from proxy.http.answers import fail_fast
 from proxy.http.body import RequestBody
-from proxy.http.forwarder import fail_fast, forward
+from proxy.http.forwarder import forward
+from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, validate_head
 from proxy.policy.model import HttpServerPolicy
 
 if TYPE_CHECKING:
@@ -32,58 +33,13 @@ log = logging.getLogger("seawall.listener")
 
 _JOIN_LIMIT = 64 * 1024  # below this, copying head and body together beats a vectored write
 
-# What a connection is doing, for its one timer: waiting for a request, reading a head, or serving one.
-_IDLE, _HEAD, _BUSY = 0, 1, 2
 
+class _Phase(enum.Enum):
+    """What a connection is doing, for its one timer: waiting for a request, reading a head, or serving one."""
 
-class RequestRejected(Exception):
-    """A request the sidecar answers itself with a 4xx and closes the connection on."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-
-
-class Request:
-    __slots__ = (
-        "body",
-        "client_ip",
-        "connection_tokens",
-        "expect_continue",
-        "headers",
-        "host",
-        "method",
-        "method_bytes",
-        "path",
-    )
-
-    def __init__(self, method_bytes: bytes, path: bytes, headers: list[tuple[bytes, bytes]], client_ip: bytes) -> None:
-        self.method_bytes = method_bytes
-        self.method = method_bytes.decode("ascii")
-        self.path = path
-        self.headers = headers
-        self.client_ip = client_ip
-        self.body: RequestBody | None = None
-        self.host: bytes | None = None
-        self.expect_continue = False
-        self.connection_tokens: frozenset[bytes] = frozenset()
-
-
-def _origin_form(url: bytes) -> bytes:
-    if url[:1] == b"/":
-        return url
-    if url == b"*":
-        return url
-    lowered = url[:8].lower()
-    if lowered.startswith((b"http://", b"https://")):
-        # Absolute-form never chooses the destination: keep its path and query only.
-        try:
-            parsed = httptools.parse_url(url)
-        except httptools.HttpParserInvalidURLError as exc:
-            raise RequestRejected(400, "malformed request target") from exc
-        path = parsed.path or b"/"
-        return path + (b"?" + parsed.query if parsed.query else b"")
-    raise RequestRejected(400, "request target must be a path")
+    IDLE = "idle"
+    HEAD = "head"
+    BUSY = "busy"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -118,10 +74,10 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = False
         self._upstream: UpstreamConnection | None = None
         self._reading_paused = False
-        self._request_keep_alive: deque[tuple[bool, bool]] = deque()
-        self._phase = _IDLE
+        self._phase = _Phase.IDLE
         self._phase_since = 0.0
         self._deferred_reject: tuple[int, str] | None = None
+        self._rejection: RequestRejected | None = None  # raised inside a parser callback, for data_received
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -142,21 +98,19 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except RequestRejected as exc:
-            self._reject(exc.status, str(exc))
         except httptools.HttpParserUpgrade:
-            method = self._parser.get_method()
-            if method == b"CONNECT":
-                self._reject(405, "CONNECT is not served: a listener only forwards to its own targets")
+            if self._parser.get_method() == b"CONNECT":
+                self._reject(405, CONNECT_REFUSED)
             else:
                 self._reject(501, "protocol upgrades are not supported")
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, RequestRejected):
-                self._reject(cause.status, str(cause))
-            else:
+        except httptools.HttpParserCallbackError:
+            # llhttp wraps what a callback raised; the callback left the rejection here for us.
+            rejection, self._rejection = self._rejection, None
+            if rejection is None:
                 log.exception("request parsing failed")
                 self._reject(400, "malformed request")
+            else:
+                self._reject(rejection.status, str(rejection))
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
 
@@ -185,62 +139,43 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         if self._active is None:
-            self._phase = _HEAD
+            self._phase = _Phase.HEAD
             self._phase_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self._http.max_url_bytes:
-            raise RequestRejected(414, "request target too long")
+            self._refuse(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         self._header_bytes += len(name) + len(value) + 4
         if len(self._headers) > self._http.max_headers or self._header_bytes > self._http.max_header_bytes:
-            raise RequestRejected(431, "request header fields too large")
+            self._refuse(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         if self._closing:
             return  # an earlier request in the same read closed the connection: serve nothing more
         parser = self._parser
-        method = parser.get_method()
-        if method == b"CONNECT":
-            raise RequestRejected(405, "CONNECT is not served: a listener only forwards to its own targets")
-        req = Request(method, _origin_form(self._url), self._headers, self._client_ip)
-        http11 = parser.get_http_version() == "1.1"
-        hosts = 0
-        content_length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            lowered = name.lower()
-            if lowered == b"host":
-                hosts += 1
-                req.host = value
-            elif lowered == b"content-length":
-                content_length = int(value)  # llhttp has validated it is digits, and the only one
-            elif lowered == b"transfer-encoding":
-                if value.strip().lower() != b"chunked" or chunked:
-                    raise RequestRejected(400, "Transfer-Encoding other than a single 'chunked'")
-                if not http11:
-                    raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
-                chunked = True
-            elif lowered == b"connection":
-                req.connection_tokens = wire.connection_tokens([(name, value)]) | req.connection_tokens
-            elif lowered == b"expect" and value.strip().lower() == b"100-continue":
-                req.expect_continue = http11
-        if hosts > 1:
-            raise RequestRejected(400, "several Host headers")
-        if hosts == 0 and http11:
-            raise RequestRejected(400, "missing Host header")
-        if chunked or (content_length or 0) > 0:
+        try:
+            req = validate_head(
+                parser.get_method(),
+                self._url,
+                self._headers,
+                parser.get_http_version() == "1.1",
+                bool(parser.should_keep_alive()),
+                self._client_ip,
+            )
+        except RequestRejected as exc:
+            self._refuse(exc.status, str(exc))
+        if req.has_body:
             req.body = RequestBody(
-                None if chunked else content_length,
+                None if req.chunked else req.content_length,
                 self._http.replay_buffer_bytes,
                 self._pause_reading,
                 self._resume_reading,
             )
         self._parsing = req
-        self._request_keep_alive.append((http11, bool(parser.should_keep_alive())))
         if self._active is None:
             if self._start(req):
                 self._after_response(req)
@@ -264,8 +199,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, req: Request) -> bool:
         """Serve a request; True if it was answered on the spot (breaker open), False if a task serves it."""
-        self._phase = _BUSY
-        self.http11, self.keep_alive = self._request_keep_alive.popleft()
+        self._phase = _Phase.BUSY
+        self.http11, self.keep_alive = req.http11, req.keep_alive
         self._response_started = False
         self._chunked_out = False
         rt = self._get_runtime()  # one lookup: the fail-fast check and the forwarding see the same policy
@@ -317,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject(*self._deferred_reject)
             return
         self._resume_reading()
-        self._phase = _IDLE
+        self._phase = _Phase.IDLE
         self._phase_since = self.loop.time()
 
     # -- answers (called by the forwarder) -------------------------------------------------------------------
@@ -398,7 +333,6 @@ class ClientConnection(asyncio.Protocol):
             # answer to that earlier request (which the upstream is processing). Answer in order instead.
             if self._parsing is not None:
                 self._queue.remove(self._parsing)
-                self._request_keep_alive.pop()
             self._parsing = None
             self._deferred_reject = (status, detail)
             self._pause_reading()
@@ -415,6 +349,11 @@ class ClientConnection(asyncio.Protocol):
                 )
         self._close()
 
+    def _refuse(self, status: int, detail: str) -> typing.NoReturn:
+        """Inside a parser callback: stop parsing; ``data_received`` answers with this status."""
+        self._rejection = RequestRejected(status, detail)
+        raise self._rejection
+
     def _on_timer(self) -> None:
         # One lazy timer per connection instead of arming and cancelling one per request: it wakes at the
         # earliest deadline the connection could have and looks at what phase it is actually in.
@@ -422,12 +361,12 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         now = self.loop.time()
-        if self._phase == _HEAD:
+        if self._phase is _Phase.HEAD:
             limit = self._http.header_timeout
             if now - self._phase_since >= limit:
                 self._reject(408, "request head not received in time")
                 return
-        elif self._phase == _IDLE:
+        elif self._phase is _Phase.IDLE:
             limit = self._http.keepalive_timeout
             if now - self._phase_since >= limit:
                 self._close()

@@ -9,15 +9,13 @@ body is never buffered whole, and back-pressure flows both ways through pause/re
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
 from proxy.upstream.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
-
-if TYPE_CHECKING:
-    from proxy.upstream.pool import TargetPool
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -52,15 +50,32 @@ class ResponseHead:
         return None
 
 
+class Phase(enum.Enum):
+    """Where the connection's one exchange is. Whether the socket is still open is ``closed``, apart."""
+
+    IDLE = "idle"  # no exchange: fresh, or back in the pool
+    AWAITING_HEAD = "awaiting_head"  # the request is (being) sent; no final response head yet
+    RECEIVING_BODY = "receiving_body"
+    COMPLETE = "complete"  # the whole response is in; the forwarder has yet to finish the exchange
+
+
+class Home(Protocol):
+    """Where a connection goes back to (its pool), without the connection knowing the pool."""
+
+    def release(self, conn: UpstreamConnection) -> None: ...
+
+    def forget(self, conn: UpstreamConnection) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """Carries one exchange at a time; returns itself to its pool when the exchange ends cleanly."""
 
-    def __init__(self, pool: TargetPool) -> None:
-        self.pool = pool
+    def __init__(self, home: Home) -> None:
+        self.pool = home
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.phase = Phase.IDLE
         self.closed = False
-        self.busy = False
         self.reused = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -71,7 +86,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._head: ResponseHead | None = None
         self._pending_body: list[bytes] = []
         self._sink: Callable[[bytes], None] | None = None
-        self._complete = False
         self._received_any = False
         self._head_only = False
         self._timer: asyncio.TimerHandle | None = None
@@ -90,19 +104,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
-        if not self.busy:
+        if self.phase is Phase.IDLE:
             # Bytes nobody asked for: the connection is out of step and must not be reused.
             self.close()
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if not isinstance(exc.__context__, _OutOfStep):
+            if not self._out_of_step:
                 self._fail(BadResponse(f"upstream sent malformed HTTP: {exc}"))
                 return
-            # Extra bytes after the answer would reach the client as the start of its next response: drop
-            # them, and never reuse the connection.
-            self._out_of_step = True
+            # Extra bytes after the answer (the callback raised _OutOfStep) would reach the client as the start
+            # of its next response: they are dropped, and the connection is never reused.
         if self._head_only and self._head is not None:
             # llhttp cannot be told a HEAD answer has no body; start afresh for the next exchange.
             self._parser = httptools.HttpResponseParser(self)
@@ -112,13 +125,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self.pool.forget(self)
-        if not self.busy:
+        if self.phase is Phase.IDLE:
             return
         head = self._head
-        if head is not None and head.framing == "eof" and exc is None and not self._complete:
+        complete = self.phase is Phase.COMPLETE
+        if head is not None and head.framing == "eof" and exc is None and not complete:
             self._on_complete()  # a close-delimited body ends with the connection
             return
-        if not self._complete:
+        if not complete:
             detail = "before the response head" if head is None else "in the middle of the body"
             self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -137,6 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._head is not None:
+            self._out_of_step = True
             raise _OutOfStep  # a second response to one request
 
     def on_status(self, reason: bytes) -> None:
@@ -163,6 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             framing = "none" if not (framing == "length" and length == 0) else "length"
         keep_alive = self._parser.should_keep_alive() and framing != "eof"
         self._head = ResponseHead(status, self._reason, headers, keep_alive, framing, length)
+        self.phase = Phase.RECEIVING_BODY
         self._headers = []
         self._cancel_timer()
         waiter = self._head_waiter
@@ -171,6 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
+            self._out_of_step = True
             raise _OutOfStep  # a body to a HEAD request
         sink = self._sink
         if sink is not None:
@@ -191,13 +208,12 @@ class UpstreamConnection(asyncio.Protocol):
         self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
     ) -> asyncio.Future[ResponseHead]:
         """Send a request head (and a body already in hand); the future resolves with the response head."""
-        assert self.transport is not None and not self.busy
-        self.busy = True
+        assert self.transport is not None and self.phase is Phase.IDLE
+        self.phase = Phase.AWAITING_HEAD
         self._head = None
         self._headers = []
         self._pending_body = []
         self._sink = None
-        self._complete = False
         self._received_any = False
         self._head_only = head_only
         self._done_waiter = None
@@ -214,6 +230,30 @@ class UpstreamConnection(asyncio.Protocol):
     def received_any(self) -> bool:
         return self._received_any
 
+    @property
+    def busy(self) -> bool:
+        """In an exchange (from ``begin`` until ``finish``, ``close`` or ``abort``)."""
+        return self.phase is not Phase.IDLE
+
+    @property
+    def response_complete(self) -> bool:
+        return self.phase is Phase.COMPLETE
+
+    @property
+    def reusable(self) -> bool:
+        """The exchange ended cleanly on an open connection both sides want to keep."""
+        head = self._head
+        return (
+            self.phase is Phase.COMPLETE
+            and head is not None
+            and head.keep_alive
+            and self.request_complete
+            and not self._out_of_step
+            and not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
     def write_body(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -226,7 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def complete_body(self) -> list[bytes] | None:
         """The whole body, if the response has already arrived complete (or has none)."""
-        if self._complete or (self._head is not None and self._head.framing == "none"):
+        if self.phase is Phase.COMPLETE or (self._head is not None and self._head.framing == "none"):
             chunks, self._pending_body = self._pending_body, []
             return chunks
         return None
@@ -238,7 +278,7 @@ class UpstreamConnection(asyncio.Protocol):
         for chunk in self._pending_body:
             sink(chunk)
         self._pending_body = []
-        if self._complete:
+        if self.phase is Phase.COMPLETE:
             waiter.set_result(None)
             return waiter
         if self.closed:
@@ -260,20 +300,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if the connection is clean, else closed."""
-        self.busy = False
+        reusable = self.reusable
+        self.phase = Phase.IDLE
         self._sink = None
         self._cancel_timer()
-        head = self._head
-        if (
-            self._complete
-            and head is not None
-            and head.keep_alive
-            and self.request_complete
-            and not self._out_of_step
-            and not self.closed
-            and self.transport is not None
-            and not self.transport.is_closing()
-        ):
+        if reusable:
+            assert self.transport is not None
             if self.transport.is_reading() is False:
                 self.transport.resume_reading()
             self.reused = True
@@ -282,7 +314,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self.busy = False
+        self.phase = Phase.IDLE
         self._sink = None
         self._cancel_timer()
         if self.transport is not None and not self.closed:
@@ -292,7 +324,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once (client went away, timeout): nothing more is read or sent on it."""
-        self.busy = False
+        self.phase = Phase.IDLE
         self._sink = None
         self._cancel_timer()
         for waiter in (self._head_waiter, self._done_waiter):
@@ -307,7 +339,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _on_complete(self) -> None:
-        self._complete = True
+        self.phase = Phase.COMPLETE
         self._cancel_timer()
         waiter = self._done_waiter
         if waiter is not None and not waiter.done():

@@ -1,0 +1,42 @@
+"""What the forwarder writes an answer to: the client side of one exchange, seen as a protocol.
+
+The listener's ``ClientConnection`` is the real one. Keeping the forwarder to this narrow surface means the
+forwarder never imports the listener (no cycle), and an ``Exchange`` can be tested with a recording fake.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.http.wire import Headers
+from proxy.upstream.connection import UpstreamConnection
+
+
+class ResponseSink(Protocol):
+    http11: bool  # the client speaks HTTP/1.1: chunked framing is available
+    keep_alive: bool  # the connection stays open after this answer unless the answer says otherwise
+    log_requests: bool
+
+    def send_continue(self) -> None:
+        """``100 Continue``, for a client waiting to send its body."""
+
+    def send_raw(self, answer: bytes) -> None:
+        """A whole answer the sidecar made, already encoded (fail-fast)."""
+
+    def send_local(self, status: int, body: bytes, content_type: bytes, headers: Headers) -> None:
+        """A whole answer the sidecar makes (errors, overload)."""
+
+    def respond_whole(self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool) -> None:
+        """An upstream answer already complete: head and body in one write."""
+
+    def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
+        """The head of a streamed answer; ``upstream`` is paused while the client cannot keep up."""
+
+    def write_body(self, data: bytes) -> None:
+        """One body chunk of a streamed answer."""
+
+    def end_response(self) -> None:
+        """The streamed answer is complete."""
+
+    def abort(self) -> None:
+        """Cut the answer short: the client sees a truncated body, never a second status line."""
