@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime as dt
 import hmac
 import ipaddress
 import json
@@ -34,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -48,11 +47,8 @@ from prometheus_client import (
 
 from proxy.metrics import SidecarCollector
 from proxy.policy.values import Address, parse_duration
-from proxy.resilience.breaker import Override, Snapshot, State
-
-if TYPE_CHECKING:
-    from proxy.runtime import UpstreamRuntime
-    from proxy.server import Sidecar
+from proxy.reports import SidecarState, breakers_report, health_report
+from proxy.resilience.breaker import Override
 
 log = logging.getLogger("seawall.admin")
 
@@ -63,150 +59,6 @@ FRESH_WAIT = 0.01  # longest wait for the main loop before a cached report is se
 PUBLISH_INTERVAL = 0.25  # how often the main loop refreshes the cached reports (and its heartbeat)
 LIVE_STALL = 10.0  # /live fails when the main loop has not ticked for this long: a wedged data plane
 SWITCH_INTERVAL = 0.001  # GIL hand-over bound; only matters while the admin thread is waiting for the GIL
-
-
-def _iso(wall: float) -> str:
-    return dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _critical(rt: UpstreamRuntime) -> bool:
-    return rt.policy.health.critical if rt.policy.health is not None else True
-
-
-# -- reports (built on the main loop only) ------------------------------------------------------------------
-
-
-def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[str, Any]:
-    snap: Snapshot = rt.breaker.snapshot(now)
-    last = snap.last_transition
-    stats = rt.stats
-    body: dict[str, Any] = {
-        "state": snap.effective_state.value,
-        "machine_state": snap.state.value,
-        "enforce": rt.enforce,
-        "critical": _critical(rt),
-        "override": snap.override.value if snap.override else None,
-        "override_until": _iso(snap.override_until + wall_offset) if snap.override_until else None,
-        "failures": snap.failures_in_window,
-        "failure_threshold": rt.policy.breaker.failure_threshold,
-        "window_seconds": rt.policy.breaker.window,
-        "open_duration_seconds": rt.policy.breaker.open_duration,
-        "calls_in_window": snap.calls_in_window,
-        "failure_rate": snap.failure_rate,
-        "slow_call_rate": snap.slow_call_rate,
-        "retry_in": round(snap.retry_in, 3),
-        "half_open_in_flight": snap.half_open_in_flight,
-        "last_transition": None
-        if last is None
-        else {
-            "from": last.from_state.value,
-            "to": last.to_state.value,
-            "reason": last.reason,
-            "at": _iso(last.at + wall_offset),
-        },
-        "recent_transitions": [
-            {
-                "from": t.from_state.value,
-                "to": t.to_state.value,
-                "reason": t.reason,
-                "at": _iso(t.at + wall_offset),
-            }
-            for t in reversed(rt.recent_transitions)
-        ],
-        "totals": {
-            "successes": snap.total_successes,
-            "failures": snap.total_failures,
-            "rejected": snap.total_rejected,
-        },
-        "requests": {str(code): count for code, count in sorted(stats.requests.items())},
-        "failures_by_kind": dict(stats.failures),
-        "inflight": stats.inflight,
-        "pending": stats.pending,
-        "retries": stats.retries,
-        "rejected": dict(stats.rejected),
-        "targets": [
-            {
-                "target": str(s.target),
-                "ejected": s.ejected(now),
-                "ejected_until": _iso(s.ejected_until + wall_offset) if s.ejected(now) else None,
-                "ejection_reason": s.ejection_reason or None,
-                "outstanding": s.outstanding,
-                "consecutive_failures": s.consecutive_failures,
-                "ejections": s.total_ejections,
-            }
-            for s in rt.balancer.states
-        ],
-        "retry_budget": None,
-    }
-    if rt.budget is not None:
-        requests, retries = rt.budget.totals(now)
-        body["retry_budget"] = {
-            "requests": requests,
-            "retries": retries,
-            "allowance": round(rt.budget.allowance(now), 1),
-        }
-    return body
-
-
-def check_json(rt: UpstreamRuntime) -> dict[str, Any] | None:
-    if rt.policy.health is None:
-        return None
-    h = rt.health
-    return {
-        "healthy": h.healthy,
-        "critical": _critical(rt),
-        "latency_ms": round(h.latency * 1000, 3),
-        "checked_at": _iso(h.checked_at) if h.checked_at else None,
-        "detail": h.detail or None,
-        "consecutive_failures": h.consecutive_failures,
-        "consecutive_passes": h.consecutive_passes,
-        "interval_seconds": rt.policy.health.interval,
-    }
-
-
-def health_report(sidecar: Sidecar) -> tuple[int, dict[str, Any]]:
-    """The aggregated verdict: unhealthy (503) when a critical upstream fails its check or its breaker is open
-    (and enforcing); degraded (200) when a non-critical one does, or any breaker is not closed."""
-    now = sidecar.clock.monotonic()
-    wall_offset = time.time() - now
-    checks: dict[str, Any] = {}
-    breakers: dict[str, Any] = {}
-    status = "healthy"
-    for name, rt in sidecar.runtimes.items():
-        breaker = breaker_json(rt, now, wall_offset)
-        breakers[name] = breaker
-        critical = breaker["critical"]
-        bad = breaker["state"] == State.OPEN.value and rt.enforce
-        check = check_json(rt)
-        if check is not None:
-            checks[name] = check
-            bad = bad or check["healthy"] is False
-        if bad:
-            status = "unhealthy" if critical else ("degraded" if status == "healthy" else status)
-        elif breaker["state"] != State.CLOSED.value and status == "healthy":
-            status = "degraded"  # half-open, or open in shadow mode
-    loaded = sidecar.loaded
-    body = {
-        "status": status,
-        "timestamp": _iso(time.time()),
-        "checks": checks,
-        "circuit_breakers": breakers,
-        "config": None
-        if loaded is None
-        else {
-            "path": loaded.path,
-            "sha256": loaded.sha256,
-            "loaded_at": _iso(loaded.loaded_at),
-            "last_reload_errors": sidecar.last_reload_error,
-        },
-    }
-    return (503 if status == "unhealthy" else 200), body
-
-
-def breakers_report(sidecar: Sidecar) -> dict[str, Any]:
-    now = sidecar.clock.monotonic()
-    wall_offset = time.time() - now
-    return {name: breaker_json(rt, now, wall_offset) for name, rt in sidecar.runtimes.items()}
 
 
 # -- the server ---------------------------------------------------------------------------------------------
@@ -221,7 +73,7 @@ class _Cached:
 class AdminServer:
     """The admin HTTP server on its own thread and event loop (see the module docstring for why)."""
 
-    def __init__(self, sidecar: Sidecar, address: Address) -> None:
+    def __init__(self, sidecar: SidecarState, address: Address) -> None:
         self.sidecar = sidecar
         self.address = address
         self.registry = CollectorRegistry(auto_describe=False)
@@ -524,7 +376,7 @@ def _json_error(
     return cls(text=json.dumps({"error": error, **fields}), content_type="application/json", headers=headers)
 
 
-async def start_admin(sidecar: Sidecar, address: Address) -> AdminServer:
+async def start_admin(sidecar: SidecarState, address: Address) -> AdminServer:
     server = AdminServer(sidecar, address)
     await server.start()
     return server

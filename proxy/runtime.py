@@ -11,7 +11,6 @@ import collections
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 from proxy.metrics import UpstreamStats, UpstreamView
 from proxy.policy.model import UpstreamPolicy
@@ -20,22 +19,12 @@ from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
 from proxy.resilience.retry import RetryBudget, RetryRules
 from proxy.upstream.balancer import Balancer
+from proxy.upstream.health import CheckResult, HealthStatus
 
 log = logging.getLogger("seawall.breaker")
+health_log = logging.getLogger("seawall.health")
 
 RECENT_TRANSITIONS = 20
-
-
-@dataclass(slots=True)
-class HealthStatus:
-    """The latest verdict of the active checks (see ``proxy.upstream.health``)."""
-
-    healthy: bool | None = None  # None until the first check ends
-    latency: float = 0.0
-    checked_at: float = 0.0  # wall time
-    detail: str = ""
-    consecutive_passes: int = 0
-    consecutive_failures: int = 0
 
 
 class UpstreamRuntime:
@@ -112,6 +101,25 @@ class UpstreamRuntime:
                 "wall_time": time.time(),
             },
         )
+
+    def record_check(self, result: CheckResult) -> None:
+        """One active check's result: into the health verdict and the counters; a changed verdict is logged."""
+        health = self.policy.health
+        assert health is not None
+        outcome = "pass" if result.passed else "fail"
+        self.stats.checks[outcome] = self.stats.checks.get(outcome, 0) + 1
+        if self.health.record(result, health, time.time()):
+            health_log.warning(
+                "upstream %s is %s",
+                self.name,
+                "healthy" if self.health.healthy else "unhealthy",
+                extra={
+                    "event": "health_changed",
+                    "upstream": self.name,
+                    "healthy": self.health.healthy,
+                    "detail": result.detail,
+                },
+            )
 
     def effective_state(self) -> State:
         return self.breaker.snapshot(self.clock.monotonic()).effective_state

@@ -17,14 +17,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from proxy.admin import start_admin
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
 from proxy.policy.issues import ConfigError
 from proxy.policy.loader import load_file, load_text
 from proxy.policy.model import SidecarConfig, UpstreamPolicy
 from proxy.policy.values import Address
+from proxy.reports import LoadedFile
 from proxy.resilience.clock import Clock, SystemClock
 from proxy.runtime import UpstreamRuntime
 from proxy.tcp import TcpClient
@@ -35,10 +37,6 @@ log = logging.getLogger("seawall.server")
 WATCH_INTERVAL = 0.5  # seconds between looks at the policy file
 
 
-class _Drainable(Protocol):
-    def shutdown_when_idle(self) -> None: ...
-
-
 @dataclass
 class Listener:
     name: str
@@ -46,13 +44,6 @@ class Listener:
     protocol: str
     server: asyncio.Server
     connections: set[Any] = field(default_factory=set)
-
-
-@dataclass
-class LoadedFile:
-    path: str
-    sha256: str
-    loaded_at: float  # wall time
 
 
 class Sidecar:
@@ -88,8 +79,6 @@ class Sidecar:
             log.warning("%s", warning, extra={"event": "config_warning"})
         await self._apply(config)
         self._seen_digest = config.sha256
-        from proxy.admin import start_admin
-
         self._admin_runner = await start_admin(self, config.admin.listen)
         self._spawn(self._sweep_pools())
         self.ready = True
@@ -224,7 +213,13 @@ class Sidecar:
                 stop = asyncio.Event()
                 self._stop_checks[upstream.name] = stop
                 name = upstream.name
-                self._spawn(health.run_checks(lambda n=name: self.runtimes[n], stop))  # type: ignore[misc]
+                self._spawn(
+                    health.run_checks(
+                        lambda n=name: self.runtimes[n].policy,  # type: ignore[misc]
+                        lambda result, n=name: self.runtimes[n].record_check(result),  # type: ignore[misc]
+                        stop,
+                    )
+                )
         for name in [n for n in self._stop_checks if n not in {u.name for u in new.upstreams}]:
             self._stop_check(name)
 

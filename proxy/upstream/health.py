@@ -14,13 +14,10 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from proxy.policy.model import HealthPolicy
+from proxy.policy.model import HealthPolicy, UpstreamPolicy
 from proxy.policy.values import Target
-
-if TYPE_CHECKING:
-    from proxy.runtime import UpstreamRuntime
 
 log = logging.getLogger("seawall.health")
 
@@ -63,14 +60,51 @@ async def _tcp_probe(target: Target, health: HealthPolicy) -> str | None:
         writer.close()
 
 
-async def check_once(rt: UpstreamRuntime) -> None:
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    passed: bool
+    latency: float
+    detail: str  # what failed, per target; empty when passed
+
+
+@dataclass(slots=True)
+class HealthStatus:
+    """The verdict of the active checks so far, with hysteresis (``healthy_threshold``/``unhealthy_threshold``)."""
+
+    healthy: bool | None = None  # None until the first check ends
+    latency: float = 0.0
+    checked_at: float = 0.0  # wall time
+    detail: str = ""
+    consecutive_passes: int = 0
+    consecutive_failures: int = 0
+
+    def record(self, result: CheckResult, policy: HealthPolicy, wall_time: float) -> bool:
+        """Take one check's result; True when the verdict changed."""
+        self.latency = result.latency
+        self.checked_at = wall_time
+        self.detail = result.detail
+        before = self.healthy
+        if result.passed:
+            self.consecutive_passes += 1
+            self.consecutive_failures = 0
+            if before is None or (not before and self.consecutive_passes >= policy.healthy_threshold):
+                self.healthy = True
+        else:
+            self.consecutive_failures += 1
+            self.consecutive_passes = 0
+            if before is None or (before and self.consecutive_failures >= policy.unhealthy_threshold):
+                self.healthy = False
+        return self.healthy != before
+
+
+async def check_once(policy: UpstreamPolicy) -> CheckResult:
     """Probe every target once; the upstream passes if any target passes."""
-    health = rt.policy.health
+    health = policy.health
     assert health is not None
-    probe = _tcp_probe if rt.policy.protocol == "tcp" else _http_probe
+    probe = _tcp_probe if policy.protocol == "tcp" else _http_probe
     started = time.monotonic()
     problems: list[str] = []
-    for target in rt.policy.targets:
+    for target in policy.targets:
         try:
             async with asyncio.timeout(health.timeout):
                 problem = await probe(target, health)
@@ -82,48 +116,24 @@ async def check_once(rt: UpstreamRuntime) -> None:
             problems = []
             break
         problems.append(f"{target}: {problem}")
-    latency = time.monotonic() - started
-    record(rt, passed=not problems, latency=latency, detail="; ".join(problems))
+    return CheckResult(not problems, time.monotonic() - started, "; ".join(problems))
 
 
-def record(rt: UpstreamRuntime, passed: bool, latency: float, detail: str) -> None:
-    health, status = rt.policy.health, rt.health
-    assert health is not None
-    status.latency = latency
-    status.checked_at = time.time()
-    status.detail = detail
-    rt.stats.checks["pass" if passed else "fail"] = rt.stats.checks.get("pass" if passed else "fail", 0) + 1
-    before = status.healthy
-    if passed:
-        status.consecutive_passes += 1
-        status.consecutive_failures = 0
-        if before is None or (not before and status.consecutive_passes >= health.healthy_threshold):
-            status.healthy = True
-    else:
-        status.consecutive_failures += 1
-        status.consecutive_passes = 0
-        if before is None or (before and status.consecutive_failures >= health.unhealthy_threshold):
-            status.healthy = False
-    if status.healthy != before:
-        log.warning(
-            "upstream %s is %s",
-            rt.name,
-            "healthy" if status.healthy else "unhealthy",
-            extra={"event": "health_changed", "upstream": rt.name, "healthy": status.healthy, "detail": detail},
-        )
+async def run_checks(
+    get_policy: Callable[[], UpstreamPolicy], on_result: Callable[[CheckResult], None], stop: asyncio.Event
+) -> None:
+    """Check forever (until ``stop``), at ``interval`` ±10% so many sidecars do not probe in lockstep.
 
-
-async def run_checks(get_runtime: Callable[[], UpstreamRuntime], stop: asyncio.Event) -> None:
-    """Check forever (until ``stop``), at ``interval`` ±10% so many sidecars do not probe in lockstep."""
+    ``get_policy`` is asked before every check, so a reload that keeps the checks running is seen at once."""
     while not stop.is_set():
-        rt = get_runtime()
-        health = rt.policy.health
+        policy = get_policy()
+        health = policy.health
         if health is None:
             return
         try:
-            await check_once(rt)
+            on_result(await check_once(policy))
         except Exception:
-            log.exception("health check of %s failed unexpectedly", rt.name)
+            log.exception("health check of %s failed unexpectedly", policy.name)
         delay = health.interval * random.uniform(0.9, 1.1)
         try:
             async with asyncio.timeout(delay):
