@@ -23,7 +23,7 @@ from proxy.admin import start_admin
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
 from proxy.policy.issues import ConfigError
-from proxy.policy.loader import load_file, load_text
+from proxy.policy.loader import PolicyRead, read_policy
 from proxy.policy.model import SidecarConfig, UpstreamPolicy
 from proxy.policy.values import Address
 from proxy.reports import LoadedFile
@@ -73,9 +73,13 @@ class Sidecar:
 
     # -- start -----------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        config = load_file(self.config_path, self.environ)
-        for warning in _warnings(self.config_path, self.environ):
+    async def start(self, policy: PolicyRead | None = None) -> None:
+        """Load the policy (or take the one the caller already read) and start serving it."""
+        read = policy if policy is not None else read_policy(self.config_path, self.environ)
+        if read.config is None:
+            raise ConfigError(read.issues)
+        config = read.config
+        for warning in read.warnings:
             log.warning("%s", warning, extra={"event": "config_warning"})
         await self._apply(config)
         self._seen_digest = config.sha256
@@ -245,22 +249,14 @@ class Sidecar:
         swaps policies, so a reload either happens completely or not at all.
         """
         async with self._reload_lock:
-            try:
-                data = _read(self.config_path)
-            except OSError as exc:
-                return self._reject(trigger, [f"{self.config_path}: cannot read: {exc.strerror or exc}"])
-            # Whatever the outcome, the watcher need not act on these bytes again.
-            self._seen_digest = hashlib.sha256(data).hexdigest()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return self._reject(trigger, [f"{self.config_path}: not UTF-8 text: {exc.reason}"])
-            config, issues = load_text(text, self.config_path, self.environ)
-            for issue in issues:
-                if issue.severity == "warning":
-                    log.warning("%s", issue, extra={"event": "config_warning"})
+            read = read_policy(self.config_path, self.environ)
+            if read.digest is not None:
+                self._seen_digest = read.digest  # whatever the outcome, the watcher need not act on these bytes
+            for warning in read.warnings:
+                log.warning("%s", warning, extra={"event": "config_warning"})
+            config = read.config
             if config is None:
-                return self._reject(trigger, [str(i) for i in issues if i.severity == "error"])
+                return self._reject(trigger, [str(i) for i in read.errors])
             if self.config is not None and config.admin.listen != self.config.admin.listen:
                 log.warning(
                     "admin.listen changed to %s: the admin server stays on %s until a restart",
@@ -361,18 +357,7 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def _warnings(path: str, environ: Mapping[str, str] | None) -> list[str]:
-    from proxy.policy.loader import load_text
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    _, issues = load_text(text, path, environ)
-    return [str(i) for i in issues if i.severity == "warning"]
-
-
-async def serve(config_path: str, demo: bool, watch: bool) -> int:
+async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | None = None) -> int:
     loop = asyncio.get_running_loop()
     demo_runner = None
     if demo:
@@ -382,7 +367,7 @@ async def serve(config_path: str, demo: bool, watch: bool) -> int:
         log.info("demo upstream on http://%s:%d", DEMO_HOST, DEMO_PORT, extra={"event": "demo_started"})
     sidecar = Sidecar(config_path)
     try:
-        await sidecar.start()
+        await sidecar.start(policy)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -415,19 +400,13 @@ async def serve(config_path: str, demo: bool, watch: bool) -> int:
 
 def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
     from proxy import logs
-    from proxy.policy.loader import load_text
 
-    level = log_level
-    if level is None:
-        try:
-            config, _ = load_text(Path(config_path).read_text(encoding="utf-8"), config_path)
-            level = config.logging.level if config else "info"
-        except OSError:
-            level = "info"
+    policy = read_policy(config_path)  # the one read of this start: for the log level, then to serve
+    level = log_level or (policy.config.logging.level if policy.config else "info")
     logs.configure(level)
     try:
         import uvloop
 
-        return uvloop.run(serve(config_path, demo, watch))
+        return uvloop.run(serve(config_path, demo, watch, policy))
     except ImportError:
-        return asyncio.run(serve(config_path, demo, watch))
+        return asyncio.run(serve(config_path, demo, watch, policy))

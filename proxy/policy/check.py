@@ -6,49 +6,25 @@ file gets one summary line. Exit 1 when any file has an error; warnings alone ex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from proxy.policy.issues import ConfigIssue
-from proxy.policy.loader import load_text
-from proxy.policy.model import SidecarConfig
+from proxy.policy.loader import PolicyRead, read_policy
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
-@dataclass
-class FileReport:
-    path: str
-    config: SidecarConfig | None
-    issues: list[ConfigIssue] = field(default_factory=list)
-
-    @property
-    def errors(self) -> list[ConfigIssue]:
-        return [i for i in self.issues if i.severity == "error"]
-
-    @property
-    def warnings(self) -> list[ConfigIssue]:
-        return [i for i in self.issues if i.severity == "warning"]
-
-
-def check_file(path: str, environ: Mapping[str, str] | None = None) -> FileReport:
-    """Never raises for a bad file: unreadable, non-UTF-8 and broken YAML all become issues."""
-    try:
-        # Bytes decoded as-is, like the loader, so line numbers match what an editor shows.
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return FileReport(path, None, [ConfigIssue(path, 0, 0, "", "no such file")])
-    except IsADirectoryError:
-        return FileReport(path, None, [ConfigIssue(path, 0, 0, "", "is a directory")])
-    except OSError as exc:
-        return FileReport(path, None, [ConfigIssue(path, 0, 0, "", f"cannot read: {exc.strerror or exc}")])
-    except UnicodeDecodeError as exc:
-        return FileReport(path, None, [ConfigIssue(path, 0, 0, "", f"not UTF-8 text: {exc.reason}")])
-    config, issues = load_text(text, path, environ)
-    return FileReport(path, config, issues)
+def check_file(path: str, environ: Mapping[str, str] | None = None) -> PolicyRead:
+    """The policy file judged as the sidecar would judge it; an unreadable file is said in a few words."""
+    read = read_policy(path, environ)
+    if isinstance(read.os_error, FileNotFoundError | IsADirectoryError):
+        message = "no such file" if isinstance(read.os_error, FileNotFoundError) else "is a directory"
+        return dataclasses.replace(read, issues=[ConfigIssue(path, 0, 0, "", message)])
+    return read
 
 
 def expand(paths: Iterable[str]) -> list[str]:
@@ -63,7 +39,7 @@ def expand(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def summary(report: FileReport) -> str:
+def summary(report: PolicyRead) -> str:
     assert report.config is not None
     names = [u.name for u in report.config.upstreams]
     noun = "upstream" if len(names) == 1 else "upstreams"

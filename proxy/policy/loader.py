@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +110,46 @@ def load_text(
     return config, sorted(reader.issues, key=lambda i: (i.line, i.column))
 
 
-def load_file(path: str | Path, environ: Mapping[str, str] | None = None) -> SidecarConfig:
-    """Load a policy file or raise ``ConfigError`` with every problem in it."""
+@dataclass(frozen=True, slots=True)
+class PolicyRead:
+    """One read of a policy file: its bytes' digest, the config (None if any error) and every issue found."""
+
+    path: str
+    digest: str | None  # sha256 of the bytes on disk; None when they could not be read
+    config: SidecarConfig | None
+    issues: list[ConfigIssue]
+    os_error: OSError | None = None  # why the file could not be read at all
+
+    @property
+    def errors(self) -> list[ConfigIssue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[ConfigIssue]:
+        return [i for i in self.issues if i.severity == "warning"]
+
+
+def read_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> PolicyRead:
+    """Read, decode and validate a policy file once. Never raises for a bad file: it becomes an issue."""
     file = str(path)
     try:
-        # Bytes decoded as-is (no newline translation), so ``sha256`` is the hash of the file on disk.
-        text = Path(path).read_bytes().decode("utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError([ConfigIssue(file, 0, 0, "", f"cannot read: {exc.strerror or exc}")]) from exc
+        issue = ConfigIssue(file, 0, 0, "", f"cannot read: {exc.strerror or exc}")
+        return PolicyRead(file, None, None, [issue], exc)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        # Bytes decoded as-is (no newline translation): line numbers match an editor, the digest the disk.
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(file, 0, 0, "", f"not UTF-8 text: {exc.reason}")]) from exc
+        return PolicyRead(file, digest, None, [ConfigIssue(file, 0, 0, "", f"not UTF-8 text: {exc.reason}")])
     config, issues = load_text(text, file, environ)
-    if config is None:
-        raise ConfigError(issues)
-    return config
+    return PolicyRead(file, digest, config, issues)
+
+
+def load_file(path: str | Path, environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Load a policy file or raise ``ConfigError`` with every problem in it."""
+    read = read_policy(path, environ)
+    if read.config is None:
+        raise ConfigError(read.issues)
+    return read.config
