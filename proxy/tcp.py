@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from proxy.sockets import set_no_delay
 from proxy.upstream.errors import UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
@@ -45,9 +45,7 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_no_delay(transport)
 
     def _live_peer(self) -> asyncio.Transport | None:
         peer = self.peer
@@ -113,7 +111,7 @@ class TcpClient(_Side):
         super().connection_made(transport)
         self._connections.add(self)
         rt = self._rt = self._get_runtime()
-        # Limits first, then the breaker (the data path of DESIGN.md): an overload is never a breaker event.
+        # Limits first, then the breaker (the data path in the README): an overload is never a breaker event.
         if not rt.bulkhead.try_enter():
             rt.stats.reject("overload")
             rt.stats.answered(503, 0.0)

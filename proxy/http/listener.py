@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import socket
 import typing
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, validate_head
 from proxy.policy.model import HttpServerPolicy
+from proxy.sockets import set_no_delay
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
@@ -87,9 +87,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self._client_ip = str(peer[0]).encode()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_no_delay(transport)
         self._phase_since = self.loop.time()
         self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout), self._on_timer)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from proxy.policy.values import Target
+from proxy.sockets import set_no_delay
 from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.errors import UpstreamError, map_connect_error
 
@@ -45,9 +45,8 @@ class TargetPool:
             raise map_connect_error(exc, f"{target.host}:{target.port}") from None
         except UpstreamError:
             raise
-        sock = conn.transport.get_extra_info("socket") if conn.transport else None
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.transport is not None:
+            set_no_delay(conn.transport)
         self._all.add(conn)
         return conn
 
