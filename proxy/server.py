@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from proxy.policy.values import Address
 from proxy.reports import LoadedFile
 from proxy.resilience.clock import Clock, SystemClock
 from proxy.runtime import UpstreamRuntime
+from proxy.sockets import Drainable
 from proxy.tcp import TcpClient
 from proxy.upstream import health
 
@@ -43,7 +44,7 @@ class Listener:
     address: Address
     protocol: str
     server: asyncio.Server
-    connections: set[Any] = field(default_factory=set)
+    connections: set[Drainable]  # what is still open, for draining
 
 
 class Sidecar:
@@ -152,7 +153,7 @@ class Sidecar:
     async def _bind(self, policy: UpstreamPolicy, config: SidecarConfig) -> Listener:
         loop = asyncio.get_running_loop()
         name = policy.name
-        connections: set[Any] = set()
+        connections: set[Drainable] = set()
 
         def get_runtime() -> UpstreamRuntime:
             runtime = self.runtimes.get(name)

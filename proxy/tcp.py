@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.sockets import set_no_delay
+from proxy.sockets import Drainable, set_no_delay
 from proxy.upstream.errors import UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class _Side(asyncio.Protocol):
 class TcpClient(_Side):
     """The client end: decides admission, opens the upstream end."""
 
-    def __init__(self, get_runtime: Callable[[], UpstreamRuntime], connections: set[TcpClient]) -> None:
+    def __init__(self, get_runtime: Callable[[], UpstreamRuntime], connections: set[Drainable]) -> None:
         super().__init__()
         self._get_runtime = get_runtime
         self._connections = connections

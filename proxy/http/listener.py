@@ -23,7 +23,7 @@ from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, validate_head
 from proxy.policy.model import HttpServerPolicy
-from proxy.sockets import set_no_delay
+from proxy.sockets import Drainable, set_no_delay
 
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("seawall.listener")
 
 _JOIN_LIMIT = 64 * 1024  # below this, copying head and body together beats a vectored write
+# After an answer that ends the connection, unread client bytes are read and dropped for a while before the
+# socket is closed: closing with unread input makes the kernel send a reset, and a reset can destroy the answer
+# in the client's receive buffer before it is read (nginx's lingering close).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 
 
 class _Phase(enum.Enum):
@@ -49,7 +54,7 @@ class ClientConnection(asyncio.Protocol):
         self,
         get_runtime: Callable[[], UpstreamRuntime],
         http: HttpServerPolicy,
-        connections: set[ClientConnection],
+        connections: set[Drainable],
         log_requests: bool,
     ) -> None:
         self._get_runtime = get_runtime
@@ -78,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self._phase_since = 0.0
         self._deferred_reject: tuple[int, str] | None = None
         self._rejection: RequestRejected | None = None  # raised inside a parser callback, for data_received
+        self._lingered = 0  # bytes dropped after the connection's last answer
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -93,6 +99,9 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._deferred_reject is not None:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES and self.transport is not None:
+                self.transport.abort()  # a client that keeps sending after its answer: stop draining it
             return
         try:
             self._parser.feed_data(data)
@@ -237,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             if not self.keep_alive or (req.body is not None and not req.body.complete):
                 # An unread body would be taken for the next request: close instead of guessing.
-                self._close()
+                self._close_after_answer()
                 return
             if not self._queue:
                 break
@@ -345,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
                         status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False
                     )
                 )
-        self._close()
+        self._close_after_answer()
 
     def _refuse(self, status: int, detail: str) -> typing.NoReturn:
         """Inside a parser callback: stop parsing; ``data_received`` answers with this status."""
@@ -394,6 +403,28 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
+
+    def _close_after_answer(self) -> None:
+        """Close once the last answer is out, without letting a reset destroy it (see LINGER_SECONDS): send
+        FIN after the answer, drop what the client still sends, close when it closes or the time is up."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._close()
+            return
+        self._closing = True
+        self._cancel_timer()
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def close(self) -> None:
+        """Drop the connection now, whatever it is doing (a drain that ran out of time)."""
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
 
     def shutdown_when_idle(self) -> None:
         """For draining: close now if idle, else after the answer in flight."""
