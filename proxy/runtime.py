@@ -81,9 +81,9 @@ class UpstreamRuntime:
         if previous is not None:
             # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.
             self.bulkhead = previous.bulkhead
-            self.bulkhead.policy = policy.limits
+            self.bulkhead.limits = policy.limits
         else:
-            self.bulkhead = Bulkhead(policy.limits, self.stats)
+            self.bulkhead = Bulkhead(policy.limits, clock, self.stats)
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
