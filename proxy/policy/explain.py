@@ -22,9 +22,12 @@ from proxy.policy.check import check_file
 from proxy.policy.model import UpstreamPolicy
 from proxy.policy.schema import to_plain
 from proxy.policy.values import format_duration
+from proxy.resilience.failures import FAILED_ANSWER, FailureKind
 
 # Outcomes the forwarder records as breaker failures, in the words of ``x-sidecar-reason``.
-_HTTP_FAILURES = ("connect_error", "timeout", "reset", "bad_response", "5xx answers")
+_HTTP_FAILURES = (*FailureKind, f"{FAILED_ANSWER} answers")
+# What the tcp relay records: a connect that fails (timing out included) is a connect_error.
+_TCP_FAILURES = f"{FailureKind.CONNECT_ERROR}, {FailureKind.TIMEOUT} (on connect)"
 _NEVER_RETRIED_BY_DEFAULT = ("POST", "PATCH")
 _WIDTH = 110
 
@@ -171,7 +174,7 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             )
 
     # -- the breaker -----------------------------------------------------------------------------------------
-    counted = ", ".join(_HTTP_FAILURES) if http else "connect_error, timeout (on connect)"
+    counted = ", ".join(_HTTP_FAILURES) if http else _TCP_FAILURES
     say(
         f"Counted as failures by the breaker: {counted}. Not counted: "
         + (

@@ -18,12 +18,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Outcome kinds, as reported in ``x-sidecar-reason`` and accepted in ``retry_on``.
-CONNECT_ERROR = "connect_error"
-TIMEOUT = "timeout"
-RESET = "reset"
-BAD_RESPONSE = "bad_response"
-FAILURE_KINDS = frozenset({CONNECT_ERROR, TIMEOUT, RESET, BAD_RESPONSE})
+from proxy.resilience.failures import FailureKind
 
 
 def backoff_delays(
@@ -42,14 +37,14 @@ def backoff_delays(
 @dataclass(frozen=True, slots=True)
 class RetryRules:
     max_retries: int
-    retry_on_kinds: frozenset[str]  # connect_error, timeout, reset, bad_response
+    retry_on_kinds: frozenset[FailureKind]
     retry_on_statuses: frozenset[int]
     methods: frozenset[str]
 
     def method_allows(self, method: str) -> bool:
         return method in self.methods
 
-    def outcome_allows(self, kind: str | None, status: int) -> bool:
+    def outcome_allows(self, kind: FailureKind | None, status: int) -> bool:
         """``kind`` is a failure kind for locally detected failures, else None and ``status`` is the answer's."""
         if kind is not None:
             return kind in self.retry_on_kinds
