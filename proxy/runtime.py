@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from proxy.metrics import UpstreamStats, UpstreamView
 from proxy.policy.model import UpstreamPolicy
 from proxy.resilience.breaker import CircuitBreaker, State, Transition
+from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
-from proxy.resilience.retry import RetryBudget, RetryRules
+from proxy.resilience.retry import RetryRules
 from proxy.upstream.balancer import Balancer
 
 log = logging.getLogger("seawall.breaker")

@@ -3,9 +3,8 @@
 - ``backoff_delays`` is a generator: ``base · 2ⁿ`` capped at ``max``, optionally with full jitter
   (a uniform draw in ``[0, delay]``, from a seedable ``random.Random``), as AWS's backoff article recommends.
 - ``RetryRules`` answers whether an outcome is worth retrying for a method.
-- ``RetryBudget`` caps retries to a share of recent requests (Linkerd/Finagle's budget: ``ratio`` of the
-  requests in the last ``window`` seconds plus a floor of ``min_per_second``), so a failing upstream cannot turn
-  every caller into a retry storm.
+- ``RetryBudget`` (in ``proxy.resilience.budget``) caps retries to a share of recent requests, so a failing
+  upstream cannot turn every caller into a retry storm.
 
 Sleeping is the caller's business (through its ``Clock``); nothing here touches asyncio.
 """
@@ -79,56 +78,3 @@ def choose_delay(backoff: float, retry_after: float | None, max_delay: float) ->
     if retry_after <= max(backoff, max_delay):
         return retry_after
     return None
-
-
-_BUDGET_BUCKETS = 10
-
-
-class RetryBudget:
-    """Retries allowed in the last ``window`` seconds: ``min_per_second · window + ratio · requests``."""
-
-    __slots__ = ("_epochs", "_min_per_second", "_ratio", "_requests", "_retries", "_width", "window")
-
-    def __init__(self, ratio: float, min_per_second: float, window: float = 10.0) -> None:
-        self._ratio = ratio
-        self._min_per_second = min_per_second
-        self.window = window
-        self._width = window / _BUDGET_BUCKETS
-        self._epochs = [-1] * _BUDGET_BUCKETS
-        self._requests = [0] * _BUDGET_BUCKETS
-        self._retries = [0] * _BUDGET_BUCKETS
-
-    def _slot(self, now: float) -> int:
-        epoch = int(now // self._width)
-        slot = epoch % _BUDGET_BUCKETS
-        if self._epochs[slot] != epoch:
-            self._epochs[slot] = epoch
-            self._requests[slot] = self._retries[slot] = 0
-        return slot
-
-    def record_request(self, now: float) -> None:
-        self._requests[self._slot(now)] += 1
-
-    def totals(self, now: float) -> tuple[int, int]:
-        """(requests, retries) in the window."""
-        oldest = int(now // self._width) - _BUDGET_BUCKETS
-        requests = retries = 0
-        for slot in range(_BUDGET_BUCKETS):
-            if self._epochs[slot] > oldest:
-                requests += self._requests[slot]
-                retries += self._retries[slot]
-        return requests, retries
-
-    def allowance(self, now: float) -> float:
-        requests, _ = self.totals(now)
-        return self._min_per_second * self.window + self._ratio * requests
-
-    def try_spend(self, now: float) -> bool:
-        """Take one retry from the budget, or refuse."""
-        requests, retries = self.totals(now)
-        # This retry must fit too (retries + 1 ≤ allowance), else 0.2 · 1 request would allow a whole retry;
-        # the epsilon keeps products like 0.29 · 100 = 28.999999999999996 from losing a retry to rounding.
-        if retries + 1 > self._min_per_second * self.window + self._ratio * requests + 1e-9:
-            return False
-        self._retries[self._slot(now)] += 1
-        return True

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.resilience.budget import RetryBudget
 from proxy.resilience.failures import FailureKind
 from proxy.resilience.retry import (
-    RetryBudget,
     RetryRules,
     backoff_delays,
     choose_delay,
