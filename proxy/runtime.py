@@ -20,7 +20,7 @@ from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
 from proxy.resilience.retry import RetryRules
-from proxy.upstream.balancer import Balancer
+from proxy.upstream.balancer import Balancer, TargetState
 
 log = logging.getLogger("seawall.breaker")
 
@@ -88,7 +88,7 @@ class UpstreamRuntime:
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
-        self.rng = random.Random()
+        self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
         self.fallback = policy.fallback
@@ -113,6 +113,26 @@ class UpstreamRuntime:
                 "wall_time": time.time(),
             },
         )
+
+    def report_target(
+        self, state: TargetState, ok: bool, now: float, kind: str = "", logger: logging.Logger = log
+    ) -> None:
+        """An attempt's outcome on one target, for outlier detection; an ejection it causes is logged here, once
+        (on the caller's ``logger``, so the line keeps the name of the data path it happened on)."""
+        ejected = self.balancer.report(state, ok=ok, now=now, kind=kind)
+        if ejected:
+            logger.warning(
+                "target %s of %s ejected: %s",
+                state.target,
+                self.name,
+                ejected,
+                extra={
+                    "event": "target_ejected",
+                    "upstream": self.name,
+                    "target": str(state.target),
+                    "reason": ejected,
+                },
+            )
 
     def effective_state(self) -> State:
         return self.breaker.snapshot(self.clock.monotonic()).effective_state

@@ -228,20 +228,7 @@ class Exchange:
             if permit is not None:
                 breaker.record_failure(permit, now, now - self.started)
                 self.permit = None
-            ejected = rt.balancer.report(state, ok=False, now=now, kind=failed_kind)
-            if ejected:
-                log.warning(
-                    "target %s of %s ejected: %s",
-                    state.target,
-                    rt.name,
-                    ejected,
-                    extra={
-                        "event": "target_ejected",
-                        "upstream": rt.name,
-                        "target": str(state.target),
-                        "reason": ejected,
-                    },
-                )
+            rt.report_target(state, ok=False, now=now, kind=failed_kind, logger=log)
             self._last_error = error
             # Should we go again?
             if delays is None:
