@@ -113,7 +113,7 @@ class TcpClient(_Side):
         super().connection_made(transport)
         self._connections.add(self)
         rt = self._rt = self._get_runtime()
-        # Limits first, then the breaker (the data path of DESIGN.md): an overload is never a breaker event.
+        # Limits first, then the breaker, as on the HTTP path: an overload is never a breaker event.
         if not rt.bulkhead.try_enter():
             rt.stats.reject("overload")
             rt.stats.answered(503, 0.0)
