@@ -225,7 +225,7 @@ class CircuitBreaker:
                 self._fire(Event.PROBE_SUCCEEDED, now, Event.PROBE_SUCCEEDED.value)
             return
         if self._rates is not None and self._state is State.CLOSED:
-            self._rates.add(now, 1, 0, slow)
+            self._rates.add_each(now, 1, 0, slow)
             self._trip_on_rates(now)
 
     def record_failure(self, permit: Permit, now: float, duration: float = 0.0) -> None:
@@ -245,7 +245,7 @@ class CircuitBreaker:
             self._fire(Event.TRIP, now, f"{threshold}_failures_in_{_seconds(self.settings.window)}")
             return
         if self._rates is not None:
-            self._rates.add(now, 1, 1, self._is_slow(duration))
+            self._rates.add_each(now, 1, 1, self._is_slow(duration))
             self._trip_on_rates(now)
 
     def record_ignored(self, permit: Permit) -> None:

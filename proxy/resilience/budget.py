@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from proxy.resilience.window import BucketedWindow
 
+_REQUESTS, _RETRIES = 0, 1  # the window's counters
+
 
 class RetryBudget:
     """Retries allowed in the last ``window`` seconds: ``min_per_second · window + ratio · requests``."""
@@ -20,10 +22,10 @@ class RetryBudget:
         self._ratio = ratio
         self._min_per_second = min_per_second
         self.window = window
-        self._counts = BucketedWindow(window, counters=2)  # requests, retries
+        self._counts = BucketedWindow(window, counters=2)
 
     def record_request(self, now: float) -> None:
-        self._counts.add(now, 1)
+        self._counts.add(now, _REQUESTS)
 
     def totals(self, now: float) -> tuple[int, int]:
         """(requests, retries) in the window."""
@@ -45,5 +47,5 @@ class RetryBudget:
         """Take one retry from the budget, or refuse."""
         if not self.allows(now):
             return False
-        self._counts.add(now, 0, 1)
+        self._counts.add(now, _RETRIES)
         return True
