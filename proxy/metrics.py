@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.resilience.failures import FAILED_ANSWER, FailureKind
+
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
@@ -44,7 +46,7 @@ METRICS: dict[str, MetricSpec] = {
         "breaker_open_shadow (would have been rejected in shadow mode).",
     ),
     "sidecar_upstream_failures_total": MetricSpec(
-        "counter", ("upstream", "kind"), "Failed attempts: connect_error, timeout, reset, bad_response, 5xx."
+        "counter", ("upstream", "kind"), f"Failed attempts: {', '.join([*FailureKind, FAILED_ANSWER])}."
     ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
     "sidecar_pending_requests": MetricSpec("gauge", ("upstream",), "Requests waiting for a concurrency slot."),

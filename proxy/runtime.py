@@ -15,10 +15,11 @@ import time
 from proxy.metrics import UpstreamStats, UpstreamView
 from proxy.policy.model import UpstreamPolicy
 from proxy.resilience.breaker import CircuitBreaker, State, Transition
+from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
-from proxy.resilience.retry import RetryBudget, RetryRules
-from proxy.upstream.balancer import Balancer
+from proxy.resilience.retry import RetryRules
+from proxy.upstream.balancer import Balancer, TargetState
 from proxy.upstream.health import CheckResult, HealthStatus
 
 log = logging.getLogger("seawall.breaker")
@@ -70,13 +71,13 @@ class UpstreamRuntime:
         if previous is not None:
             # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.
             self.bulkhead = previous.bulkhead
-            self.bulkhead.policy = policy.limits
+            self.bulkhead.limits = policy.limits
         else:
-            self.bulkhead = Bulkhead(policy.limits, self.stats)
+            self.bulkhead = Bulkhead(policy.limits, clock, self.stats)
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
-        self.rng = random.Random()
+        self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
         self.fallback = policy.fallback
@@ -118,6 +119,26 @@ class UpstreamRuntime:
                     "upstream": self.name,
                     "healthy": self.health.healthy,
                     "detail": result.detail,
+                },
+            )
+
+    def report_target(
+        self, state: TargetState, ok: bool, now: float, kind: str = "", logger: logging.Logger = log
+    ) -> None:
+        """An attempt's outcome on one target, for outlier detection; an ejection it causes is logged here, once
+        (on the caller's ``logger``, so the line keeps the name of the data path it happened on)."""
+        ejected = self.balancer.report(state, ok=ok, now=now, kind=kind)
+        if ejected:
+            logger.warning(
+                "target %s of %s ejected: %s",
+                state.target,
+                self.name,
+                ejected,
+                extra={
+                    "event": "target_ejected",
+                    "upstream": self.name,
+                    "target": str(state.target),
+                    "reason": ejected,
                 },
             )
 

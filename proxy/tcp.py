@@ -111,7 +111,7 @@ class TcpClient(_Side):
         super().connection_made(transport)
         self._connections.add(self)
         rt = self._rt = self._get_runtime()
-        # Limits first, then the breaker (the data path in the README): an overload is never a breaker event.
+        # Limits first, then the breaker, as on the HTTP path: an overload is never a breaker event.
         if not rt.bulkhead.try_enter():
             rt.stats.reject("overload")
             rt.stats.answered(503, 0.0)
@@ -188,31 +188,18 @@ class TcpClient(_Side):
             rt.stats.failed(error.kind)
             if permit is not None:
                 rt.breaker.record_failure(permit, now, now - started)
-            ejected = rt.balancer.report(state, ok=False, now=now, kind=error.kind)
             log.info(
                 "tcp connect to %s failed: %s",
                 target,
                 error,
                 extra={"event": "tcp_connect_failed", "upstream": rt.name, "target": str(target)},
             )
-            if ejected:
-                log.warning(
-                    "target %s of %s ejected: %s",
-                    target,
-                    rt.name,
-                    ejected,
-                    extra={
-                        "event": "target_ejected",
-                        "upstream": rt.name,
-                        "target": str(target),
-                        "reason": ejected,
-                    },
-                )
+            rt.report_target(state, ok=False, now=now, kind=error.kind, logger=log)
             return None
         now = rt.clock.monotonic()
         if permit is not None:
             rt.breaker.record_success(permit, now, now - started)
-        rt.balancer.report(state, ok=True, now=now)
+        rt.report_target(state, ok=True, now=now)
         return upstream
 
     def _link(self, rt: UpstreamRuntime, state: TargetState, upstream: _Side, started: float) -> None:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from proxy.http import heads, wire
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
-from proxy.resilience.retry import backoff_delays, choose_delay, parse_retry_after
+from proxy.resilience.failures import FAILED_ANSWER
+from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
 
@@ -154,7 +155,7 @@ class Exchange:
                     breaker.record_ignored(permit)
                 self.permit = None
                 continue
-            failed_kind = error.kind if error is not None else ("5xx" if head and head.status >= 500 else None)
+            failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
             now = clock.monotonic()
             if failed_kind is None:
                 await self._deliver(head, state)  # type: ignore[arg-type]
@@ -163,65 +164,47 @@ class Exchange:
             if permit is not None:
                 breaker.record_failure(permit, now, now - self.started)
                 self.permit = None
-            ejected = rt.balancer.report(state, ok=False, now=now, kind=failed_kind)
-            if ejected:
-                log.warning(
-                    "target %s of %s ejected: %s",
-                    state.target,
-                    rt.name,
-                    ejected,
-                    extra={
-                        "event": "target_ejected",
-                        "upstream": rt.name,
-                        "target": str(state.target),
-                        "reason": ejected,
-                    },
-                )
+            rt.report_target(state, ok=False, now=now, kind=failed_kind, logger=log)
             self._last_error = error
             # Should we go again?
             if delays is None:
                 retry = policy.retry
                 delays = backoff_delays(retry.base_delay, retry.max_delay, retry.jitter, rt.rng)
-            why_not = self._why_not_retry(error, head)
-            delay = 0.0
-            if why_not is None:
-                retry_after = parse_retry_after(head.header(b"retry-after"), time.time()) if head else None
-                chosen = choose_delay(next(delays), retry_after, policy.retry.max_delay)
-                if chosen is None:
-                    why_not = "retry_after_too_long"
-                elif now + chosen >= deadline:
-                    why_not = "deadline"
-                else:
-                    delay = chosen
-            if why_not is None and rt.budget is not None and not rt.budget.try_spend(now):
+            budget = rt.budget
+            decision = decide_retry(
+                rt.rules,
+                attempts=self.attempts,
+                method=req.method,
+                kind=error.kind if error is not None else None,
+                status=head.status if head is not None else 0,
+                body_replayable=self._body_replayable(),
+                backoff=delays,
+                retry_after=parse_retry_after(head.header(b"retry-after"), time.time()) if head else None,
+                max_delay=policy.retry.max_delay,
+                now=now,
+                deadline=deadline,
+                budget_allows=budget is None or budget.allows(now),
+                breaker_retry_in=breaker.retry_in(now) if rt.enforce else 0.0,
+                breaker_enforced=rt.enforce,
+            )
+            why_not = decision.reason
+            if why_not is NoRetry.RETRY_BUDGET:
                 rt.stats.reject("retry_budget")
-                why_not = "retry_budget"
-            if why_not is None and rt.enforce and breaker.retry_in(now) > delay:
-                why_not = "breaker_open"  # no point waiting: the next try would be refused
             if why_not is not None:
                 if head is not None:
                     await self._deliver(head, state, failed=True)
                 else:
                     assert error is not None
-                    self._local_failure(error, why_not if why_not in ("retry_budget", "breaker_open") else None)
+                    stopped_by = why_not if why_not in (NoRetry.RETRY_BUDGET, NoRetry.BREAKER_OPEN) else None
+                    self._local_failure(error, stopped_by)
                 return
+            if budget is not None:
+                budget.try_spend(now)  # it allowed one a moment ago: this spends it
             rt.stats.retries += 1
             self._release(abort=head is None or not self._discard_answer())
             exclude = state
-            if delay > 0:
-                await clock.sleep(delay)
-
-    def _why_not_retry(self, error: UpstreamError | None, head: ResponseHead | None) -> str | None:
-        rules = self.rt.rules
-        if self.attempts > rules.max_retries:
-            return "retries_exhausted"
-        if not rules.method_allows(self.req.method):
-            return "method_not_retried"
-        if not rules.outcome_allows(error.kind if error else None, head.status if head else 0):
-            return "outcome_not_retried"
-        if not self._body_replayable():
-            return "body_not_replayable"
-        return None
+            if decision.delay > 0:
+                await clock.sleep(decision.delay)
 
     def _body_replayable(self) -> bool:
         body = self.req.body
@@ -299,7 +282,7 @@ class Exchange:
             rt.stats.failed(exc.kind)
             if permit is not None:
                 rt.breaker.record_failure(permit, now, now - self.started)
-            rt.balancer.report(state, ok=False, now=now, kind=exc.kind)
+            rt.report_target(state, ok=False, now=now, kind=exc.kind, logger=log)
             rt.stats.answered(status, now - self.started)
             client.abort()
             return
@@ -314,7 +297,7 @@ class Exchange:
         if not failed:
             if permit is not None:
                 rt.breaker.record_success(permit, now, duration)
-            rt.balancer.report(state, ok=True, now=now)  # in shadow mode too: a success clears the target's count
+            rt.report_target(state, ok=True, now=now)  # in shadow mode too: a success clears the target's count
         rt.stats.answered(status, duration)
         if client.log_requests:
             log.info(

@@ -1,9 +1,10 @@
 """``sidecar explain PATH [UPSTREAM]``: what a policy will actually do, in plain words.
 
 For each upstream: the effective policy after ``defaults`` are merged in, then its consequences, computed the
-way ``proxy.http.forwarder`` behaves (each try gets ``min(per_try, time left)``; a retry starts only if its backoff
-ends before ``total``; every failed try is recorded by the breaker; the retry budget caps retries to a share of
-recent requests), and finally the contradictions: settings that quietly cancel each other out.
+way ``proxy.http.forwarder`` behaves (each try gets ``min(per_try, time left)``; whether a retry follows, and
+after which delay, is ``proxy.resilience.retry.decide_retry``'s answer, as in the forwarder; every failed try is
+recorded by the breaker; the retry budget caps retries to a share of recent requests), and finally the
+contradictions: settings that quietly cancel each other out.
 
 ``explain_upstream`` is pure (a policy in, an ``Explanation`` out) so tests can check the arithmetic directly.
 """
@@ -11,6 +12,7 @@ recent requests), and finally the contradictions: settings that quietly cancel e
 from __future__ import annotations
 
 import difflib
+import itertools
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,9 +24,13 @@ from proxy.policy.check import check_file
 from proxy.policy.model import UpstreamPolicy
 from proxy.policy.schema import to_plain
 from proxy.policy.values import format_duration
+from proxy.resilience.failures import FAILED_ANSWER, FailureKind
+from proxy.resilience.retry import RetryRules, backoff_delays, decide_retry
 
 # Outcomes the forwarder records as breaker failures, in the words of ``x-sidecar-reason``.
-_HTTP_FAILURES = ("connect_error", "timeout", "reset", "bad_response", "5xx answers")
+_HTTP_FAILURES = (*FailureKind, f"{FAILED_ANSWER} answers")
+# What the tcp relay records: a connect that fails (timing out included) is a connect_error.
+_TCP_FAILURES = f"{FailureKind.CONNECT_ERROR}, {FailureKind.TIMEOUT} (on connect)"
 _NEVER_RETRIED_BY_DEFAULT = ("POST", "PATCH")
 _WIDTH = 110
 
@@ -51,27 +57,37 @@ class Explanation:
 
 
 def _backoffs(policy: UpstreamPolicy) -> list[float]:
+    """The forwarder's backoff schedule without jitter (the longest each delay can be), one per retry."""
     retry = policy.retry
-    delays, delay = [], retry.base_delay
-    for _ in range(retry.max_retries):
-        delays.append(min(delay, retry.max_delay))
-        delay = min(delay * 2, retry.max_delay) if delay < retry.max_delay else delay
-    return delays
+    return list(itertools.islice(backoff_delays(retry.base_delay, retry.max_delay, jitter=False), retry.max_retries))
 
 
 def _attempts_when_timing_out(policy: UpstreamPolicy, backoffs: list[float]) -> int:
-    """Simulates the forwarder's deadline checks with every try running the full per_try."""
-    t = policy.timeouts
+    """Tries that start when every one runs the full per_try and is then retried if ``decide_retry`` allows
+    (as if timeouts were retried, for every method, with no budget and no breaker in the way)."""
+    t, retry = policy.timeouts, policy.retry
+    rules = RetryRules(retry.max_retries, frozenset({FailureKind.TIMEOUT}), frozenset(), frozenset({"GET"}))
+    schedule = iter(backoffs)
     now, tries = 0.0, 0
-    for index in range(1 + policy.retry.max_retries):
-        if now >= t.total:
-            break
+    while now < t.total:
         tries += 1
         now += min(t.per_try, t.total - now)
-        if index < len(backoffs):
-            if now + backoffs[index] >= t.total:  # forwarder: a retry must start before the deadline
-                break
-            now += backoffs[index]
+        decision = decide_retry(
+            rules,
+            attempts=tries,
+            method="GET",
+            kind=FailureKind.TIMEOUT,
+            status=0,
+            body_replayable=True,
+            backoff=schedule,
+            retry_after=None,
+            max_delay=retry.max_delay,
+            now=now,
+            deadline=t.total,
+        )
+        if not decision.retry:
+            break
+        now += decision.delay
     return tries
 
 
@@ -171,7 +187,7 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             )
 
     # -- the breaker -----------------------------------------------------------------------------------------
-    counted = ", ".join(_HTTP_FAILURES) if http else "connect_error, timeout (on connect)"
+    counted = ", ".join(_HTTP_FAILURES) if http else _TCP_FAILURES
     say(
         f"Counted as failures by the breaker: {counted}. Not counted: "
         + (

@@ -20,6 +20,7 @@ from proxy.policy.values import (
     parse_target,
 )
 from proxy.resilience.breaker import BreakerSettings
+from proxy.resilience.failures import FailureKind
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model. ``meta`` carries what the schema, the validator and ``explain`` need to know about a field.
@@ -131,9 +132,8 @@ class RetryPolicy:
     max_delay: float = meta("Cap on one backoff delay.", default=4.0, duration=True)
     jitter: bool = meta("Full jitter: wait a uniform random time in [0, delay].", default=True)
     retry_on: tuple[str | int, ...] = meta(
-        "Outcomes worth another try: connect_error, timeout, reset, bad_response, status codes, 5xx, "
-        "gateway_error (502/503/504).",
-        default=("connect_error", "reset", 502, 503, 504),
+        f"Outcomes worth another try: {', '.join(FailureKind)}, status codes, 5xx, gateway_error (502/503/504).",
+        default=(FailureKind.CONNECT_ERROR.value, FailureKind.RESET.value, 502, 503, 504),
         parse=parse_retry_on,
     )
     methods: tuple[str, ...] = meta(
@@ -147,8 +147,8 @@ class RetryPolicy:
         factory=RetryBudgetPolicy,
     )
 
-    def retry_kinds(self) -> frozenset[str]:
-        return frozenset(v for v in self.retry_on if isinstance(v, str) and v in RETRY_KINDS)
+    def retry_kinds(self) -> frozenset[FailureKind]:
+        return frozenset(FailureKind(v) for v in self.retry_on if isinstance(v, str) and v in RETRY_KINDS)
 
     def retry_statuses(self) -> frozenset[int]:
         statuses: set[int] = set()

@@ -9,6 +9,8 @@ import re
 import typing
 from dataclasses import dataclass
 
+from proxy.resilience.failures import FailureKind
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -106,7 +108,7 @@ def parse_target(value: object) -> Target:
     return Target("tcp", address.host, address.port)
 
 
-RETRY_KINDS = ("connect_error", "timeout", "reset", "bad_response")
+RETRY_KINDS: tuple[str, ...] = tuple(kind.value for kind in FailureKind)  # plain strings, as written in YAML
 STATUS_GROUPS = {"5xx": range(500, 600), "gateway_error": (502, 503, 504), "retriable_4xx": (409,)}
 METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE")
 

@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.resilience.window import BucketedWindow
+
 
 class State(enum.Enum):
     CLOSED = "closed"
@@ -125,45 +127,6 @@ class Snapshot:
         return self.state
 
 
-_BUCKETS = 10
-
-
-class _RollingCounts:
-    """Calls, failures and slow calls over ``window`` seconds, in ten buckets (for the rate modes)."""
-
-    __slots__ = ("_calls", "_epochs", "_failures", "_slow", "_width")
-
-    def __init__(self, window: float) -> None:
-        self._width = window / _BUCKETS
-        self._epochs = [-1] * _BUCKETS
-        self._calls = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
-        self._slow = [0] * _BUCKETS
-
-    def add(self, now: float, failed: bool, slow: bool) -> None:
-        epoch = int(now // self._width)
-        slot = epoch % _BUCKETS
-        if self._epochs[slot] != epoch:
-            self._epochs[slot] = epoch
-            self._calls[slot] = self._failures[slot] = self._slow[slot] = 0
-        self._calls[slot] += 1
-        self._failures[slot] += failed
-        self._slow[slot] += slow
-
-    def totals(self, now: float) -> tuple[int, int, int]:
-        oldest = int(now // self._width) - _BUCKETS
-        calls = failures = slow = 0
-        for slot in range(_BUCKETS):
-            if self._epochs[slot] > oldest:
-                calls += self._calls[slot]
-                failures += self._failures[slot]
-                slow += self._slow[slot]
-        return calls, failures, slow
-
-    def clear(self) -> None:
-        self._epochs = [-1] * _BUCKETS
-
-
 def _seconds(value: float) -> str:
     return f"{value:g}s" if value < 120 or value % 60 else f"{value / 60:g}m"
 
@@ -184,8 +147,9 @@ class CircuitBreaker:
         self._generation = 0
         self._closed_permit = Permit(0, probe=False)
         self._recent_failures: deque[float] = deque(maxlen=settings.failure_threshold)
+        # Calls, failures and slow calls over ``window``, for the rate modes.
         self._rates = (
-            _RollingCounts(settings.window)
+            BucketedWindow(settings.window, counters=3)
             if settings.failure_rate_threshold is not None or settings.slow_call_rate_threshold is not None
             else None
         )
@@ -261,7 +225,7 @@ class CircuitBreaker:
                 self._fire(Event.PROBE_SUCCEEDED, now, Event.PROBE_SUCCEEDED.value)
             return
         if self._rates is not None and self._state is State.CLOSED:
-            self._rates.add(now, failed=False, slow=slow)
+            self._rates.add_each(now, 1, 0, slow)
             self._trip_on_rates(now)
 
     def record_failure(self, permit: Permit, now: float, duration: float = 0.0) -> None:
@@ -281,7 +245,7 @@ class CircuitBreaker:
             self._fire(Event.TRIP, now, f"{threshold}_failures_in_{_seconds(self.settings.window)}")
             return
         if self._rates is not None:
-            self._rates.add(now, failed=True, slow=self._is_slow(duration))
+            self._rates.add_each(now, 1, 1, self._is_slow(duration))
             self._trip_on_rates(now)
 
     def record_ignored(self, permit: Permit) -> None:

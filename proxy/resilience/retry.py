@@ -3,9 +3,11 @@
 - ``backoff_delays`` is a generator: ``base · 2ⁿ`` capped at ``max``, optionally with full jitter
   (a uniform draw in ``[0, delay]``, from a seedable ``random.Random``), as AWS's backoff article recommends.
 - ``RetryRules`` answers whether an outcome is worth retrying for a method.
-- ``RetryBudget`` caps retries to a share of recent requests (Linkerd/Finagle's budget: ``ratio`` of the
-  requests in the last ``window`` seconds plus a floor of ``min_per_second``), so a failing upstream cannot turn
-  every caller into a retry storm.
+- ``decide_retry`` is the whole decision after a failed attempt — the forwarder's attempt loop and
+  ``sidecar explain`` both ask it — returning a ``RetryDecision``: retry after a delay, or the ``NoRetry``
+  reason not to.
+- ``RetryBudget`` (in ``proxy.resilience.budget``) caps retries to a share of recent requests, so a failing
+  upstream cannot turn every caller into a retry storm.
 
 Sleeping is the caller's business (through its ``Clock``); nothing here touches asyncio.
 """
@@ -14,16 +16,12 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import enum
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Outcome kinds, as reported in ``x-sidecar-reason`` and accepted in ``retry_on``.
-CONNECT_ERROR = "connect_error"
-TIMEOUT = "timeout"
-RESET = "reset"
-BAD_RESPONSE = "bad_response"
-FAILURE_KINDS = frozenset({CONNECT_ERROR, TIMEOUT, RESET, BAD_RESPONSE})
+from proxy.resilience.failures import FailureKind
 
 
 def backoff_delays(
@@ -42,14 +40,14 @@ def backoff_delays(
 @dataclass(frozen=True, slots=True)
 class RetryRules:
     max_retries: int
-    retry_on_kinds: frozenset[str]  # connect_error, timeout, reset, bad_response
+    retry_on_kinds: frozenset[FailureKind]
     retry_on_statuses: frozenset[int]
     methods: frozenset[str]
 
     def method_allows(self, method: str) -> bool:
         return method in self.methods
 
-    def outcome_allows(self, kind: str | None, status: int) -> bool:
+    def outcome_allows(self, kind: FailureKind | None, status: int) -> bool:
         """``kind`` is a failure kind for locally detected failures, else None and ``status`` is the answer's."""
         if kind is not None:
             return kind in self.retry_on_kinds
@@ -86,54 +84,75 @@ def choose_delay(backoff: float, retry_after: float | None, max_delay: float) ->
     return None
 
 
-_BUDGET_BUCKETS = 10
+class NoRetry(enum.StrEnum):
+    """Why a failed attempt is not tried again, in the words of ``x-sidecar-decision`` (checked in this order)."""
+
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    METHOD_NOT_RETRIED = "method_not_retried"
+    OUTCOME_NOT_RETRIED = "outcome_not_retried"
+    BODY_NOT_REPLAYABLE = "body_not_replayable"
+    RETRY_AFTER_TOO_LONG = "retry_after_too_long"
+    DEADLINE = "deadline"
+    RETRY_BUDGET = "retry_budget"
+    BREAKER_OPEN = "breaker_open"
 
 
-class RetryBudget:
-    """Retries allowed in the last ``window`` seconds: ``min_per_second · window + ratio · requests``."""
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    """``reason`` None: try again after ``delay`` seconds; else the reason not to."""
 
-    __slots__ = ("_epochs", "_min_per_second", "_ratio", "_requests", "_retries", "_width", "window")
+    reason: NoRetry | None
+    delay: float = 0.0
 
-    def __init__(self, ratio: float, min_per_second: float, window: float = 10.0) -> None:
-        self._ratio = ratio
-        self._min_per_second = min_per_second
-        self.window = window
-        self._width = window / _BUDGET_BUCKETS
-        self._epochs = [-1] * _BUDGET_BUCKETS
-        self._requests = [0] * _BUDGET_BUCKETS
-        self._retries = [0] * _BUDGET_BUCKETS
+    @property
+    def retry(self) -> bool:
+        return self.reason is None
 
-    def _slot(self, now: float) -> int:
-        epoch = int(now // self._width)
-        slot = epoch % _BUDGET_BUCKETS
-        if self._epochs[slot] != epoch:
-            self._epochs[slot] = epoch
-            self._requests[slot] = self._retries[slot] = 0
-        return slot
 
-    def record_request(self, now: float) -> None:
-        self._requests[self._slot(now)] += 1
+def decide_retry(
+    rules: RetryRules,
+    *,
+    attempts: int,
+    method: str,
+    kind: FailureKind | None,
+    status: int,
+    body_replayable: bool,
+    backoff: Iterator[float],
+    retry_after: float | None,
+    max_delay: float,
+    now: float,
+    deadline: float,
+    budget_allows: bool = True,
+    breaker_retry_in: float = 0.0,
+    breaker_enforced: bool = True,
+) -> RetryDecision:
+    """After attempt number ``attempts`` failed (``kind``, or an answer with ``status``): go again, and when?
 
-    def totals(self, now: float) -> tuple[int, int]:
-        """(requests, retries) in the window."""
-        oldest = int(now // self._width) - _BUDGET_BUCKETS
-        requests = retries = 0
-        for slot in range(_BUDGET_BUCKETS):
-            if self._epochs[slot] > oldest:
-                requests += self._requests[slot]
-                retries += self._retries[slot]
-        return requests, retries
+    In order: at most ``rules.max_retries`` retries; the method and the outcome must be listed; the body must
+    still be replayable; an upstream's ``retry_after`` (seconds) is honoured up to ``max_delay`` (longer: not
+    soon, give up); the retry must start before ``deadline`` (starting exactly on it is too late); the retry
+    budget must allow one more; and an enforced breaker must be due to admit a call (``breaker_retry_in`` seconds
+    from ``now``) by the time the delay is over — else the next try would only be refused.
 
-    def allowance(self, now: float) -> float:
-        requests, _ = self.totals(now)
-        return self._min_per_second * self.window + self._ratio * requests
-
-    def try_spend(self, now: float) -> bool:
-        """Take one retry from the budget, or refuse."""
-        requests, retries = self.totals(now)
-        # This retry must fit too (retries + 1 ≤ allowance), else 0.2 · 1 request would allow a whole retry;
-        # the epsilon keeps products like 0.29 · 100 = 28.999999999999996 from losing a retry to rounding.
-        if retries + 1 > self._min_per_second * self.window + self._ratio * requests + 1e-9:
-            return False
-        self._retries[self._slot(now)] += 1
-        return True
+    ``backoff`` is advanced only once the first four checks pass, so a jittered schedule draws exactly when a
+    delay is needed. Spending from the budget is the caller's, and only on a ``retry`` decision: a retry that
+    is not sent costs nothing.
+    """
+    if attempts > rules.max_retries:
+        return RetryDecision(NoRetry.RETRIES_EXHAUSTED)
+    if not rules.method_allows(method):
+        return RetryDecision(NoRetry.METHOD_NOT_RETRIED)
+    if not rules.outcome_allows(kind, status):
+        return RetryDecision(NoRetry.OUTCOME_NOT_RETRIED)
+    if not body_replayable:
+        return RetryDecision(NoRetry.BODY_NOT_REPLAYABLE)
+    delay = choose_delay(next(backoff), retry_after, max_delay)
+    if delay is None:
+        return RetryDecision(NoRetry.RETRY_AFTER_TOO_LONG)
+    if now + delay >= deadline:
+        return RetryDecision(NoRetry.DEADLINE)
+    if not budget_allows:
+        return RetryDecision(NoRetry.RETRY_BUDGET)
+    if breaker_enforced and breaker_retry_in > delay:
+        return RetryDecision(NoRetry.BREAKER_OPEN)  # no point waiting: the next try would be refused
+    return RetryDecision(None, delay)

@@ -8,19 +8,21 @@
     ├── ConnectionReset           the connection was lost before the response completed          → reset 502
     └── BadResponse               the upstream spoke broken HTTP (bad framing, CR/NUL in a header) → bad_response 502
 
-``map_os_error`` is the one place where exceptions from the socket layer become these.
+``map_connect_error`` is the one place where exceptions from opening a connection become these; once
+connected, ``proxy.upstream.connection`` raises them itself. Each names its ``FailureKind``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
-from proxy.resilience import retry
+from proxy.resilience.failures import FailureKind
 
 
 class UpstreamError(Exception):
-    kind: str = "upstream_error"
-    status: int = 502
+    kind: ClassVar[FailureKind]  # every subclass names its own
+    status: ClassVar[int] = 502
 
     def __init__(self, message: str, *, sent_nothing: bool = False) -> None:
         super().__init__(message)
@@ -29,22 +31,22 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    kind = retry.CONNECT_ERROR
+    kind = FailureKind.CONNECT_ERROR
     status = 502
 
 
 class UpstreamTimedOut(UpstreamError):
-    kind = retry.TIMEOUT
+    kind = FailureKind.TIMEOUT
     status = 504
 
 
 class ConnectionReset(UpstreamError):
-    kind = retry.RESET
+    kind = FailureKind.RESET
     status = 502
 
 
 class BadResponse(UpstreamError):
-    kind = retry.BAD_RESPONSE
+    kind = FailureKind.BAD_RESPONSE
     status = 502
 
 

@@ -1,17 +1,22 @@
-"""The bulkhead on its own: slots, the line of waiters, hand-over order, pending timeout and cancellation."""
+"""The bulkhead on its own: slots, the line of waiters, hand-over order, pending timeout and cancellation.
+
+Time is a ``ManualClock``: "at once" means no clock time passed, and the pending timeout ends when the test
+moves the clock past it, not when a loaded machine gets round to it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
-from proxy.metrics import UpstreamStats
 from proxy.policy.model import LimitsPolicy
 from proxy.resilience.bulkhead import Bulkhead
+from proxy.resilience.clock import ManualClock
 
 
-def make(max_concurrent: int = 2, max_pending: int = 0, pending_timeout: float = 1.0) -> Bulkhead:
-    return Bulkhead(LimitsPolicy(max_concurrent, max_pending, pending_timeout), UpstreamStats())
+def make(
+    max_concurrent: int = 2, max_pending: int = 0, pending_timeout: float = 1.0, clock: ManualClock | None = None
+) -> Bulkhead:
+    return Bulkhead(LimitsPolicy(max_concurrent, max_pending, pending_timeout), clock or ManualClock())
 
 
 def test_try_enter_up_to_max_concurrent_then_refuses() -> None:
@@ -25,11 +30,13 @@ def test_try_enter_up_to_max_concurrent_then_refuses() -> None:
 
 
 async def test_no_pending_room_refuses_at_once() -> None:
-    bulkhead = make(max_concurrent=1, max_pending=0)
+    clock = ManualClock()
+    bulkhead = make(max_concurrent=1, max_pending=0, clock=clock)
     assert await bulkhead.enter()
-    started = time.monotonic()
+    started = clock.monotonic()
     assert not await bulkhead.enter()
-    assert time.monotonic() - started < 0.01
+    assert clock.monotonic() - started < 0.01
+    assert clock.slept == []  # refused without waiting on the clock
     assert bulkhead.stats.pending == 0
 
 
@@ -54,11 +61,20 @@ async def test_a_waiter_gets_the_slot_handed_over_in_order() -> None:
 
 
 async def test_pending_timeout_gives_up_with_overload() -> None:
-    bulkhead = make(max_concurrent=1, max_pending=1, pending_timeout=0.05)
+    clock = ManualClock()
+    bulkhead = make(max_concurrent=1, max_pending=1, pending_timeout=0.05, clock=clock)
     assert await bulkhead.enter()
-    started = time.monotonic()
-    assert not await bulkhead.enter()
-    waited = time.monotonic() - started
+    started = clock.monotonic()
+    waiting = asyncio.create_task(bulkhead.enter())
+    await asyncio.sleep(0)  # the waiter queues and starts its timer...
+    await asyncio.sleep(0)  # ...which then sleeps on the clock
+    assert bulkhead.stats.pending == 1 and clock.pending_sleepers == 1
+    clock.advance(0.04)
+    await asyncio.sleep(0)
+    assert not waiting.done()  # before the pending timeout: still in line
+    clock.advance(0.02)
+    assert not await waiting
+    waited = clock.monotonic() - started
     assert 0.04 <= waited < 0.5
     assert bulkhead.stats.pending == 0
     bulkhead.leave()

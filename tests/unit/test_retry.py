@@ -10,16 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.resilience.budget import RetryBudget
+from proxy.resilience.failures import FailureKind
 from proxy.resilience.retry import (
-    CONNECT_ERROR,
-    RESET,
-    TIMEOUT,
-    RetryBudget,
     RetryRules,
     backoff_delays,
     choose_delay,
     parse_retry_after,
 )
+
+CONNECT_ERROR, RESET, TIMEOUT = FailureKind.CONNECT_ERROR, FailureKind.RESET, FailureKind.TIMEOUT
 
 
 def take(n: int, delays: Iterator[float]) -> list[float]:
