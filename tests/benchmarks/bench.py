@@ -403,6 +403,8 @@ class Bench:
     workdir: Path
     upstream_port: int = 0
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    baseline: Path | None = None  # a checkout of earlier sidecar code, run as "sidecar-baseline"
+    baseline_rev: str = ""
 
     def _nginx(self, name: str, conf: str, cpus: str | None) -> Proc:
         prefix = self.workdir / name
@@ -456,14 +458,19 @@ class Bench:
             cmd = [sys.executable, str(HERE / "naive_proxy.py"), str(port), f"http://127.0.0.1:{up}"]
             proc = spawn("naive", t.pinned(cmd, PROXY_CPU), self.workdir)
             run = Running(key, "naive aiohttp", "1 process, core 1", proc, port)
-        elif key == "sidecar":
+        elif key in ("sidecar", "sidecar-baseline"):
             admin = free_port()
-            policy = self.workdir / "sidecar.yaml"
+            policy = self.workdir / f"{key}.yaml"
             policy.write_text(sidecar_policy(port, admin, up))
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(policy), "--no-watch"]
-            # cwd=REPO so `-m proxy` picks up this checkout even when the package is not installed.
-            proc = spawn("sidecar", t.pinned(cmd, PROXY_CPU), self.workdir, env={TOKEN_ENV: self.token}, cwd=REPO)
-            run = Running(key, "seawall sidecar", "1 process, core 1", proc, port, admin)
+            # cwd and PYTHONPATH name the checkout, so `-m proxy` runs that code whatever is installed.
+            code = REPO if key == "sidecar" else self.baseline
+            if code is None:
+                raise BenchError("sidecar-baseline needs --baseline REV")
+            env = {TOKEN_ENV: self.token, "PYTHONPATH": str(code)}
+            proc = spawn(key, t.pinned(cmd, PROXY_CPU), self.workdir, env=env, cwd=code)
+            name = "seawall sidecar" if key == "sidecar" else f"seawall sidecar @ {self.baseline_rev}"
+            run = Running(key, name, "1 process, core 1", proc, port, admin)
         else:
             raise BenchError(f"unknown system {key!r}")
         wait_ready(run.proc, f"http://127.0.0.1:{port}/")
@@ -979,6 +986,20 @@ def chart(results: list[dict[str, Any]], extra: dict[str, Any], rates: tuple[int
     plt.close(fig)
 
 
+def checkout(rev: str, where: Path) -> tuple[Path, str]:
+    """A detached worktree of this repository at ``rev``; (its path, the short commit)."""
+    git = need("git", "git")
+    short = subprocess.run(
+        [git, "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True, timeout=10, check=False
+    )
+    if short.returncode != 0:
+        raise BenchError(f"--baseline {rev}: not a revision of this repository")
+    subprocess.run(
+        [git, "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(where), rev], check=True, timeout=60
+    )
+    return where, short.stdout.strip()
+
+
 def code_version() -> str:
     """Which sidecar code was measured: the commit, and whether proxy/ had uncommitted changes."""
     git = shutil.which("git")
@@ -1034,6 +1055,12 @@ def main(argv: list[str] | None = None) -> int:
         help="measure nothing: re-render results.md and the chart from an earlier results.json",
     )
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir with configs and logs")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the sidecar at git revision REV (a temporary worktree) as 'sidecar-baseline', interleaved "
+        "with the others: before/after a change in one run",
+    )
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     keys = [k.strip() for k in args.systems.split(",") if k.strip()]
@@ -1056,6 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="seawall-bench-"))
     bench = Bench(tools, workdir)
+    if args.baseline:
+        try:
+            bench.baseline, bench.baseline_rev = checkout(args.baseline, workdir / "baseline")
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+        keys.append("sidecar-baseline")
     meta = {
         "mode": mode.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -1100,6 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.proc.stop()
         if upstream is not None:
             upstream.stop()
+        if bench.baseline is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(bench.baseline)], check=False)
         if args.keep_temp:
             log(f"kept {workdir}")
         else:
