@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from proxy.policy.model import (
 )
 from proxy.policy.rules import check_listens, check_upstream
 from proxy.policy.source import UNRESOLVED, Sourced, SourceReader, merge
-from proxy.policy.values import did_you_mean
+from proxy.policy.values import UPSTREAM_NAME, did_you_mean
 
 
 def load_text(
@@ -78,7 +77,7 @@ def load_text(
         reader.error(ups_node, "upstreams", "expected a mapping of upstream name → policy")
     else:
         for name, up_node in ups_node.value.items():
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
+            if not UPSTREAM_NAME.match(name):
                 reader.error(up_node, up_node.path, "names are letters, digits, '-', '_' and '.' (≤ 63)")
                 continue
             if not isinstance(up_node.value, dict):

@@ -19,9 +19,15 @@ from typing import IO, Any
 
 from proxy.policy import model
 from proxy.policy.model import TOP_LEVEL, UPSTREAM_ONLY, model_fields, unwrap_optional
+from proxy.policy.source import ENV_REF_PATTERN
 from proxy.policy.values import (
+    ADDRESS_PATTERN,
+    DURATION_PATTERN,
+    HTTP_TARGET_PATTERN,
+    METHOD_PATTERN,
     RETRY_KINDS,
     STATUS_GROUPS,
+    UPSTREAM_NAME_PATTERN,
     Address,
     Target,
     format_duration,
@@ -34,13 +40,6 @@ from proxy.policy.values import (
 SCHEMA_ID = "https://seawall.dev/schemas/sidecar.schema.json"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
-# Unanchored on purpose: a reference may sit inside a longer value ("http://${HOST:-api}:8000").
-ENV_REF_PATTERN = r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?-[^}]*)?\}"
-DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"
-ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$"
-HTTP_TARGET_PATTERN = r"^http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?/?$"
-METHOD_PATTERN = r"^[A-Za-z]+$"
-UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 _ENV_REF: dict[str, Any] = {
     "type": "string",

@@ -22,7 +22,9 @@ class Sourced:
     path: str
 
 
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+# ${VAR}, ${VAR:-default}, ${VAR-default}; unanchored: a reference may sit inside a longer value.
+ENV_REF_PATTERN = r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}"
+_ENV_REF = re.compile(r"\$\$|" + ENV_REF_PATTERN)
 
 
 def substitute_env(text: str, environ: Mapping[str, str]) -> str:

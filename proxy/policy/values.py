@@ -11,7 +11,18 @@ from dataclasses import dataclass
 
 from proxy.resilience.failures import FailureKind
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# Each value's syntax, written once: the loader matches it and the JSON Schema publishes it, so the patterns
+# stay within what both Python's re and ECMA-262 (JSON Schema's dialect) read alike.
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
+ADDRESS_PATTERN = r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})$"
+HTTP_TARGET_PATTERN = r"^http://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?/?$"
+METHOD_PATTERN = r"^[A-Za-z]+$"
+UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+_DURATION = re.compile(DURATION_PATTERN)
+_ADDRESS = re.compile(ADDRESS_PATTERN)
+_METHOD = re.compile(METHOD_PATTERN)
+UPSTREAM_NAME = re.compile(UPSTREAM_NAME_PATTERN)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -60,11 +71,11 @@ def parse_address(value: object) -> Address:
     """``host:port`` or ``[v6]:port``."""
     if not isinstance(value, str):
         raise ValueError(f"expected host:port, got {value!r}")
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9_.-]+):(\d{1,5})", value.strip())
+    match = _ADDRESS.match(value.strip())
     if not match:
         raise ValueError(f"expected host:port (e.g. 127.0.0.1:15001), got {value!r}")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
+    host = match.group(1) or match.group(2)
+    port = int(match.group(3))
     if not 0 < port < 65536:
         raise ValueError(f"port must be 1–65535, got {port}")
     return Address(host, port)
@@ -130,7 +141,7 @@ def parse_retry_on(value: object) -> str | int:
 
 
 def parse_method(value: object) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]+", value):
+    if not isinstance(value, str) or not _METHOD.match(value):
         raise ValueError(f"expected an HTTP method name, got {value!r}")
     return value.upper()
 
