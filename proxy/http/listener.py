@@ -398,11 +398,14 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         self._closing = True
         self._cancel_timer()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _close_after_answer(self) -> None:
         """Close once the last answer is out, without letting a reset destroy it (see LINGER_SECONDS): send
@@ -421,10 +424,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Drop the connection now, whatever it is doing (a drain that ran out of time)."""
-        self._closing = True
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort()
+        self._close(abort=True)
 
     def shutdown_when_idle(self) -> None:
         """For draining: close now if idle, else after the answer in flight."""
