@@ -21,6 +21,7 @@ from proxy.resilience.clock import Clock
 from proxy.resilience.retry import RetryRules
 from proxy.upstream.balancer import Balancer, TargetState
 from proxy.upstream.health import CheckResult, HealthStatus
+from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES
 
 log = logging.getLogger("seawall.breaker")
 health_log = logging.getLogger("seawall.health")
@@ -37,7 +38,12 @@ class UpstreamRuntime:
     bulkhead: Bulkhead
 
     def __init__(
-        self, policy: UpstreamPolicy, clock: Clock, previous: UpstreamRuntime | None = None, idle_timeout: float = 30.0
+        self,
+        policy: UpstreamPolicy,
+        clock: Clock,
+        previous: UpstreamRuntime | None = None,
+        idle_timeout: float = 30.0,
+        max_response_head: int = DEFAULT_MAX_HEAD_BYTES,
     ) -> None:
         self.policy = policy
         self.name = policy.name
@@ -66,8 +72,12 @@ class UpstreamRuntime:
             and (previous.policy.outlier == policy.outlier and previous.policy.balance == policy.balance)
         ):
             self.balancer = previous.balancer
+            for pool in self.balancer.pools():
+                pool.max_head_bytes = max_response_head  # new connections take the reloaded limit
         else:
-            self.balancer = Balancer(policy.targets, policy.balance, policy.outlier, idle_timeout)
+            self.balancer = Balancer(
+                policy.targets, policy.balance, policy.outlier, idle_timeout, max_head_bytes=max_response_head
+            )
         if previous is not None:
             # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.
             self.bulkhead = previous.bulkhead

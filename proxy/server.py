@@ -117,7 +117,11 @@ class Sidecar:
             if previous is not None and previous.policy.protocol != policy.protocol:
                 previous = None
             runtimes[name] = UpstreamRuntime(
-                policy, self.clock, previous, idle_timeout=config.http.upstream_idle_timeout
+                policy,
+                self.clock,
+                previous,
+                idle_timeout=config.http.upstream_idle_timeout,
+                max_response_head=config.http.max_response_header_bytes,
             )
         for policy in to_bind:
             self._spare_runtimes.setdefault(policy.name, runtimes[policy.name])

@@ -42,6 +42,7 @@ LINGER_BYTES = 1 << 20
 class _Phase(enum.Enum):
     """What a connection is doing, for its one timer: waiting for a request, reading a head, or serving one."""
 
+    NEW = "new"  # accepted, nothing received yet: held for header_timeout, not keepalive_timeout
     IDLE = "idle"
     HEAD = "head"
     BUSY = "busy"
@@ -79,7 +80,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = False
         self._upstream: UpstreamConnection | None = None
         self._reading_paused = False
-        self._phase = _Phase.IDLE
+        self._phase = _Phase.NEW
         self._phase_since = 0.0
         self._deferred_reject: tuple[int, str] | None = None
         self._rejection: RequestRejected | None = None  # raised inside a parser callback, for data_received
@@ -155,8 +156,13 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         self._header_bytes += len(name) + len(value) + 4
+        if self._parsing is not None:
+            # A chunked body's trailer section: bounded like a head, never merged into the forwarded head.
+            if self._header_bytes > self._http.max_header_bytes:
+                self._refuse(431, "request trailer fields too large")
+            return
+        self._headers.append((name, value))
         if len(self._headers) > self._http.max_headers or self._header_bytes > self._http.max_header_bytes:
             self._refuse(431, "request header fields too large")
 
@@ -227,6 +233,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:
             log.exception("forwarding failed")
             if not self._response_started:
+                self._count_local(500, "internal_error")
                 self.send_local(
                     500,
                     wire.error_body("internal_error", None, "see the sidecar's log"),
@@ -259,6 +266,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject(*self._deferred_reject)
             return
         self._resume_reading()
+        self._response_started = False  # between requests: a bad next request must still get its answer
         self._phase = _Phase.IDLE
         self._phase_since = self.loop.time()
 
@@ -347,6 +355,7 @@ class ClientConnection(asyncio.Protocol):
         if not self._response_started:
             self._response_started = True
             self.keep_alive = False
+            self._count_local(status, "bad_request")
             body = wire.error_body("bad_request", None, detail)
             if self.transport is not None:
                 self.transport.write(
@@ -355,6 +364,12 @@ class ClientConnection(asyncio.Protocol):
                     )
                 )
         self._close_after_answer()
+
+    def _count_local(self, status: int, reason: str) -> None:
+        """An answer the listener makes itself counts like every other answer (requests and rejections)."""
+        stats = self._get_runtime().stats
+        stats.reject(reason)
+        stats.answered(status, 0.0)
 
     def _refuse(self, status: int, detail: str) -> typing.NoReturn:
         """Inside a parser callback: stop parsing; ``data_received`` answers with this status."""
@@ -373,10 +388,10 @@ class ClientConnection(asyncio.Protocol):
             if now - self._phase_since >= limit:
                 self._reject(408, "request head not received in time")
                 return
-        elif self._phase is _Phase.IDLE:
-            limit = self._http.keepalive_timeout
+        elif self._phase is _Phase.IDLE or self._phase is _Phase.NEW:
+            limit = self._http.keepalive_timeout if self._phase is _Phase.IDLE else self._http.header_timeout
             if now - self._phase_since >= limit:
-                self._close()
+                self._close()  # nothing was asked: nothing to answer
                 return
         else:
             self._phase_since = now

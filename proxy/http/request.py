@@ -83,6 +83,8 @@ def origin_form(url: bytes) -> bytes:
             parsed = httptools.parse_url(url)
         except httptools.HttpParserInvalidURLError as exc:
             raise RequestRejected(400, "malformed request target") from exc
+        if parsed.userinfo:
+            raise RequestRejected(400, "userinfo in the request target")
         path = parsed.path or b"/"
         return path + (b"?" + parsed.query if parsed.query else b"")
     raise RequestRejected(400, "request target must be a path")

@@ -269,6 +269,11 @@ class HttpServerPolicy:
     max_header_bytes: int = meta("Largest request head accepted (431 above).", default=65536, minimum=1024)
     max_headers: int = meta("Most header fields in a request (431 above).", default=100, minimum=8)
     max_url_bytes: int = meta("Longest request target (414 above).", default=8192, minimum=256)
+    max_response_header_bytes: int = meta(
+        "Largest response head accepted from an upstream; a larger one is answered 502 bad_response.",
+        default=65536,
+        minimum=1024,
+    )
     replay_buffer_bytes: int = meta(
         "Request bodies up to this size are kept so they can be replayed on retry; larger ones are streamed "
         "and not retried.",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from proxy.policy.model import OutlierPolicy
 from proxy.policy.values import Target
 from proxy.resilience.outlier import EjectionRecord, OutlierDetector, max_ejected
-from proxy.upstream.pool import TargetPool
+from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES, TargetPool
 
 
 @dataclass(slots=True)
@@ -34,8 +34,9 @@ class Balancer:
         outlier: OutlierPolicy | None,
         idle_timeout: float,
         rng: random.Random | None = None,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
     ) -> None:
-        self.states = [TargetState(t, TargetPool(t, idle_timeout)) for t in targets]
+        self.states = [TargetState(t, TargetPool(t, idle_timeout, max_head_bytes)) for t in targets]
         self.balance = balance
         self.outlier = outlier if len(targets) > 1 else None
         self.detector = OutlierDetector(self.outlier, self.states) if self.outlier is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import typing
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +23,10 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 
 class _OutOfStep(Exception):
     """The upstream sent more than the one answer asked for (a second response, a body to a HEAD)."""
+
+
+class _Refused(Exception):
+    """A callback judged the answer unrelayable; the reason is on the connection (``_bad``)."""
 
 
 class ResponseHead:
@@ -70,8 +75,12 @@ class Home(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """Carries one exchange at a time; returns itself to its pool when the exchange ends cleanly."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, max_head_bytes: int = 64 * 1024) -> None:
         self.pool = home
+        self._max_head_bytes = max_head_bytes
+        self._head_bytes = 0  # of the head being read (trailers count too): a peer must not grow it forever
+        self._head_bytes_read = 0  # raw bytes received before the head was complete
+        self._bad = ""  # why a parser callback refused the answer
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.phase = Phase.IDLE
@@ -108,14 +117,27 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is out of step and must not be reused.
             self.close()
             return
+        awaiting_head = self._head is None
+        if awaiting_head:
+            self._head_bytes_read += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadResponse("upstream switched protocols unasked (101)"))
+            return
         except httptools.HttpParserError as exc:
+            if self._bad:
+                self._fail(BadResponse(self._bad))
+                return
             if not self._out_of_step:
                 self._fail(BadResponse(f"upstream sent malformed HTTP: {exc}"))
                 return
             # Extra bytes after the answer (the callback raised _OutOfStep) would reach the client as the start
             # of its next response: they are dropped, and the connection is never reused.
+        if awaiting_head and self._head is None and self._head_bytes_read > self._max_head_bytes:
+            # httptools holds a header line whole until it ends: one endless line is bounded here, by bytes read.
+            self._fail(BadResponse(f"upstream response head larger than {self._max_head_bytes} bytes"))
+            return
         if self._head_only and self._head is not None:
             # llhttp cannot be told a HEAD answer has no body; start afresh for the next exchange.
             self._parser = httptools.HttpResponseParser(self)
@@ -156,21 +178,42 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
+        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+        if self._head is None:
+            self._headers.append((name, value))
+        # else: a chunked trailer section; trailers are not relayed (yet), only bounded
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._max_head_bytes:
+            self._refuse(f"upstream response head larger than {self._max_head_bytes} bytes")
+
+    def _refuse(self, why: str) -> typing.NoReturn:
+        self._bad = why
+        raise _Refused(why)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if not 100 <= status <= 599:
+            self._refuse(f"upstream sent status {status:03d}")
+        if status == 101:
+            self._refuse("upstream switched protocols unasked (101)")  # the sidecar never forwards Upgrade
+        if status < 200:
             # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
             self._headers = []
+            self._head_bytes = 0
             return
         headers = self._headers
         framing, length = "eof", None
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"transfer-encoding":
+                if framing == "chunked" or value.strip().lower() != b"chunked":
+                    # Any other coding would reach the client re-chunked and undeclared: refuse, like HAProxy.
+                    self._refuse(f"upstream sent Transfer-Encoding {value.decode('latin-1')!r}")
                 framing = "chunked"
             elif lowered == b"content-length" and framing != "chunked":
                 framing, length = "length", int(value)
@@ -215,6 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending_body = []
         self._sink = None
         self._received_any = False
+        self._head_bytes = self._head_bytes_read = 0
         self._head_only = head_only
         self._done_waiter = None
         waiter = self.loop.create_future()

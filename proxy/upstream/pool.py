@@ -12,10 +12,14 @@ from proxy.upstream.errors import UpstreamError, map_connect_error
 MAX_IDLE_PER_TARGET = 512
 
 
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+
+
 class TargetPool:
-    def __init__(self, target: Target, idle_timeout: float) -> None:
+    def __init__(self, target: Target, idle_timeout: float, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> None:
         self.target = target
         self.idle_timeout = idle_timeout
+        self.max_head_bytes = max_head_bytes  # a response head larger than this is a bad response
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self.closing = False
@@ -40,7 +44,9 @@ class TargetPool:
         target = self.target
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(self), target.host, target.port)
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, self.max_head_bytes), target.host, target.port
+                )
         except (OSError, TimeoutError) as exc:
             raise map_connect_error(exc, f"{target.host}:{target.port}") from None
         except UpstreamError:

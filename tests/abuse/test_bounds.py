@@ -1,0 +1,253 @@
+"""Hostile and broken peers, each against a real sidecar process over real sockets: every bad answer gets a
+clear answer of the sidecar's own, a bound holds (RSS, bytes), and nothing is charged to an innocent party.
+
+Upstream side: endless or huge response heads, status 099, transfer codings other than chunked, an unsolicited
+101. Client side: request trailers, userinfo in absolute-form, a bad request on a reused connection, a
+connection that never sends a byte, and the sidecar's own 4xx answers in the request counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.raw import RecordingUpstream, _Recorder
+from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class RawUpstream:
+    """Reads a request head, then writes whatever ``answer`` yields (bounded generators only), then closes."""
+
+    answer: Callable[[], Iterator[bytes]]
+    port: int = field(default_factory=free_port)
+    requests: int = 0
+    written: int = 0
+
+    def start(self) -> None:
+        server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.requests += 1
+            try:
+                for piece in self.answer():
+                    conn.sendall(piece)
+                    self.written += len(piece)
+            except OSError:
+                return  # the sidecar hung up on us: what it should do
+
+
+def endless_header_lines() -> Iterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\n"
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    for _ in range(64 * 1024):  # at most 64 MiB: the sidecar must stop reading long before
+        yield line * 16
+
+
+def one_huge_header() -> Iterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\nX-Huge: "
+    for _ in range(64):
+        yield b"b" * MiB
+    yield b"\r\ncontent-length: 0\r\n\r\n"
+
+
+def fixed(raw: bytes) -> Callable[[], Iterator[bytes]]:
+    return lambda: iter([raw])
+
+
+UPSTREAMS = {
+    "endless": RawUpstream(endless_header_lines),
+    "huge": RawUpstream(one_huge_header),
+    "status099": RawUpstream(fixed(b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n")),
+    "gzip": RawUpstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip")),
+    "xchunked": RawUpstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")),
+    "switch": RawUpstream(
+        fixed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello")
+    ),
+}
+
+
+@dataclass
+class Bench:
+    process: SidecarProcess
+    policy: Path
+    recording: RecordingUpstream
+
+    def port(self, upstream: str) -> int:
+        return policy_listen(self.policy, upstream)[1]
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.process.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+    def metric(self, line_start: str) -> float:
+        with socket.create_connection(("127.0.0.1", int(self.process.admin.rsplit(":", 1)[1])), 5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            text = _read_until_closed(sock).decode()
+        for line in text.splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def request(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(payload)
+        return _read_until_closed(sock, timeout)
+
+
+def get(upstream: str = "svc") -> bytes:
+    return b"GET /x HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % upstream.encode()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
+    for upstream in UPSTREAMS.values():
+        upstream.start()
+    recording = RecordingUpstream(port=free_port())
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = asyncio.run_coroutine_threadsafe(
+        loop.create_server(lambda: _Recorder(recording), "127.0.0.1", recording.port), loop
+    ).result(5)
+    upstreams = {name: {"targets": [f"http://127.0.0.1:{u.port}"]} for name, u in UPSTREAMS.items()}
+    upstreams["svc"] = {"targets": [recording.url]}
+    policy = write_policy(
+        tmp_path_factory.mktemp("bounds") / "bounds.yaml",
+        upstreams,
+        defaults={
+            "timeouts": {"connect": "500ms", "per_try": "5s", "total": "10s"},
+            # Retries on: none of these answers may be retried or counted more than once.
+            "retry": {"max_retries": 2, "retry_on": ["connect_error", "reset", "5xx"]},
+        },
+        http={"header_timeout": "500ms", "keepalive_timeout": "75s"},
+    )
+    with sidecar_process(policy) as process:
+        yield Bench(process, policy, recording)
+    loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def status_and_reason(answer: bytes) -> tuple[int, str]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    match = re.search(r"x-sidecar-reason: (\S+)", head)
+    return int(head.split(" ", 2)[1]), match.group(1) if match else ""
+
+
+def test_endless_response_header_lines_are_cut_at_the_head_limit_with_bounded_memory(bench: Bench) -> None:
+    before = bench.rss_mib()
+    for _ in range(3):
+        assert status_and_reason(request(bench.port("endless"), get("endless"))) == (502, "bad_response")
+    grown = bench.rss_mib() - before
+    print(f"RSS {before:.1f} MiB → +{grown:.1f} MiB after 3 endless-header answers")
+    assert grown < 64, f"RSS grew {grown:.1f} MiB"
+    # The sidecar stopped reading: the upstream got nowhere near its 64 MiB per answer.
+    assert UPSTREAMS["endless"].written < 3 * 16 * MiB
+
+
+def test_a_64_mib_response_head_is_not_forwarded(bench: Bench) -> None:
+    answer = request(bench.port("huge"), get("huge"))
+    assert status_and_reason(answer) == (502, "bad_response")
+    assert len(answer) < 4096 and b"bbbb" not in answer
+    assert UPSTREAMS["huge"].written < 16 * MiB  # cut after the limit; socket buffers hold the rest of that
+
+
+@pytest.mark.parametrize("upstream", ["status099", "gzip", "xchunked"])
+def test_answers_the_sidecar_cannot_relay_faithfully_are_502_bad_response(bench: Bench, upstream: str) -> None:
+    before = UPSTREAMS[upstream].requests
+    answer = request(bench.port(upstream), get(upstream))
+    assert status_and_reason(answer) == (502, "bad_response"), answer[:300]
+    assert b"not really gzip" not in answer and b"abc" not in answer
+    assert UPSTREAMS[upstream].requests - before == 1  # bad_response is not in retry_on: asked once
+
+
+def test_an_unsolicited_101_is_a_bad_response_asked_once_and_the_sidecar_stays_well(bench: Bench) -> None:
+    before = UPSTREAMS["switch"].requests
+    answer = request(bench.port("switch"), get("switch"))
+    assert status_and_reason(answer) == (502, "bad_response"), answer[:300]
+    assert b"hello" not in answer
+    assert UPSTREAMS["switch"].requests - before == 1
+    log = bench.process.log()
+    assert "Fatal error" not in log and "Traceback" not in log
+
+
+def test_request_trailers_never_reach_the_upstream_as_headers(bench: Bench) -> None:
+    before = len(bench.recording.requests)
+    answer = request(
+        bench.port("svc"),
+        b"POST /t HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nAuthorization: Bearer forged\r\nX-Checksum: 1\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    ((url, headers, body),) = bench.recording.requests[before:]
+    assert (url, body) == (b"/t", b"abc")
+    names = {name.lower() for name, _ in headers}
+    assert b"authorization" not in names and b"x-checksum" not in names
+
+
+def test_userinfo_in_an_absolute_form_target_is_refused_and_nothing_is_forwarded(bench: Bench) -> None:
+    before = len(bench.recording.requests)
+    answer = request(bench.port("svc"), b"GET http://user:pw@evil/abs HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert status_and_reason(answer) == (400, "bad_request")
+    assert len(bench.recording.requests) == before
+
+
+def test_a_bad_request_on_a_reused_connection_still_gets_its_answer(bench: Bench) -> None:
+    with socket.create_connection(("127.0.0.1", bench.port("svc")), 5) as sock:
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: svc\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx")
+        assert status_and_reason(_read_until_closed(sock)) == (400, "bad_request")
+
+
+def test_the_sidecars_own_4xx_answers_are_counted(bench: Bench) -> None:
+    code = 'sidecar_requests_total{code="400",upstream="svc"}'
+    reason = 'sidecar_rejected_total{reason="bad_request",upstream="svc"}'
+    before = (bench.metric(code), bench.metric(reason))
+    answer = request(bench.port("svc"), b"GET /a HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n")
+    assert status_and_reason(answer) == (400, "bad_request")
+    assert (bench.metric(code), bench.metric(reason)) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(bench: Bench) -> None:
+    with socket.create_connection(("127.0.0.1", bench.port("svc")), 5) as sock:
+        started = time.monotonic()
+        assert _read_until_closed(sock, timeout=30) == b""  # closed without an answer: nothing was asked
+        held = time.monotonic() - started
+    # header_timeout is 500 ms and keepalive_timeout 75 s: a generous bound still tells them apart.
+    assert held < 30, f"held {held:.1f}s"
