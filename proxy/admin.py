@@ -6,10 +6,12 @@ callback (measured: ~20 ms median, >60 ms worst case at 64 saturating connection
 server runs its own event loop on a dedicated thread and accepts, parses and answers there.
 
 Why reports are still built on the data plane's loop: the breakers, counters and pools are plain objects
-mutated by that loop without locks. The admin thread asks the main loop for a fresh report and waits at most
-``FRESH_WAIT``; if the main loop is too busy to answer in time, it serves the report the main loop published
-last (refreshed every ``PUBLISH_INTERVAL``), marked ``x-seawall-report: cached`` with its age. Mutating calls
-always run on the main loop and wait for it.
+mutated by that loop without locks. A report is built on demand: the admin thread asks the main loop for one
+and waits at most ``FRESH_WAIT``; if the main loop is too busy to answer in time, it serves the copy built last
+(marked ``x-seawall-report: cached`` with its age) while the asked-for one is still built and kept for the
+next request. Nothing is rendered while nobody asks (an idle sidecar with 200 upstreams costs nothing), and a
+breaker override drops the copies so no stale one is served after it. Mutating calls always run on the main
+loop and wait for it.
 
 Mutating calls (POST /breakers/{name}/reset|force-open|force-close) need ``Authorization: Bearer <token>``
 when the environment variable named by ``admin.token_env`` is set; the token is compared in constant time,
@@ -27,6 +29,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -56,8 +59,11 @@ _STATIC = Path(__file__).with_name("static")
 T = TypeVar("T")
 
 FRESH_WAIT = 0.01  # longest wait for the main loop before a cached report is served instead
-PUBLISH_INTERVAL = 0.25  # how often the main loop refreshes the cached reports (and its heartbeat)
+FIRST_WAIT = 5.0  # with no copy to fall back on, how long to wait for the main loop before answering 503
+HEARTBEAT_INTERVAL = 1.0  # how often the main loop says it is alive (one timer, no work)
 LIVE_STALL = 10.0  # /live fails when the main loop has not ticked for this long: a wedged data plane
+MAX_OVERRIDE_TTL = 7 * 24 * 3600.0  # a forced state longer than a week is a mistake, not a plan
+OPERATOR_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 SWITCH_INTERVAL = 0.001  # GIL hand-over bound; only matters while the admin thread is waiting for the GIL
 
 
@@ -87,16 +93,17 @@ class AdminServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self._publisher: asyncio.Task[None] | None = None
         self._cache: dict[str, _Cached] = {}
+        self._building: dict[str, asyncio.Future[Any]] = {}  # on the admin loop: one build per kind at a time
         self._heartbeat = time.monotonic()
+        self._ticker: asyncio.TimerHandle | None = None
         self._override_timers: dict[str, asyncio.TimerHandle] = {}
 
     # -- lifecycle (called on the main loop) ----------------------------------------------------------------
 
     async def start(self) -> None:
         self._main = asyncio.get_running_loop()
-        self._publish()
+        self._tick()
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._serve, args=(started,), name="seawall-admin", daemon=True)
         self._thread.start()
@@ -104,12 +111,11 @@ class AdminServer:
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             # A waiting thread gets the GIL after at most this long (default 5 ms, several waits per request).
             sys.setswitchinterval(SWITCH_INTERVAL)
-        self._publisher = self._main.create_task(self._publish_forever())
 
     async def cleanup(self) -> None:
         """Stop accepting, finish admin requests in flight, stop the thread. (Named like AppRunner.cleanup.)"""
-        if self._publisher is not None:
-            self._publisher.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         for timer in self._override_timers.values():
             timer.cancel()
         loop, thread = self._loop, self._thread
@@ -144,20 +150,14 @@ class AdminServer:
 
     # -- the main loop's side -------------------------------------------------------------------------------
 
-    def _publish(self) -> None:
-        now = time.monotonic()
-        self._heartbeat = now
-        self._cache["health"] = _Cached(health_report(self.sidecar), now)
-        self._cache["breakers"] = _Cached(breakers_report(self.sidecar), now)
-        self._cache["metrics"] = _Cached(generate_latest(self.registry), now)
+    def _tick(self) -> None:
+        self._heartbeat = time.monotonic()
+        assert self._main is not None
+        self._ticker = self._main.call_later(HEARTBEAT_INTERVAL, self._tick)
 
-    async def _publish_forever(self) -> None:
-        while True:
-            await asyncio.sleep(PUBLISH_INTERVAL)
-            try:
-                self._publish()
-            except Exception:
-                log.exception("admin reports could not be built", extra={"event": "admin_error"})
+    def _invalidate(self) -> None:
+        """After a change the reports must show: no cached copy may be served from here on."""
+        self._cache.clear()
 
     async def _on_main(self, fn: Callable[[], T], wait: float | None) -> T:
         """Run ``fn`` on the main loop and wait for it (at most ``wait`` seconds: then TimeoutError)."""
@@ -179,15 +179,28 @@ class AdminServer:
         return await asyncio.wait_for(waiter, wait)
 
     async def _report(self, kind: str, build: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
-        """A fresh report if the main loop answers within FRESH_WAIT, else the last published one."""
+        """A fresh report if the main loop builds it within FRESH_WAIT, else the copy built last."""
+        building = self._building.get(kind)
+        if building is None or building.done():
+            building = self._building[kind] = asyncio.ensure_future(self._on_main(build, wait=None))
+            building.add_done_callback(lambda done: self._keep(kind, done))
+        cached = self._cache.get(kind)
         try:
-            value = await self._on_main(build, FRESH_WAIT)
+            value = await asyncio.wait_for(asyncio.shield(building), FRESH_WAIT if cached else FIRST_WAIT)
         except TimeoutError:
-            cached = self._cache[kind]
+            if cached is None:
+                raise _json_error(web.HTTPServiceUnavailable, "data_plane_busy") from None
             age = max(0.0, time.monotonic() - cached.at)
             return cached.value, {"x-seawall-report": "cached", "x-seawall-report-age-ms": f"{age * 1000:.0f}"}
-        self._cache[kind] = _Cached(value, time.monotonic())
         return value, {"x-seawall-report": "fresh"}
+
+    def _keep(self, kind: str, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            log.error("admin report %s could not be built: %r", kind, done.exception(), extra={"event": "admin_error"})
+            return
+        self._cache[kind] = _Cached(done.result(), time.monotonic())
 
     # -- handlers (run on the admin thread) -----------------------------------------------------------------
 
@@ -270,11 +283,18 @@ class AdminServer:
             ttl = parse_duration(ttl_text) if ttl_text is not None else None
         except ValueError as exc:
             raise _json_error(web.HTTPBadRequest, "invalid_ttl", detail=str(exc)) from exc
-        if ttl is not None and ttl <= 0:
-            raise _json_error(web.HTTPBadRequest, "invalid_ttl", detail="ttl must be positive")
+        if ttl is not None and not 0 < ttl <= MAX_OVERRIDE_TTL:
+            raise _json_error(
+                web.HTTPBadRequest, "invalid_ttl", detail=f"ttl must be positive and at most {MAX_OVERRIDE_TTL:g}s"
+            )
+        operator = request.headers.get("X-Operator")
+        if operator is not None and not OPERATOR_NAME.fullmatch(operator):
+            raise _json_error(
+                web.HTTPBadRequest, "invalid_operator", detail="X-Operator is 1–64 of A-Z a-z 0-9 . _ @ + -"
+            )
         who = {
             "by": request.remote or "unknown",
-            "operator": request.headers.get("X-Operator", "")[:64] or None,
+            "operator": operator,
             "user_agent": request.headers.get("User-Agent", "")[:128] or None,
         }
         body = await self._on_main(lambda: self._apply(name, action, ttl, who), wait=None)
@@ -300,15 +320,15 @@ class AdminServer:
         if ttl is not None and action != "reset":
             assert self._main is not None
             self._override_timers[name] = self._main.call_later(ttl, self._override_ended, name, action, ttl)
+        # Who asked goes in the structured fields only: header text never becomes part of the message.
         log.warning(
-            "breaker %s: %s by %s%s",
+            "breaker %s: %s%s",
             name,
             action,
-            who["operator"] or who["by"],
             f" for {ttl:g}s" if ttl else "",
             extra={"event": "breaker_override", "upstream": name, "action": action, "ttl_seconds": ttl, **who},
         )
-        self._publish()  # a dashboard or probe served from the cache sees the override at once
+        self._invalidate()  # no probe or dashboard may be served a copy from before the override
         return {"upstream": name, "action": action, "ttl_seconds": ttl, "breaker": breakers_report(sidecar)[name]}
 
     def _override_ended(self, name: str, action: str, ttl: float) -> None:
@@ -333,7 +353,7 @@ class AdminServer:
                 "state": snap.state.value,
             },
         )
-        self._publish()
+        self._invalidate()
 
     def _authorize(self, request: web.Request) -> None:
         origin = request.headers.get("Origin")
@@ -351,7 +371,10 @@ class AdminServer:
             raise _json_error(
                 web.HTTPUnauthorized, "token_required", headers={"WWW-Authenticate": 'Bearer realm="seawall-admin"'}
             )
-        if not hmac.compare_digest(given[7:].strip().encode(), expected.encode()):
+        token = given[7:].strip()
+        if not token.isascii() or not token.isprintable():
+            raise _json_error(web.HTTPBadRequest, "malformed_token", detail="a bearer token is printable ASCII")
+        if not hmac.compare_digest(token.encode(), expected.encode()):
             raise _json_error(web.HTTPForbidden, "wrong_token")
 
 
