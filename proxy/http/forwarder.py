@@ -42,7 +42,18 @@ _JSON = b"application/json"
 class Exchange:
     """One client request's journey. Holds what the finally-blocks need to clean up."""
 
-    __slots__ = ("_last_error", "attempts", "client", "conn", "permit", "pump", "req", "rt", "started")
+    __slots__ = (
+        "_last_error",
+        "attempts",
+        "client",
+        "client_fault",
+        "conn",
+        "permit",
+        "pump",
+        "req",
+        "rt",
+        "started",
+    )
 
     def __init__(self, rt: UpstreamRuntime, req: Request, client: ResponseSink) -> None:
         self.rt = rt
@@ -54,6 +65,7 @@ class Exchange:
         self.pump: asyncio.Task[None] | None = None
         self.started = rt.clock.monotonic()
         self._last_error: UpstreamError | None = None
+        self.client_fault: str | None = None  # body_timeout | body_aborted: the client, not the upstream, failed
 
     # -- entry -----------------------------------------------------------------------------------------------
 
@@ -155,6 +167,13 @@ class Exchange:
                     breaker.record_ignored(permit)
                 self.permit = None
                 continue
+            if error is not None and self.client_fault is not None:
+                # The client stalled or broke off its body: nothing the upstream did, nothing to record.
+                if permit is not None:
+                    breaker.record_ignored(permit)
+                self.permit = None
+                self._client_failed()
+                return
             failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
             now = clock.monotonic()
             if failed_kind is None:
@@ -206,6 +225,18 @@ class Exchange:
             if decision.delay > 0:
                 await clock.sleep(decision.delay)
 
+    def _client_failed(self) -> None:
+        if self.client_fault == "body_timeout":
+            self.rt.stats.reject("client_timeout")
+            limit = self.rt.policy.timeouts.per_try
+            self._local(
+                408,
+                "bad_request",
+                f"request body stalled for {limit:g}s",
+                decision=f"upstream={self.rt.name} reason=client_body_timeout",
+            )
+        # body_aborted: the listener has answered 400 (malformed body) or the client is gone
+
     def _body_replayable(self) -> bool:
         body = self.req.body
         return body is None or (body.replayable and not body.streamed)
@@ -243,18 +274,33 @@ class Exchange:
         return await waiter
 
     async def _pump_body(self, conn: UpstreamConnection, chunked: bool) -> None:
+        """Stream the client's body on. Its silences are the client's (per_try each → 408, nothing charged to
+        the upstream); an upstream that stops taking it for per_try is the upstream's timeout."""
         body = self.req.body
         assert body is not None
+        limit = self.rt.policy.timeouts.per_try
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in body.stream():
-                if not chunk:
-                    continue
-                conn.write_body(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await conn.drain()
+            async with asyncio.timeout(limit) as client_silence:
+                async for chunk in body.stream():
+                    if not chunk:
+                        continue
+                    conn.write_body(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    client_silence.reschedule(None)  # while the upstream drains, its own bound applies
+                    try:
+                        await asyncio.wait_for(conn.drain(), limit)
+                    except TimeoutError:
+                        conn.stalled(f"upstream took no request body for {limit:g}s")
+                        return
+                    client_silence.reschedule(loop.time() + limit)
             if chunked:
                 conn.write_body(b"0\r\n\r\n")
-            conn.request_complete = True
+            conn.request_sent()
+        except TimeoutError:
+            self.client_fault = "body_timeout"
+            conn.abort()
         except BodyAborted:
+            self.client_fault = "body_aborted"
             conn.abort()  # never let a half-sent request be completed by someone else's bytes
         except UpstreamError:
             pass  # the response side reports it

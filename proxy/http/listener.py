@@ -222,6 +222,8 @@ class ClientConnection(asyncio.Protocol):
             if answer is not None:
                 self.send_raw(answer)
                 return True
+        if req.body is not None and not req.body.complete:
+            self._resume_reading()  # a pipelined request's body may still be on its way: let it in
         self._active = self.loop.create_task(self._serve(rt, req))
         return False
 

@@ -104,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._on_pause: Callable[[bool], None] | None = None
         self.request_complete = True
+        self._head_timeout = 0.0
         self._out_of_step = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
@@ -267,8 +268,25 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_exception(ConnectionReset("pooled connection was already closed", sent_nothing=True))
             return waiter
         self.transport.write(head + body if body else head)
-        self._timer = self.loop.call_later(head_timeout, self._on_head_timeout, head_timeout)
+        self._head_timeout = head_timeout
+        if self.request_complete:
+            self._arm_head_timer()
+        # else: the clock for the response head starts when the last body byte is sent (``request_sent``)
         return waiter
+
+    def request_sent(self) -> None:
+        """The streamed request body is all sent: now the upstream has ``head_timeout`` to answer."""
+        self.request_complete = True
+        if self.phase is Phase.AWAITING_HEAD and not self.closed:
+            self._arm_head_timer()
+
+    def stalled(self, detail: str) -> None:
+        """The upstream stopped taking the request body: a timeout of the upstream's."""
+        self._fail(UpstreamTimedOut(detail))
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(self._head_timeout, self._on_head_timeout, self._head_timeout)
 
     @property
     def received_any(self) -> bool:

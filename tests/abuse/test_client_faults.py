@@ -1,0 +1,97 @@
+"""Clients that are slow or break off never count against the upstream: the breaker stays closed, the client
+gets a 408 (or nothing, when it is gone), and a pipelined body that arrives late is still forwarded."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.abuse.test_bounds import _read_until_closed, status_and_reason
+from tests.support.raw import RecordingUpstream, _Recorder
+from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
+
+
+@dataclass
+class Stage:
+    process: SidecarProcess
+    port: int
+    upstream: RecordingUpstream
+
+    def breaker(self) -> dict[str, object]:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.process.admin}/breakers", timeout=10) as response:
+            return json.loads(response.read())["svc"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    import asyncio
+    import threading
+
+    upstream = RecordingUpstream(port=free_port())
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = asyncio.run_coroutine_threadsafe(
+        loop.create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port), loop
+    ).result(5)
+    policy = write_policy(
+        tmp_path_factory.mktemp("client-faults") / "p.yaml",
+        {"svc": {"targets": [upstream.url]}},
+        defaults={
+            "timeouts": {"connect": "500ms", "per_try": "600ms", "total": "5s"},
+            "breaker": {"failure_threshold": 2},
+        },
+        http={"replay_buffer_bytes": 1024},
+    )
+    with sidecar_process(policy) as process:
+        yield Stage(process, policy_listen(policy, "svc")[1], upstream)
+    loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def test_clients_that_stop_sending_their_body_get_408_and_never_open_the_breaker(stage: Stage) -> None:
+    # Five clients each announce 100,000 bytes, send 8 KiB (past the replay buffer: it streams) and stop.
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
+            sock.sendall(b"PUT /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 100000\r\n\r\n" + b"x" * 8192)
+            answer = _read_until_closed(sock)
+        assert status_and_reason(answer) == (408, "bad_request"), answer[:300]
+        assert b"reason=client_body_timeout" in answer
+    breaker = stage.breaker()
+    assert breaker["state"] == "closed" and breaker["failures"] == 0, breaker
+    assert breaker["rejected"].get("client_timeout", 0) >= 5  # type: ignore[attr-defined]
+    # And the upstream is still served.
+    with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_clients_that_hang_up_mid_body_are_not_upstream_failures(stage: Stage) -> None:
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
+            sock.sendall(b"PUT /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 100000\r\n\r\n" + b"x" * 8192)
+            time.sleep(0.05)
+    time.sleep(0.2)  # the sidecar notices the closes; nothing is expected to come of them
+    breaker = stage.breaker()
+    assert breaker["state"] == "closed" and breaker["failures"] == 0, breaker
+
+
+def test_a_pipelined_body_that_arrives_late_is_still_forwarded(stage: Stage) -> None:
+    before = len(stage.upstream.requests)
+    with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
+        sock.sendall(
+            b"GET /first HTTP/1.1\r\nHost: svc\r\n\r\n"
+            b"POST /second HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        )
+        time.sleep(0.3)  # the body comes later than its head, behind a request still in flight
+        sock.sendall(b"hello")
+        answers = _read_until_closed(sock)
+    assert answers.count(b"HTTP/1.1 200") == 2, answers[:400]
+    forwarded = stage.upstream.requests[before:]
+    assert [(url, body) for url, _, body in forwarded] == [(b"/first", b""), (b"/second", b"hello")]
