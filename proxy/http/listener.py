@@ -85,6 +85,9 @@ class ClientConnection(asyncio.Protocol):
         self._deferred_reject: tuple[int, str] | None = None
         self._rejection: RequestRejected | None = None  # raised inside a parser callback, for data_received
         self._lingered = 0  # bytes dropped after the connection's last answer
+        self._write_paused = False  # the transport's buffer is above its high-water mark: the client lags
+        self._write_paused_since = 0.0
+        self._held: Request | None = None  # served, but the next request waits for the client to read
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -133,12 +136,18 @@ class ClientConnection(asyncio.Protocol):
             task.cancel()  # the forwarder drops its upstream attempt at once
 
     def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_since = self.loop.time()
         if self._upstream is not None:
             self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._upstream is not None:
             self._upstream.resume_reading()
+        req, self._held = self._held, None
+        if req is not None and self._active is None:
+            self._after_response(req)  # the client reads again: serve what it asked next
 
     # -- httptools callbacks ---------------------------------------------------------------------------------
 
@@ -256,6 +265,13 @@ class ClientConnection(asyncio.Protocol):
             if not self.keep_alive or (req.body is not None and not req.body.complete):
                 # An unread body would be taken for the next request: close instead of guessing.
                 self._close_after_answer()
+                return
+            if self._write_paused:
+                # The client is not reading its answers: take no more requests until it does (back-pressure),
+                # or the client buffers every answer it pipelined.
+                self._pause_reading()
+                self._held = req
+                self._phase = _Phase.BUSY
                 return
             if not self._queue:
                 break
@@ -395,6 +411,9 @@ class ClientConnection(asyncio.Protocol):
             if now - self._phase_since >= limit:
                 self._close()  # nothing was asked: nothing to answer
                 return
+        elif self._write_paused and now - self._write_paused_since >= self._http.keepalive_timeout:
+            self.close()  # a client that has not read for keepalive_timeout is not coming back
+            return
         else:
             self._phase_since = now
             limit = min(self._http.keepalive_timeout, self._http.header_timeout)

@@ -105,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._on_pause: Callable[[bool], None] | None = None
         self.request_complete = True
         self._head_timeout = 0.0
+        self._held_by_client = False  # reading paused because the client's buffer is full
         self._out_of_step = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
@@ -353,10 +354,14 @@ class UpstreamConnection(asyncio.Protocol):
         return waiter
 
     def pause_reading(self) -> None:
+        """The client is not keeping up: stop reading; its slowness is not the upstream's silence."""
+        self._held_by_client = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self._held_by_client = False
+        self._last_activity = self.loop.time()
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -364,6 +369,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is over: back to the pool if the connection is clean, else closed."""
         reusable = self.reusable
         self.phase = Phase.IDLE
+        self._held_by_client = False
         self._sink = None
         self._cancel_timer()
         if reusable:
@@ -424,7 +430,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         self._timer = None
-        silent = self.loop.time() - self._last_activity
+        # While the client holds us (we stopped reading for it), nothing is silent: the listener bounds a client
+        # that never reads.
+        silent = 0.0 if self._held_by_client else self.loop.time() - self._last_activity
         if silent >= self._idle_limit:
             self._fail(UpstreamTimedOut(f"response body stalled for {self._idle_limit:g}s"))
         else:

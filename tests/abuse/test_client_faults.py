@@ -3,10 +3,16 @@ gets a 408 (or nothing, when it is gone), and a pipelined body that arrives late
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import socket
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -22,18 +28,12 @@ class Stage:
     upstream: RecordingUpstream
 
     def breaker(self) -> dict[str, object]:
-        import json
-        import urllib.request
-
         with urllib.request.urlopen(f"{self.process.admin}/breakers", timeout=10) as response:
             return json.loads(response.read())["svc"]  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
-    import asyncio
-    import threading
-
     upstream = RecordingUpstream(port=free_port())
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -95,3 +95,53 @@ def test_a_pipelined_body_that_arrives_late_is_still_forwarded(stage: Stage) -> 
     assert answers.count(b"HTTP/1.1 200") == 2, answers[:400]
     forwarded = stage.upstream.requests[before:]
     assert [(url, body) for url, _, body in forwarded] == [(b"/first", b""), (b"/second", b"hello")]
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def big_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    body = b"z" * (1024 * 1024)
+    upstream = RecordingUpstream(
+        port=free_port(), response=b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    )
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = asyncio.run_coroutine_threadsafe(
+        loop.create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port), loop
+    ).result(5)
+    policy = write_policy(tmp_path_factory.mktemp("big") / "p.yaml", {"svc": {"targets": [upstream.url]}})
+    with sidecar_process(policy) as process:
+        yield Stage(process, policy_listen(policy, "svc")[1], upstream)
+    loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def test_clients_that_pipeline_and_never_read_cannot_grow_the_sidecar(big_stage: Stage) -> None:
+    pid = big_stage.process.proc.pid
+    before = _rss_mib(pid)
+    request = b"GET /big HTTP/1.1\r\nHost: svc\r\n\r\n"
+    clients = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", big_stage.port), 5)
+        sock.settimeout(0.5)
+        try:
+            for _ in range(500):  # 500 pipelined requests for 1 MiB answers each, and never a byte read
+                sock.sendall(request * 10)
+        except TimeoutError:
+            pass  # the sidecar stopped reading us: what back-pressure looks like from here
+        clients.append(sock)
+    peak = before
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # watch a bounded while: RSS must stay put
+        peak = max(peak, _rss_mib(pid))
+        time.sleep(0.1)
+    forwarded = len(big_stage.upstream.requests)
+    for sock in clients:
+        sock.close()
+    print(f"RSS {before:.1f} MiB → peak +{peak - before:.1f} MiB; {forwarded} requests forwarded for 20,000 sent")
+    assert peak - before < 128, f"RSS grew {peak - before:.1f} MiB"
+    assert forwarded < 400  # a handful of answers per connection, not every request pipelined
