@@ -129,8 +129,12 @@ class Exchange:
                     if self.attempts == 0:
                         self._breaker_open(now)
                         return
-                    # The breaker opened while we backed off: stop at once with what we have.
-                    self._local_failure(self._last_error or ConnectionReset("breaker opened"), "breaker_open")
+                    # The breaker opened while we backed off: stop at once with what we have. After a failed
+                    # answer (a 5xx, its body let go) that is the breaker's own answer, not a made-up 502 reset.
+                    if self._last_error is None:
+                        self._breaker_open(now)
+                    else:
+                        self._local_failure(self._last_error, "breaker_open")
                     return
                 rt.stats.reject("breaker_open_shadow")
             self.permit = permit

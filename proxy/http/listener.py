@@ -48,6 +48,12 @@ class _Phase(enum.Enum):
     BUSY = "busy"
 
 
+def _is_http09(data: bytes) -> bool:
+    """A request line with no version (``GET /``): llhttp would wait for headers; HAProxy answers 400 at once."""
+    end = data.find(b"\n", 0, 16384)
+    return end >= 0 and data[:end].rstrip(b"\r").count(b" ") == 1
+
+
 class ClientConnection(asyncio.Protocol):
     """Serves one client connection: parse, hand each request to the forwarder, write answers in order."""
 
@@ -106,6 +112,9 @@ class ClientConnection(asyncio.Protocol):
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES and self.transport is not None:
                 self.transport.abort()  # a client that keeps sending after its answer: stop draining it
+            return
+        if (self._phase is _Phase.IDLE or self._phase is _Phase.NEW) and _is_http09(data):
+            self._reject(400, "HTTP/0.9 requests are not served")
             return
         try:
             self._parser.feed_data(data)
@@ -179,6 +188,8 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return  # an earlier request in the same read closed the connection: serve nothing more
         parser = self._parser
+        if parser.get_http_version() == "0.9":
+            self._refuse(400, "HTTP/0.9 requests are not served")
         try:
             req = validate_head(
                 parser.get_method(),

@@ -251,3 +251,13 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(bench: 
         held = time.monotonic() - started
     # header_timeout is 500 ms and keepalive_timeout 75 s: a generous bound still tells them apart.
     assert held < 30, f"held {held:.1f}s"
+
+
+@pytest.mark.parametrize("line", [b"GET /\r\n", b"GET /\n", b"GET /\r\n\r\n"])
+def test_an_http_0_9_request_is_refused_at_once(bench: Bench, line: bytes) -> None:
+    before = len(bench.recording.requests)
+    started = time.monotonic()
+    answer = request(bench.port("svc"), line)
+    assert status_and_reason(answer) == (400, "bad_request"), answer[:200]
+    assert time.monotonic() - started < 5  # not after header_timeout: nothing more is awaited
+    assert len(bench.recording.requests) == before

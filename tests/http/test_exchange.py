@@ -160,3 +160,23 @@ async def test_a_refused_connection_is_answered_502_connect_error_by_the_sidecar
     assert status == 502 and headers[b"x-sidecar-reason"] == b"connect_error"
     assert headers[b"x-sidecar-attempts"] == b"3"
     assert rt.breaker.snapshot(rt.clock.monotonic()).state is State.CLOSED  # 3 failures < threshold 5
+
+
+POLICY_BACKOFF = POLICY.replace("base_delay: 0s, max_delay: 0s", "base_delay: 300ms, max_delay: 300ms")
+
+
+@pytest.mark.parametrize("upstream", [[answer(503, b"busy")]], indirect=True)
+async def test_a_breaker_opening_during_the_backoff_after_a_5xx_answers_breaker_open(upstream: CannedUpstream) -> None:
+    config, issues = load_text(POLICY_BACKOFF.format(listen=free_port(), port=upstream.port))
+    assert config is not None, issues
+    rt, sink = UpstreamRuntime(config.upstreams[0], SystemClock()), RecordingSink()
+    task = asyncio.create_task(forward(rt, get(), sink))
+    for _ in range(200):  # until the first 503 is in and the exchange is backing off
+        if upstream.heads:
+            break
+        await asyncio.sleep(0.01)
+    rt.breaker.set_override(Override.FORCE_OPEN, rt.clock.monotonic())
+    await asyncio.wait_for(task, 5)
+    assert len(upstream.heads) == 1
+    assert sink.calls == ["raw"]
+    assert sink.out.startswith(b"HTTP/1.1 503 ") and b"x-sidecar-reason: breaker_open\r\n" in sink.out
