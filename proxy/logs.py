@@ -34,3 +34,25 @@ def configure(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """At most one line per ``interval`` seconds per key; the next line says how many were held back.
+
+    For conditions that can recur thousands of times a second (running out of file descriptors) and would
+    otherwise drown the log and cost the CPU the sidecar is short of."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object, extra: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        self._logger.warning(msg, *args, extra={**(extra or {}), "event": key, "suppressed": held})

@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from proxy.logs import Throttled
 from proxy.sockets import Drainable, set_no_delay
-from proxy.upstream.errors import UpstreamError, map_connect_error
+from proxy.upstream.errors import OutOfResources, UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
     from proxy.resilience.breaker import Permit
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from proxy.upstream.balancer import TargetState
 
 log = logging.getLogger("seawall.tcp")
+_exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 EARLY_BUFFER_LIMIT = 256 * 1024  # client bytes held while the upstream connect is in progress
 
@@ -167,6 +169,9 @@ class TcpClient(_Side):
                     break  # that failure opened the breaker: stop here
             rt.stats.answered(502, rt.clock.monotonic() - started)
             self.close()
+        except OutOfResources:
+            rt.stats.answered(503, rt.clock.monotonic() - started)
+            self.close()
         except asyncio.CancelledError:
             if permit is not None:
                 rt.breaker.record_ignored(permit)
@@ -183,7 +188,15 @@ class TcpClient(_Side):
                 # greeting, an SMTP banner) must not lose its bytes before we link the two ends.
                 _, upstream = await loop.create_connection(lambda: _Side(peer=self), target.host, target.port)
         except (OSError, TimeoutError) as exc:
-            error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
+            try:
+                error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
+            except OutOfResources as local:
+                # Ours, not the upstream's: closed like an overload, nothing recorded against the breaker.
+                if permit is not None:
+                    rt.breaker.record_ignored(permit)
+                rt.stats.reject("overload")
+                _exhausted.warning("out_of_resources", "%s: %s", rt.name, local, extra={"upstream": rt.name})
+                raise
             now = rt.clock.monotonic()
             rt.stats.failed(error.kind)
             if permit is not None:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 from proxy.http import heads, wire
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
+from proxy.logs import Throttled
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
-from proxy.upstream.errors import ConnectionReset, UpstreamError, UpstreamTimedOut
+from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
     from proxy.http.request import Request
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from proxy.upstream.balancer import TargetState
 
 log = logging.getLogger("seawall.request")
+_exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _JSON = b"application/json"
@@ -150,6 +152,9 @@ class Exchange:
                 head = await self._try(state, min(timeouts.per_try, remaining), min(timeouts.connect, remaining))
             except UpstreamError as exc:
                 error = exc
+            except OutOfResources as exc:
+                self._out_of_resources(exc)
+                return
             finally:
                 state.outstanding -= 1
             conn = self.conn
@@ -228,6 +233,20 @@ class Exchange:
             exclude = state
             if decision.delay > 0:
                 await clock.sleep(decision.delay)
+
+    def _out_of_resources(self, exc: OutOfResources) -> None:
+        """The sidecar could not open a connection for want of its own resources: overload, nobody's failure."""
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            self.rt.breaker.record_ignored(permit)
+        self.rt.stats.reject("overload")
+        _exhausted.warning("out_of_resources", "%s: %s", self.rt.name, exc, extra={"upstream": self.rt.name})
+        self._local(
+            503,
+            "overload",
+            "the sidecar is out of resources (file descriptors, buffers or memory)",
+            decision=f"upstream={self.rt.name} reason=out_of_resources",
+        )
 
     def _client_failed(self) -> None:
         if self.client_fault == "body_timeout":

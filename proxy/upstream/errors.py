@@ -8,6 +8,9 @@
     ├── ConnectionReset           the connection was lost before the response completed          → reset 502
     └── BadResponse               the upstream spoke broken HTTP (bad framing, CR/NUL in a header) → bad_response 502
 
+Apart from these, ``OutOfResources``: the sidecar itself ran out of file descriptors, buffers or memory while
+connecting. It is never the upstream's fault: answered 503 ``overload`` and never counted against the breaker.
+
 ``map_connect_error`` is the one place where exceptions from opening a connection become these; once
 connected, ``proxy.upstream.connection`` raises them itself. Each names its ``FailureKind``.
 """
@@ -15,6 +18,7 @@ connected, ``proxy.upstream.connection`` raises them itself. Each names its ``Fa
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import ClassVar
 
 from proxy.resilience.failures import FailureKind
@@ -50,8 +54,19 @@ class BadResponse(UpstreamError):
     status = 502
 
 
+class OutOfResources(Exception):
+    """This process (or host) is out of descriptors, socket buffers or memory: ours to fix, not the upstream's."""
+
+
+LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 def map_connect_error(exc: BaseException, target: str) -> UpstreamError:
-    """Errors from ``loop.create_connection`` (and its timeout) as the hierarchy above."""
+    """Errors from ``loop.create_connection`` (and its timeout) as the hierarchy above.
+
+    Raises ``OutOfResources`` instead when the error is the sidecar's own exhaustion."""
+    if isinstance(exc, OSError) and exc.errno in LOCAL_EXHAUSTION:
+        raise OutOfResources(f"connect to {target}: {exc.strerror or exc}") from exc
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return ConnectFailed(f"connect to {target} timed out", sent_nothing=True)
     if isinstance(exc, OSError):
