@@ -111,6 +111,14 @@ def real_value(value: float | None) -> float | None:
     return value
 
 
+def best_value(values: Iterable[float], mode: MetricMode) -> float | None:
+    """The best real value of a metric's history (``--rank-by best``); ``None`` if it has none."""
+    real = [value for raw in values if (value := real_value(raw)) is not None]
+    if not real:
+        return None
+    return max(real) if mode == "max" else min(real)
+
+
 def competition_ranks(runs: Sequence[RunRecord], mode: MetricMode) -> dict[str, int]:
     """run_id → 1 + number of runs strictly better; runs without a real value are left out."""
     sign = -1.0 if mode == "max" else 1.0

@@ -5,14 +5,16 @@ so the container does not need the full server package. Artifacts are deleted th
 repository for the run's ``artifact_uri``; for ``mlflow-artifacts:/`` URIs that is an HTTP DELETE on the
 tracking server's artifact proxy, so the job needs no database or bucket credentials of its own.
 
-Page tokens of MLflow's search APIs are offsets into a result set, so everything is read to the end
-before anything is deleted (the planner runs on a complete snapshot).
+Page tokens of MLflow's search APIs are offsets into a result set: a run created (or deleted) while
+planning pages through thousands of runs shifts every later page, so offset paging can read a run twice or
+miss one. Runs are therefore read with a keyset cursor on ``start_time`` (see :func:`keyset_pages`), and
+everything is read to the end before anything is deleted (the planner runs on a complete snapshot).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +26,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from cleanup.model import ExperimentRef, LoggedModelRef, ModelVersionRef, RunRecord
+from cleanup.policy import MetricMode, best_value
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +58,60 @@ def _paged(search: Callable[..., Any]) -> Iterator[Any]:
             return
 
 
+def keyset_pages(
+    search: Callable[..., Any], run_of: Callable[[Any], tuple[int | None, str]], page_size: int
+) -> Iterator[Any]:
+    """Every run exactly once, even while others are created or deleted: a keyset cursor on ``start_time``.
+
+    ``search(filter_string=..., page_token=...)`` must order by ``start_time`` ascending (MLflow adds the run
+    id as the tie-breaker). Each page starts strictly after the last start time fully read; the runs sharing
+    the page's last start time are read as one bucket of their own (``start_time = T``, offset paging — only a
+    run created with exactly that millisecond could shift it, and duplicates are dropped anyway). A run
+    created meanwhile behind the cursor is not read: the plan is then of the runs as they were.
+    """
+    seen: set[str] = set()
+
+    def fresh(runs: Iterable[Any]) -> Iterator[Any]:
+        for run in runs:
+            run_id = run_of(run)[1]
+            if run_id not in seen:
+                seen.add(run_id)
+                yield run
+
+    lower: int | None = None
+    while True:
+        after = "" if lower is None else f"attributes.start_time > {lower}"
+        page = search(filter_string=after, page_token=None)
+        if len(page) < page_size or not page.token:
+            yield from fresh(page)
+            return
+        last = run_of(page[-1])[0]
+        if last is None:  # runs without a start time cannot be keyed: finish this query by offset
+            yield from fresh(_paged(partial(search, filter_string=after)))
+            return
+        yield from fresh(run for run in page if (start := run_of(run)[0]) is not None and start < last)
+        yield from fresh(_paged(partial(search, filter_string=f"attributes.start_time = {last}")))
+        lower = last
+
+
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def run_record(run: Any, metric: str) -> RunRecord:
+def _start_and_id(run: Any) -> tuple[int | None, str]:
+    return run.info.start_time, run.info.run_id
+
+
+def run_record(run: Any, metric: str, metric_value: float | None = None, *, use_value: bool = False) -> RunRecord:
+    """``metric_value`` replaces the run's latest value when ``use_value`` (``--rank-by best``)."""
     info, data = run.info, run.data
     return RunRecord(
         run_id=info.run_id,
         experiment_id=info.experiment_id,
         status=info.status,
         start_time_ms=info.start_time,
-        metric=data.metrics.get(metric),
+        metric=metric_value if use_value else data.metrics.get(metric),
         tags=dict(data.tags),
         name=info.run_name or "",
         end_time_ms=info.end_time,
@@ -87,9 +131,21 @@ def _is_not_found(error: MlflowException) -> bool:
 class MlflowStore:
     """A thin, typed facade over ``MlflowClient`` for the cleanup job."""
 
-    def __init__(self, client: MlflowClient, page_size: int = RUN_PAGE_SIZE) -> None:
+    def __init__(
+        self, client: MlflowClient, page_size: int = RUN_PAGE_SIZE, *, best_of: MetricMode | None = None
+    ) -> None:
+        """``best_of``: rank by the best value of each run's metric history in that direction (one
+        ``get_metric_history`` call per run) instead of the latest value that searches return."""
         self.client = client
         self.page_size = page_size
+        self.best_of = best_of
+
+    def _record(self, run: Any, metric: str) -> RunRecord:
+        if self.best_of is None:
+            return run_record(run, metric)
+        history = [m.value for m in self.client.get_metric_history(run.info.run_id, metric)]
+        best = best_value(history, self.best_of)
+        return run_record(run, metric, best if best is not None else run.data.metrics.get(metric), use_value=True)
 
     # ---- reads for planning -------------------------------------------------------------------------
 
@@ -121,9 +177,10 @@ class MlflowStore:
                 experiment_ids=list(chunk),
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=self.page_size,
+                order_by=["attributes.start_time ASC"],
             )
-            for run in _paged(search):
-                yield run_record(run, metric)
+            for run in keyset_pages(search, _start_and_id, self.page_size):
+                yield self._record(run, metric)
 
     def model_versions(self) -> list[ModelVersionRef]:
         """Every registered model version, with the aliases of its registered model attached.
@@ -135,38 +192,46 @@ class MlflowStore:
         for model in _paged(partial(self.client.search_registered_models, max_results=REGISTRY_PAGE_SIZE)):
             for alias, version in (model.aliases or {}).items():
                 aliases.setdefault((model.name, str(version)), []).append(alias)
-        return [
-            ModelVersionRef(
+        versions: dict[tuple[str, str], ModelVersionRef] = {}  # offset pages can repeat an entry
+        for mv in _paged(partial(self.client.search_model_versions, max_results=REGISTRY_PAGE_SIZE)):
+            key = (mv.name, str(mv.version))
+            versions[key] = ModelVersionRef(
                 model_name=mv.name,
                 version=str(mv.version),
                 source=mv.source or "",
                 run_id=mv.run_id or None,
                 model_id=getattr(mv, "model_id", None) or None,
-                aliases=tuple(sorted(aliases.get((mv.name, str(mv.version)), []))),
+                aliases=tuple(sorted(aliases.get(key, []))),
             )
-            for mv in _paged(partial(self.client.search_model_versions, max_results=REGISTRY_PAGE_SIZE))
-        ]
+        return list(versions.values())
 
-    def versions_of_run(self, run_id: str) -> list[str]:
-        """``name vN`` of every version registered from this run (a re-check just before deletion)."""
-        versions = self.client.search_model_versions(filter_string=f"run_id = '{run_id}'")
-        return [f"{mv.name} v{mv.version}" for mv in versions]
+    def versions_of_run(self, run_id: str, model_ids: Sequence[str] = ()) -> list[str]:
+        """``name vN`` of every version registered from this run or from one of its logged models.
+
+        The re-check just before each destructive step. MLflow sets a version's ``run_id`` when it is
+        registered from ``models:/<model_id>`` too, but older clients may not, hence the source filter.
+        """
+        filters = [f"run_id = '{run_id}'", *(f"source_path = 'models:/{model_id}'" for model_id in model_ids)]
+        found = {
+            (mv.name, int(mv.version))
+            for filter_string in filters
+            for mv in self.client.search_model_versions(filter_string=filter_string)
+        }
+        return [f"{name} v{version}" for name, version in sorted(found)]
 
     def logged_models(self, experiment_ids: Sequence[str]) -> list[LoggedModelRef]:
-        models: list[LoggedModelRef] = []
+        models: dict[str, LoggedModelRef] = {}  # offset pages can repeat an entry
         for chunk in _chunks(list(experiment_ids), EXPERIMENTS_PER_SEARCH):
             search = partial(self.client.search_logged_models, experiment_ids=list(chunk), max_results=100)
             for model in _paged(search):
-                models.append(
-                    LoggedModelRef(
-                        model_id=model.model_id,
-                        experiment_id=model.experiment_id,
-                        name=model.name,
-                        source_run_id=model.source_run_id or None,
-                        artifact_location=model.artifact_location,
-                    )
+                models[model.model_id] = LoggedModelRef(
+                    model_id=model.model_id,
+                    experiment_id=model.experiment_id,
+                    name=model.name,
+                    source_run_id=model.source_run_id or None,
+                    artifact_location=model.artifact_location,
                 )
-        return models
+        return list(models.values())
 
     def get_run(self, run_id: str, metric: str) -> RunRecord | None:
         """The run as it is now, or ``None`` if it is gone or already deleted."""
@@ -178,7 +243,7 @@ class MlflowStore:
             raise
         if run.info.lifecycle_stage != "active":
             return None
-        return run_record(run, metric)
+        return self._record(run, metric)
 
     def run_snapshot(self, run_id: str) -> dict[str, Any]:
         """Params, metrics and tags of a run, for the archive (deleted metadata may later be purged)."""
