@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanup.job import Outcome, Report, RunResult
-from cleanup.redact import redact_uri
+from cleanup.redact import redact_text, redact_uri
 
 # Keep-reason prefixes → the summary column they count in.
 _REASON_COLUMNS = (
@@ -85,7 +85,7 @@ def _row(name: str, counts: Counter[str]) -> list[str]:
         *(str(counts[column]) for column in _COLUMNS),
         str(deleted),
         str(counts[Outcome.FAILED.value]),
-        str(counts[Outcome.SKIPPED.value] + counts[Outcome.PENDING.value]),
+        str(counts[Outcome.SKIPPED.value] + counts[Outcome.PENDING.value] + counts[Outcome.ABORTED.value]),
         human_bytes(counts["bytes"]),
     ]
 
@@ -140,6 +140,7 @@ def report_document(report: Report, tracking_uri: str) -> dict[str, Any]:
         "dry_run": report.dry_run,
         "ok": report.ok,
         "interrupted": report.interrupted,
+        "gave_up": report.gave_up,
         "policy": asdict(report.plan.policy),
         "totals": {
             "runs": len(report.results),
@@ -148,15 +149,31 @@ def report_document(report: Report, tracking_uri: str) -> dict[str, Any]:
             "planning_seconds": round(report.planning_seconds, 3),
             "apply_seconds": round(report.apply_seconds, 3),
         },
-        "warnings": list(report.plan.warnings),
+        "warnings": [*report.plan.warnings, *report.warnings],
         "runs": runs,
     }
 
 
+def failure_document(error: BaseException, tracking_uri: str, started: datetime) -> dict[str, Any]:
+    """The report of a pass that could not plan (e.g. the server was unreachable): no runs, the error."""
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "planned_at": started.isoformat(),
+        "tracking_uri": redact_uri(tracking_uri),
+        "ok": False,
+        "error": redact_text(f"{type(error).__name__}: {error}"),
+        "runs": [],
+    }
+
+
 def write_report(path: Path, report: Report, tracking_uri: str) -> None:
+    write_document(path, report_document(report, tracking_uri))
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report_document(report, tracking_uri), indent=2) + "\n")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
     os.replace(temporary, path)  # atomic: a reader never sees half a report
 
 
