@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from cleanup.budget import DEFAULT_MAX_CONSECUTIVE_FAILURES
+from cleanup.client_retries import configure_client_retries
 from cleanup.policy import DEFAULT_PROTECT_TAGS, RetentionPolicy
 from cleanup.redact import redact_text
 
@@ -144,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write Prometheus metrics to this node-exporter textfile (*.prom) after every run",
     )
+    parser.add_argument(
+        "--max-consecutive-failures",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        metavar="N",
+        help="stop the pass (report written, exit 1) after N runs in a row failed, e.g. because the "
+        f"server went away (default: {DEFAULT_MAX_CONSECUTIVE_FAILURES}; 0: never)",
+    )
+    parser.add_argument(
+        "--max-duration",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="stop the pass (report written, exit 1) once it has run this long (default: no limit)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every decision and MLflow call")
     return parser
 
@@ -173,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.purge and not args.backend_store_uri:
         parser.error("--purge needs --backend-store-uri (or $MLFLOW_BACKEND_STORE_URI)")
     configure_logging(args.verbose)
+    retries = configure_client_retries()
+    log.info("MLflow client: %s", ", ".join(f"{name}={value}" for name, value in retries.items()))
     policy = RetentionPolicy(
         top_n=args.top_n,
         metric=args.metric,

@@ -221,7 +221,12 @@ class CleanupJob:
             if state.run_id in planned:
                 continue  # resumed by _apply_one
             journal = DeletionJournal(self.archiver.root / state.experiment_id / state.run_id)
-            if self.store.get_run(state.run_id, self.policy.metric) is None:
+            try:
+                current = self.store.get_run(state.run_id, self.policy.metric)
+            except Exception as error:  # the runs to delete are more important than this bookkeeping
+                warnings.append(f"run {state.run_id}: cannot check its interrupted deletion: {error}")
+                continue
+            if current is None:
                 journal.complete(state)  # deleted since (by a user, or our soft delete was its last step)
                 continue
             warnings.append(

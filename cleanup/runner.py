@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from prometheus_client import disable_created_metrics
 
 from cleanup.archive import Archiver
+from cleanup.budget import FailureBudget
 from cleanup.job import CleanupJob, Outcome, Report
 from cleanup.metrics import CleanupMetrics
 from cleanup.policy import Action, RetentionPolicy
@@ -63,6 +64,7 @@ class Runner:
             purger=purger,
             experiments=args.experiment,
             should_stop=stop.is_set,
+            budget=FailureBudget(args.max_consecutive_failures, args.max_duration),
         )
         return cls(job, tracking_uri, metrics, args.report, args.textfile, args.verbose)
 
