@@ -19,6 +19,7 @@ from types import FrameType
 
 from cleanup.budget import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from cleanup.client_retries import configure_client_retries
+from cleanup.metric_mode import resolve_metric_mode
 from cleanup.policy import DEFAULT_PROTECT_TAGS, RetentionPolicy
 from cleanup.redact import redact_text
 
@@ -95,7 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retention-days", type=_non_negative_float, default=30.0, help="default: 30")
     parser.add_argument("--top-n", type=_non_negative_int, default=10, help="default: 10")
     parser.add_argument("--metric", default="sharpe_ratio", help="ranking metric (default: sharpe_ratio)")
-    parser.add_argument("--metric-mode", choices=("max", "min"), default="max", help="default: max")
+    parser.add_argument(
+        "--metric-mode",
+        choices=("max", "min", "auto"),
+        default="auto",
+        help="max: higher is better, min: lower is better, auto: min when the metric's name says loss, "
+        "error, drawdown, ... (with a warning), else max (default: auto)",
+    )
+    parser.add_argument(
+        "--rank-by",
+        choices=("last", "best"),
+        default="last",
+        help="rank by each run's latest value of --metric, or by the best value of its history "
+        "(one extra request per run) (default: last)",
+    )
     parser.add_argument(
         "--protect-tag",
         type=_protect_tag,
@@ -191,10 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     retries = configure_client_retries()
     log.info("MLflow client: %s", ", ".join(f"{name}={value}" for name, value in retries.items()))
+    explicit_mode = None if args.metric_mode == "auto" else args.metric_mode
+    metric_mode, mode_warning = resolve_metric_mode(args.metric, explicit_mode)
+    if mode_warning:
+        log.warning("%s", mode_warning)
     policy = RetentionPolicy(
         top_n=args.top_n,
         metric=args.metric,
-        metric_mode=args.metric_mode,
+        metric_mode=metric_mode,
+        rank_by=args.rank_by,
         retention_days=args.retention_days,
         protect_tags=DEFAULT_PROTECT_TAGS + tuple(args.protect_tag),
         allow_missing_metric=args.allow_missing_metric,
@@ -205,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cleanup.runner import Runner  # deferred: keeps `--help` fast (mlflow imports take seconds)
 
     try:
-        runner = Runner.from_args(args, policy, stop)
+        runner = Runner.from_args(args, policy, stop, notes=[mode_warning] if mode_warning else [])
     except Exception as error:
         log.error("%s", error)
         return EXIT_FAILED

@@ -132,8 +132,10 @@ class CleanupJob:
         progress: Callable[[int], Progress] | None = None,
         budget: FailureBudget | None = None,
         before_step: StepHook = _no_hook,
+        notes: Sequence[str] = (),
     ) -> None:
-        """``before_step(run_id, step)`` runs right before each destructive step (tests inject crashes)."""
+        """``before_step(run_id, step)`` runs right before each destructive step (tests inject crashes);
+        ``notes`` are warnings about the job's options, copied into every report."""
         self.store = store
         self.policy = policy
         self.dry_run = dry_run
@@ -144,6 +146,7 @@ class CleanupJob:
         self.progress = progress or (lambda total: Progress(total, "cleanup"))
         self.budget = budget or FailureBudget()
         self.before_step = before_step
+        self.notes = tuple(notes)
 
     # ---- planning ------------------------------------------------------------------------------------
 
@@ -181,11 +184,13 @@ class CleanupJob:
 
     def apply(self, snapshot: Snapshot) -> Report:
         plan = snapshot.plan
-        report = Report(plan=plan, dry_run=self.dry_run)
+        report = Report(plan=plan, dry_run=self.dry_run, warnings=list(self.notes))
         experiments = {exp.experiment.experiment_id: exp.experiment for exp in plan.experiments}
         to_delete = plan.to_delete
         if not self.dry_run:
-            report.warnings.extend(self._settle_other_journals({d.run.run_id for d in to_delete}))
+            for warning in self._settle_other_journals({d.run.run_id for d in to_delete}):
+                log.warning("%s", warning)
+                report.warnings.append(warning)
         progress = self.progress(len(to_delete))
         try:
             for decision in plan.decisions:
@@ -208,8 +213,6 @@ class CleanupJob:
             progress.close()
         if report.gave_up:
             log.error("pass stopped: %s", report.gave_up)
-        for warning in report.warnings:
-            log.warning("%s", warning)
         return report
 
     def _settle_other_journals(self, planned: set[str]) -> list[str]:

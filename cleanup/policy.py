@@ -29,6 +29,7 @@ from typing import Literal
 from cleanup.model import ExperimentRef, RunRecord
 
 MetricMode = Literal["max", "min"]
+RankBy = Literal["last", "best"]
 DEFAULT_PROTECT_TAGS: tuple[tuple[str, str], ...] = (("stage", "production"), ("protected", "true"))
 _MS_PER_DAY = 86_400_000
 
@@ -43,6 +44,7 @@ class RetentionPolicy:
     top_n: int = 10
     metric: str = "sharpe_ratio"
     metric_mode: MetricMode = "max"
+    rank_by: RankBy = "last"  # a run's latest value of the metric, or the best of its history
     retention_days: float = 30.0
     protect_tags: tuple[tuple[str, str], ...] = DEFAULT_PROTECT_TAGS
     allow_missing_metric: bool = False
@@ -54,6 +56,8 @@ class RetentionPolicy:
             raise ValueError("retention_days must be >= 0")
         if self.metric_mode not in ("max", "min"):
             raise ValueError("metric_mode must be 'max' or 'min'")
+        if self.rank_by not in ("last", "best"):
+            raise ValueError("rank_by must be 'last' or 'best'")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,13 +41,17 @@ class Runner:
     out: TextIO = sys.stdout
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, policy: RetentionPolicy, stop: threading.Event) -> Runner:
+    def from_args(
+        cls, args: argparse.Namespace, policy: RetentionPolicy, stop: threading.Event, notes: Sequence[str] = ()
+    ) -> Runner:
+        """``notes``: warnings about the options themselves, repeated in every report."""
         if args.tracking_uri:
             # Global on purpose: mlflow-artifacts:/ URIs are resolved against the global tracking URI.
             mlflow.set_tracking_uri(args.tracking_uri)
         tracking_uri = mlflow.get_tracking_uri()
         log.info("tracking server %s", redact_uri(tracking_uri))
-        store = MlflowStore(MlflowClient(tracking_uri=tracking_uri))
+        best_of = policy.metric_mode if policy.rank_by == "best" else None
+        store = MlflowStore(MlflowClient(tracking_uri=tracking_uri), best_of=best_of)
         archiver = Archiver(args.archive_path, store) if args.archive_path else None
         purger = Purger(args.backend_store_uri) if args.purge and not args.dry_run else None
         # `*_created` samples would change on every one-shot run and make carried-over counters look reset.
@@ -65,6 +70,7 @@ class Runner:
             experiments=args.experiment,
             should_stop=stop.is_set,
             budget=FailureBudget(args.max_consecutive_failures, args.max_duration),
+            notes=notes,
         )
         return cls(job, tracking_uri, metrics, args.report, args.textfile, args.verbose)
 

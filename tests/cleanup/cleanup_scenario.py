@@ -100,7 +100,9 @@ def write_artifacts(directory: Path, label: str) -> None:
     (directory / "meta" / "config.json").write_text(f'{{"label": "{label}"}}\n')
 
 
-def create_run(client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: int, parent_id: str | None) -> str:
+def create_run(
+    client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: int, parent_id: str | None, metric: str = METRIC
+) -> str:
     tags = dict(spec.tags)
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
@@ -109,14 +111,14 @@ def create_run(client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: 
     )
     run_id: str = run.info.run_id
     for step, value in enumerate(spec.metric):
-        client.log_metric(run_id, METRIC, value, step=step)
+        client.log_metric(run_id, metric, value, step=step)
     with tempfile.TemporaryDirectory() as scratch:
         write_artifacts(Path(scratch), spec.label)
         client.log_artifacts(run_id, scratch)
     return run_id
 
 
-def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED) -> Scenario:
+def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED, *, metric: str = METRIC) -> Scenario:
     now_ms = int(time.time() * 1000)
     experiment_id = client.create_experiment(name)
     metricless_name = f"{name}-metricless"
@@ -125,7 +127,7 @@ def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED
     run_ids: dict[str, str] = {}
     logged: dict[str, str] = {}
     for spec in specs:  # parents are listed before their children
-        run_id = create_run(client, experiment_id, spec, now_ms, run_ids.get(spec.parent or ""))
+        run_id = create_run(client, experiment_id, spec, now_ms, run_ids.get(spec.parent or ""), metric)
         run_ids[spec.label] = run_id
         if spec.checkpoint_step is not None:
             with mlflow.start_run(run_id=run_id):

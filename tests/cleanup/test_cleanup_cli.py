@@ -22,7 +22,8 @@ OLD_LOW = [RunSpec("keep_best", 90, (1.0,)), RunSpec("old_a", 90, (0.1,)), RunSp
 FLAGS = (
     "--tracking-uri", "--dry-run", "--archive-path", "--retention-days", "--top-n", "--metric", "--metric-mode",
     "--verbose", "--report", "--schedule", "--protect-tag", "--allow-missing-metric", "--purge",
-    "--backend-store-uri", "--metrics-port", "--textfile",
+    "--backend-store-uri", "--metrics-port", "--textfile", "--rank-by", "--max-consecutive-failures",
+    "--max-duration",
 )  # fmt: skip
 
 
