@@ -69,6 +69,7 @@ class ArtifactTree:
     archive_subdir: str  # "artifacts" or "models/<model_id>"
     artifact_uri: str
     files: Sequence[ArtifactFile]
+    model_name: str = ""  # a logged model's name, so a restore can recreate it under that name
 
 
 def sha256_of(path: Path) -> str:
@@ -93,7 +94,9 @@ def trees_for(
     """The run's artifact root and each logged model's, with the files listed for each (by URI)."""
     trees = [ArtifactTree("artifacts", run.artifact_uri, files.get(run.artifact_uri, ()))]
     trees.extend(
-        ArtifactTree(f"models/{model.model_id}", model.artifact_location, files.get(model.artifact_location, ()))
+        ArtifactTree(
+            f"models/{model.model_id}", model.artifact_location, files.get(model.artifact_location, ()), model.name
+        )
         for model in logged_models
     )
     return trees
@@ -190,6 +193,7 @@ class Archiver:
         write_json_atomically(final / RUN_SNAPSHOT_NAME, self.source.run_snapshot(run.run_id))
         now = datetime.now(UTC).isoformat()
         manifest = dict(existing or {"archived_at": now, "sources": {}, "files": []})
+        model_names = {tree.archive_subdir: tree.model_name for tree in trees if tree.model_name}
         manifest.update(
             run_id=run.run_id,
             run_name=run.name,
@@ -197,6 +201,7 @@ class Archiver:
             experiment_name=experiment.name,
             updated_at=now,
             sources={**manifest["sources"], **{tree.archive_subdir: tree.artifact_uri for tree in trees}},
+            model_names={**manifest.get("model_names", {}), **model_names},
             files=[*manifest["files"], *(asdict(entry) for entry in added)],
         )
         write_json_atomically(final / MANIFEST_NAME, manifest)

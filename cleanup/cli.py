@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
             "versions and their aliases, parents of kept runs) and every unfinished run; delete the "
             "artifacts of the rest (archived first with --archive-path) and soft-delete those runs."
         ),
-        epilog="Credentials come from MLflow's usual environment variables (MLFLOW_TRACKING_TOKEN, ...).",
+        epilog="Restore a deleted run from the archive: checkpoint-cleanup restore RUN_ID --archive-path PATH "
+        "(see restore --help). Credentials come from MLflow's usual environment variables "
+        "(MLFLOW_TRACKING_TOKEN, ...).",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -198,8 +200,15 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["restore"]:
+        configure_logging("-v" in arguments or "--verbose" in arguments)
+        configure_client_retries()
+        from cleanup.restore import main as restore  # deferred like the runner: mlflow imports are slow
+
+        return restore([a for a in arguments[1:] if a not in ("-v", "--verbose")])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.purge and not args.backend_store_uri:
         parser.error("--purge needs --backend-store-uri (or $MLFLOW_BACKEND_STORE_URI)")
     configure_logging(args.verbose)
