@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only clean these experiments (repeatable; default: all active experiments)",
     )
     parser.add_argument(
+        "--include-deleted",
+        action="store_true",
+        help="also free runs users already deleted and the runs of deleted experiments (archived first with "
+        "--archive-path; hard-deleted with --purge), except those a registered version or protect tag needs",
+    )
+    parser.add_argument(
         "--purge",
         action="store_true",
         help="also hard-delete the metadata of deleted runs (needs --backend-store-uri)",

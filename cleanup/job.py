@@ -27,7 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -44,7 +44,7 @@ from cleanup.budget import FailureBudget
 from cleanup.journal import AFTER_SOFT_DELETE, DeletionJournal, DeletionStep, JournalState, StepKind, pending_journals
 from cleanup.lineage import registered_logged_model_ids, registry_protections
 from cleanup.model import ExperimentRef, LoggedModelRef, RunRecord
-from cleanup.policy import Action, Decision, Plan, RetentionPolicy, plan_retention
+from cleanup.policy import Action, Decision, Plan, RetentionPolicy, plan_already_deleted, plan_retention
 from cleanup.progress import Progress
 from cleanup.purge import Purger
 from cleanup.store import ArtifactFile, MlflowStore
@@ -133,6 +133,7 @@ class CleanupJob:
         budget: FailureBudget | None = None,
         before_step: StepHook = _no_hook,
         notes: Sequence[str] = (),
+        include_deleted: bool = False,
     ) -> None:
         """``before_step(run_id, step)`` runs right before each destructive step (tests inject crashes);
         ``notes`` are warnings about the job's options, copied into every report."""
@@ -147,24 +148,49 @@ class CleanupJob:
         self.budget = budget or FailureBudget()
         self.before_step = before_step
         self.notes = tuple(notes)
+        self.include_deleted = include_deleted
 
     # ---- planning ------------------------------------------------------------------------------------
 
     def snapshot(self, now: datetime) -> Snapshot:
-        experiments = self.store.experiments(self.experiment_filter)
+        deleted_experiments = self._deleted_experiments() if self.include_deleted else []
+        named_deleted = {e.experiment_id for e in deleted_experiments} | {e.name for e in deleted_experiments}
+        active_filter = tuple(name for name in self.experiment_filter if name not in named_deleted)
+        only_deleted = bool(self.experiment_filter) and not active_filter  # an empty filter means "all"
+        experiments = [] if only_deleted else self.store.experiments(active_filter)
         ids = [exp.experiment_id for exp in experiments]
         runs = list(self.store.runs(ids, self.policy.metric))
+        deleted_runs: list[RunRecord] = []
+        if self.include_deleted:
+            deleted_ids = [e.experiment_id for e in deleted_experiments]
+            deleted_runs = list(self.store.deleted_runs(ids, deleted_ids, self.policy.metric))
         versions = self.store.model_versions()
         # Logged models of every experiment: a version may point at a model in an experiment not in scope.
         all_ids = ids if not self.experiment_filter else [e.experiment_id for e in self.store.experiments()]
-        logged_models = self.store.logged_models(all_ids)
-        protections = registry_protections(versions, logged_models, runs)
+        logged_models = self.store.logged_models([*all_ids, *(e.experiment_id for e in deleted_experiments)])
+        protections = registry_protections(versions, logged_models, [*runs, *deleted_runs])
         plan = plan_retention(experiments, runs, self.policy, now, protections)
+        if self.include_deleted:
+            extra = plan_already_deleted(
+                [*experiments, *deleted_experiments],
+                deleted_runs,
+                self.policy,
+                now,
+                protections,
+                frozenset(e.experiment_id for e in deleted_experiments),
+            )
+            plan = replace(plan, experiments=plan.experiments + extra)
         by_run: dict[str, list[LoggedModelRef]] = defaultdict(list)
         for model in logged_models:
             if model.source_run_id:
                 by_run[model.source_run_id].append(model)
         return Snapshot(experiments, plan, dict(by_run), registered_logged_model_ids(versions))
+
+    def _deleted_experiments(self) -> list[ExperimentRef]:
+        wanted = set(self.experiment_filter)
+        return [
+            e for e in self.store.deleted_experiments() if not wanted or e.experiment_id in wanted or e.name in wanted
+        ]
 
     # ---- applying -----------------------------------------------------------------------------------
 
@@ -185,7 +211,9 @@ class CleanupJob:
     def apply(self, snapshot: Snapshot) -> Report:
         plan = snapshot.plan
         report = Report(plan=plan, dry_run=self.dry_run, warnings=list(self.notes))
-        experiments = {exp.experiment.experiment_id: exp.experiment for exp in plan.experiments}
+        experiments: dict[str, ExperimentRef] = {}
+        for experiment_plan in plan.experiments:  # the first entry of an id is its real name
+            experiments.setdefault(experiment_plan.experiment.experiment_id, experiment_plan.experiment)
         to_delete = plan.to_delete
         if not self.dry_run:
             for warning in self._settle_other_journals({d.run.run_id for d in to_delete}):
@@ -242,9 +270,9 @@ class CleanupJob:
     def _apply_one(self, snapshot: Snapshot, experiment: ExperimentRef, decision: Decision) -> RunResult:
         run = decision.run
         try:
-            current = self.store.get_run(run.run_id, self.policy.metric)
+            current = self.store.get_run(run.run_id, self.policy.metric, deleted_too=run.is_deleted)
             if current is None:
-                return RunResult(decision, Outcome.SKIPPED, "already deleted")
+                return RunResult(decision, Outcome.SKIPPED, "already purged" if run.is_deleted else "already deleted")
             if not current.same_state_as(run):
                 return RunResult(decision, Outcome.SKIPPED, "changed since planning")
             journal = None if self.archiver is None else DeletionJournal(self.archiver.run_dir(run))
@@ -316,7 +344,8 @@ class CleanupJob:
             steps.append(DeletionStep(StepKind.LOGGED_MODEL, model.model_id))
         if files[run.artifact_uri]:
             steps.append(DeletionStep(StepKind.RUN_ARTIFACTS, run.run_id, run.artifact_uri))
-        steps.append(DeletionStep(StepKind.RUN, run.run_id))
+        if not run.is_deleted:
+            steps.append(DeletionStep(StepKind.RUN, run.run_id))
         if self.purger is not None:
             steps.extend(DeletionStep(StepKind.PURGE_LOGGED_MODEL, model_id) for model_id in model_ids)
             steps.append(DeletionStep(StepKind.PURGE_RUN, run.run_id))
@@ -324,7 +353,7 @@ class CleanupJob:
 
     def _protection_change(self, run: RunRecord, model_ids: Sequence[str]) -> str | None:
         """Why the run may no longer be deleted, read from the server right now; ``None`` if nothing changed."""
-        current = self.store.get_run(run.run_id, self.policy.metric)
+        current = self.store.get_run(run.run_id, self.policy.metric, deleted_too=run.is_deleted)
         if current is None:
             return "the run was deleted by someone else"
         if not current.same_state_as(run):

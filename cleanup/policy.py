@@ -286,3 +286,35 @@ def _decision_order(decision: Decision) -> tuple[int, int, str]:
     rank = decision.rank if decision.rank is not None else 1 << 30
     start = -(decision.run.start_time_ms or 0)
     return (rank, start, decision.run.run_id)
+
+
+def plan_already_deleted(
+    experiments: Iterable[ExperimentRef],
+    runs: Iterable[RunRecord],
+    policy: RetentionPolicy,
+    now: datetime,
+    registry: Mapping[str, Sequence[str]] | None = None,
+    deleted_experiment_ids: frozenset[str] = frozenset(),
+) -> tuple[ExperimentPlan, ...]:
+    """``--include-deleted``: runs users already deleted are freed unless a registered version or a
+    protect tag still needs them (``mlflow gc`` frees them regardless and so can break a registered model).
+    Ranking and recency do not apply: the user has decided. One plan per experiment, named "(deleted runs)"."""
+    registry = registry or {}
+    now_ms = int(now.timestamp() * 1000)
+    by_experiment: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_experiment[run.experiment_id].append(run)
+    plans = []
+    for experiment in experiments:
+        decisions = []
+        why = (
+            "its experiment was deleted" if experiment.experiment_id in deleted_experiment_ids else "deleted by a user"
+        )
+        for run in by_experiment.get(experiment.experiment_id, []):
+            keep = [*protect_tag_reasons(run, policy.protect_tags), *registry.get(run.run_id, ())]
+            action, reasons = (Action.KEEP, tuple(keep)) if keep else (Action.DELETE, (why,))
+            decisions.append(Decision(run, action, reasons, None, _age_days(run, now_ms)))
+        if decisions:
+            label = ExperimentRef(experiment.experiment_id, f"{experiment.name} (deleted runs)")
+            plans.append(ExperimentPlan(label, tuple(sorted(decisions, key=_decision_order))))
+    return tuple(plans)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cleanup.job import Outcome, Report, RunResult
+from cleanup.job import Outcome, Report
 from cleanup.redact import redact_text, redact_uri
 
 # Keep-reason prefixes → the summary column they count in.
@@ -47,13 +47,11 @@ def summary_table(report: Report) -> str:
     freed_label = "would free" if report.dry_run else "freed"
     header = ["experiment", "runs", "kept", *_COLUMNS, deleted_label, "failed", "skipped", freed_label]
     rows: list[list[str]] = []
-    by_experiment: dict[str, list[RunResult]] = {}
-    for result in report.results:
-        by_experiment.setdefault(result.decision.run.experiment_id, []).append(result)
+    by_run = {result.decision.run.run_id: result for result in report.results}
     totals: Counter[str] = Counter()
-    for experiment_plan in report.plan.experiments:
+    for experiment_plan in report.plan.experiments:  # an experiment may have a second, "(deleted runs)", plan
         experiment = experiment_plan.experiment
-        results = by_experiment.get(experiment.experiment_id, [])
+        results = [by_run[d.run.run_id] for d in experiment_plan.decisions if d.run.run_id in by_run]
         counts: Counter[str] = Counter()
         for result in results:
             counts["runs"] += 1

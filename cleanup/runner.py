@@ -71,6 +71,7 @@ class Runner:
             should_stop=stop.is_set,
             budget=FailureBudget(args.max_consecutive_failures, args.max_duration),
             notes=notes,
+            include_deleted=args.include_deleted,
         )
         return cls(job, tracking_uri, metrics, args.report, args.textfile, args.verbose)
 

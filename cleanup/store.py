@@ -116,6 +116,7 @@ def run_record(run: Any, metric: str, metric_value: float | None = None, *, use_
         name=info.run_name or "",
         end_time_ms=info.end_time,
         artifact_uri=info.artifact_uri or "",
+        lifecycle_stage=info.lifecycle_stage or "active",
     )
 
 
@@ -170,12 +171,32 @@ class MlflowStore:
             raise LookupError(f"no active experiment with id or name: {', '.join(sorted(unknown))}")
         return selected
 
-    def runs(self, experiment_ids: Sequence[str], metric: str) -> Iterator[RunRecord]:
+    def deleted_experiments(self) -> list[ExperimentRef]:
+        """Experiments a user deleted (their runs are freed only with ``--include-deleted``)."""
+        return [
+            ExperimentRef(exp.experiment_id, exp.name)
+            for exp in _paged(
+                partial(
+                    self.client.search_experiments,
+                    view_type=ViewType.DELETED_ONLY,
+                    max_results=REGISTRY_PAGE_SIZE,
+                )
+            )
+        ]
+
+    def deleted_runs(
+        self, active_experiment_ids: Sequence[str], deleted_experiment_ids: Sequence[str], metric: str
+    ) -> Iterator[RunRecord]:
+        """Runs users deleted in active experiments, and every run of deleted experiments."""
+        yield from self.runs(active_experiment_ids, metric, view=ViewType.DELETED_ONLY)
+        yield from self.runs(deleted_experiment_ids, metric, view=ViewType.ALL)
+
+    def runs(self, experiment_ids: Sequence[str], metric: str, view: int = ViewType.ACTIVE_ONLY) -> Iterator[RunRecord]:
         for chunk in _chunks(list(experiment_ids), EXPERIMENTS_PER_SEARCH):
             search = partial(
                 self.client.search_runs,
                 experiment_ids=list(chunk),
-                run_view_type=ViewType.ACTIVE_ONLY,
+                run_view_type=view,
                 max_results=self.page_size,
                 order_by=["attributes.start_time ASC"],
             )
@@ -233,15 +254,15 @@ class MlflowStore:
                 )
         return list(models.values())
 
-    def get_run(self, run_id: str, metric: str) -> RunRecord | None:
-        """The run as it is now, or ``None`` if it is gone or already deleted."""
+    def get_run(self, run_id: str, metric: str, *, deleted_too: bool = False) -> RunRecord | None:
+        """The run as it is now, or ``None`` if it is gone or (unless ``deleted_too``) deleted."""
         try:
             run = self.client.get_run(run_id)
         except MlflowException as error:
             if _is_not_found(error):
                 return None
             raise
-        if run.info.lifecycle_stage != "active":
+        if run.info.lifecycle_stage != "active" and not deleted_too:
             return None
         return self._record(run, metric)
 

@@ -23,7 +23,7 @@ FLAGS = (
     "--tracking-uri", "--dry-run", "--archive-path", "--retention-days", "--top-n", "--metric", "--metric-mode",
     "--verbose", "--report", "--schedule", "--protect-tag", "--allow-missing-metric", "--purge",
     "--backend-store-uri", "--metrics-port", "--textfile", "--rank-by", "--max-consecutive-failures",
-    "--max-duration",
+    "--max-duration", "--include-deleted",
 )  # fmt: skip
 
 
