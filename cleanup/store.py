@@ -14,6 +14,7 @@ everything is read to the end before anything is deleted (the planner runs on a 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,7 @@ REGISTRY_PAGE_SIZE = 1000
 EXPERIMENTS_PER_SEARCH = 100
 
 T = TypeVar("T")
+_OWN_FOLDER = re.compile(r"^(?P<folder>mlflow-artifacts:/.+/(?:[0-9a-f]{32}|models/m-[0-9a-f]+))/artifacts/?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +296,22 @@ class MlflowStore:
 
     def delete_artifacts(self, artifact_uri: str) -> None:
         _artifact_repository(artifact_uri).delete_artifacts()
+        self._remove_empty_folder(artifact_uri)
+
+    def _remove_empty_folder(self, artifact_uri: str) -> None:
+        """The server's proxy removes ``<run_id>/artifacts`` but leaves an empty ``<run_id>/`` folder (and
+        ``models/<model_id>/``) behind; remove it too, only if it really is empty. Only for proxied
+        ``mlflow-artifacts:/`` URIs, where that folder holds nothing but the artifacts (in a file store's
+        ``mlruns`` the run folder also holds the run's metadata)."""
+        match = _OWN_FOLDER.match(artifact_uri)
+        if not match:
+            return
+        try:
+            folder = _artifact_repository(match.group("folder"))
+            if not folder.list_artifacts():
+                folder.delete_artifacts()
+        except Exception as error:  # cosmetic: the bytes are already freed
+            log.debug("could not remove the empty folder of %s: %s", artifact_uri, error)
 
     # ---- metadata -----------------------------------------------------------------------------------
 

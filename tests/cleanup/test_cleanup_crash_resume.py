@@ -94,6 +94,9 @@ def test_crash_between_deletion_steps_then_second_pass(
     assert_archive_holds(run_archive, originals)
     assert json.loads((run_archive / JOURNAL_NAME).read_text())["completed_at"]
     assert server_files(mlflow_server.artifact_root, scenario) == {"artifacts": {}, f"models/{model_id}": {}}
+    experiment_dir = mlflow_server.artifact_root / scenario.experiment_id
+    assert not (experiment_dir / victim).exists(), "no empty run folder is left behind"
+    assert not (experiment_dir / "models" / model_id).exists()
     assert client.get_run(victim).info.lifecycle_stage == "deleted"
     with pytest.raises(MlflowException, match="not found"):
         client.get_logged_model(model_id)
