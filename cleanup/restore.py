@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cleanup.archive import (
+    MANIFEST_NAME,
     RUN_SNAPSHOT_NAME,
     ArchiveVerificationError,
     ManifestEntry,
@@ -40,6 +41,7 @@ from cleanup.archive import (
     sha256_of,
     verify_archive,
 )
+from cleanup.journal import DeletionJournal, JournalState
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="checkpoint-cleanup restore",
         description="Restore a run's artifacts and logged models from the cleanup archive, verified.",
     )
-    parser.add_argument("run_id", metavar="RUN_ID")
+    parser.add_argument("run_id", metavar="RUN_ID", nargs="?")
     parser.add_argument("--archive-path", type=Path, required=True, help="the cleanup's --archive-path")
+    parser.add_argument(
+        "--list", action="store_true", help="list the archived runs (id, experiment, files, deletion state)"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--report", type=Path, metavar="FILE", help="also write the result as JSON")
     return parser
@@ -183,8 +188,48 @@ def _under(local: Path, prefix: str, entries: Sequence[ManifestEntry]) -> dict[P
     return {local / e.path.removeprefix(prefix): e.sha256 for e in entries if e.path.startswith(prefix)}
 
 
+def archived_runs(archive_root: Path) -> list[dict[str, Any]]:
+    """One line per run in the archive, newest first: what an operator needs to pick a RUN_ID."""
+    rows = []
+    for manifest_path in archive_root.glob(f"*/*/{MANIFEST_NAME}"):
+        manifest = json.loads(manifest_path.read_text())
+        journal = DeletionJournal(manifest_path.parent).load()
+        rows.append(
+            {
+                "run_id": manifest["run_id"],
+                "run_name": manifest.get("run_name", ""),
+                "experiment": f"{manifest.get('experiment_name', '')} ({manifest['experiment_id']})",
+                "archived_at": manifest.get("updated_at") or manifest.get("archived_at", ""),
+                "files": len(manifest["files"]),
+                "bytes": sum(entry["size"] for entry in manifest["files"]),
+                "deletion": _deletion_state(journal),
+            }
+        )
+    return sorted(rows, key=lambda row: row["archived_at"], reverse=True)
+
+
+def _deletion_state(journal: JournalState | None) -> str:
+    if journal is None:
+        return "none"
+    if journal.aborted:
+        return "aborted"
+    return "done" if journal.completed_at else "pending"
+
+
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for row in archived_runs(args.archive_path):
+            print(
+                "  ".join(
+                    str(row[key])
+                    for key in ("run_id", "archived_at", "files", "bytes", "deletion", "experiment", "run_name")
+                )
+            )
+        return 0
+    if not args.run_id:
+        parser.error("RUN_ID is required (or --list)")
     import mlflow
 
     if args.tracking_uri:

@@ -51,6 +51,13 @@ def test_restore_round_trip(mlflow_server: MlflowServer, unique_name: str, tmp_p
         f"models/{model_id}": {},
     }
 
+    listing = subprocess.run(
+        [sys.executable, "-m", "cleanup", "restore", "--list", "--archive-path", str(archive)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    (line,) = listing.stdout.splitlines()
+    assert line.startswith(f"{victim}  ") and "  done  " in line and "  victim" in line
+
     result = restore(mlflow_server.uri, victim, archive, "--report", str(tmp_path / "restore.json"))
 
     assert result.returncode == 0, result.stderr
