@@ -35,7 +35,7 @@ from pathlib import Path
 from cleanup.archive import (
     Archiver,
     ArchiveVerificationError,
-    ManifestEntry,
+    ArtifactTree,
     manifest_entries,
     read_manifest,
     trees_for,
@@ -295,24 +295,11 @@ class CleanupJob:
             if self.dry_run:
                 return RunResult(decision, Outcome.WOULD_DELETE, bytes=size, logged_models=tuple(model_ids))
 
-            archive_dir = None
-            archived: list[str] = []
-            if self.archiver is not None:
-                archive_dir = self.archiver.archive(experiment, run, trees_for(run, models, files))
-                archived = [entry.path for entry in _manifest_paths(archive_dir)]
-                if earlier is not None and (lost := earlier.archived_paths - set(archived)):
-                    raise ArchiveVerificationError(f"{len(lost)} files the interrupted deletion archived are missing")
+            archive_dir, archived = self._archive(experiment, run, trees_for(run, models, files), earlier)
             steps = self._steps(run, models, files, model_ids)
             state = journal.begin(run.run_id, run.experiment_id, steps, archived) if journal is not None else None
-            for step in state.remaining if state is not None else steps:
-                if step.kind not in AFTER_SOFT_DELETE and (change := self._protection_change(run, model_ids)):
-                    return self._abort(decision, journal, state, step, change, archive_dir)
-                self.before_step(run.run_id, step)
-                self._execute(step)
-                if journal is not None and state is not None:
-                    journal.mark_done(state, step)
-            if journal is not None and state is not None:
-                journal.complete(state)
+            if aborted := self._delete(decision, steps, model_ids, journal, state, archive_dir):
+                return aborted
             resumed = " (resumed an interrupted deletion)" if earlier is not None else ""
             log.info("deleted run %s (%s): %s, %d bytes%s", run.run_id, run.name, decision.reason, size, resumed)
             return RunResult(
@@ -329,6 +316,39 @@ class CleanupJob:
         except Exception as error:  # one run's failure must not stop the others
             log.error("run %s: %s: %s", run.run_id, type(error).__name__, error)
             return RunResult(decision, Outcome.FAILED, f"{type(error).__name__}: {error}")
+
+    def _archive(
+        self, experiment: ExperimentRef, run: RunRecord, trees: Sequence[ArtifactTree], earlier: JournalState | None
+    ) -> tuple[Path | None, list[str]]:
+        """Merge into the run's archive; the archive dir and every path it holds (none without archiving)."""
+        if self.archiver is None:
+            return None, []
+        archive_dir = self.archiver.archive(experiment, run, trees)
+        archived = [entry.path for entry in manifest_entries(read_manifest(archive_dir))]
+        if earlier is not None and (lost := earlier.archived_paths - set(archived)):
+            raise ArchiveVerificationError(f"{len(lost)} files the interrupted deletion archived are missing")
+        return archive_dir, archived
+
+    def _delete(
+        self,
+        decision: Decision,
+        steps: Sequence[DeletionStep],
+        model_ids: Sequence[str],
+        journal: DeletionJournal | None,
+        state: JournalState | None,
+        archive_dir: Path | None,
+    ) -> RunResult | None:
+        """Run the steps not done yet, each after a fresh protection check; the abort result, if one fails."""
+        for step in state.remaining if state is not None else steps:
+            if step.kind not in AFTER_SOFT_DELETE and (change := self._protection_change(decision.run, model_ids)):
+                return self._abort(decision, journal, state, step, change, archive_dir)
+            self.before_step(decision.run.run_id, step)
+            self._execute(step)
+            if journal is not None and state is not None:
+                journal.mark_done(state, step)
+        if journal is not None and state is not None:
+            journal.complete(state)
+        return None
 
     def _steps(
         self,
@@ -394,7 +414,3 @@ class CleanupJob:
             case StepKind.PURGE_RUN:
                 assert self.purger is not None
                 self.purger.purge_run(step.target)
-
-
-def _manifest_paths(run_dir: Path) -> list[ManifestEntry]:
-    return manifest_entries(read_manifest(run_dir))
