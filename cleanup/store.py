@@ -70,6 +70,11 @@ def keyset_pages(
     the page's last start time are read as one bucket of their own (``start_time = T``, offset paging — only a
     run created with exactly that millisecond could shift it, and duplicates are dropped anyway). A run
     created meanwhile behind the cursor is not read: the plan is then of the runs as they were.
+
+    MLflow sorts runs without a start time last, and a ``start_time`` filter never matches them (there is no
+    ``IS NULL`` for attributes). A page ending on one finishes the search by offset; one that only exists
+    beyond a page of timed runs is not read — and so never deleted. MLflow's client always sends a start
+    time (``MlflowClient.create_run`` defaults it to now); a direct database write can leave it empty.
     """
     seen: set[str] = set()
 
