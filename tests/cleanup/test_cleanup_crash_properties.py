@@ -1,5 +1,5 @@
-"""Hypothesis state machine: passes crashing at any deletion step, interleaved with registrations and
-files rewritten on the server. The real job, archiver and journal run against an in-memory fake of the
+"""Hypothesis state machine: passes crashing at any deletion step or in the middle of copying a file into
+the archive, interleaved with registrations and files rewritten on the server. The real job, archiver and journal run against an in-memory fake of the
 tracking server (the planner's fakes; the MLflow-facing behaviour is covered by the acceptance tests).
 
 Invariants after every step: no archive ever shrinks, every archive verifies, every file that left the
@@ -19,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cleanup.archive import MANIFEST_NAME, Archiver, verify_archive
+from cleanup.archive import MANIFEST_NAME, Archiver, copy_and_sync, verify_archive
 from cleanup.job import CleanupJob
 from cleanup.journal import DeletionStep
 from cleanup.model import ModelVersionRef
@@ -55,21 +55,34 @@ class CrashingPasses(RuleBasedStateMachine):
         for uri, files in self.server.files.items():
             self.ever |= {(self._owner_of(uri), sha(data)) for data in files.values()}
 
-    def _pass(self, crash_at: int | None) -> None:
+    def _pass(self, crash_at: int | None, copy_crash_at: int | None = None) -> None:
         steps: list[DeletionStep] = []
+        copies: list[Path] = []
 
         def hook(run_id: str, step: DeletionStep) -> None:
             if crash_at is not None and len(steps) == crash_at:
                 raise Crash(step.key)
             steps.append(step)
 
-        job = CleanupJob(self.server, POLICY, archiver=Archiver(self.root, self.server), before_step=hook)
+        def copy(source: Path, destination: Path) -> None:
+            if copy_crash_at is not None and len(copies) == copy_crash_at:
+                destination.write_bytes(source.read_bytes()[:1])  # a torn write, then the crash
+                raise Crash(str(destination))
+            copies.append(destination)
+            copy_and_sync(source, destination)
+
+        archiver = Archiver(self.root, self.server, copy_file=copy)
+        job = CleanupJob(self.server, POLICY, archiver=archiver, before_step=hook)
         with contextlib.suppress(Crash):
             job.run(NOW)
 
     @rule(crash_at=st.integers(min_value=0, max_value=8))
     def crashing_pass(self, crash_at: int) -> None:
         self._pass(crash_at)
+
+    @rule(copy_crash_at=st.integers(min_value=0, max_value=6))
+    def pass_crashing_while_archiving(self, copy_crash_at: int) -> None:
+        self._pass(None, copy_crash_at)
 
     @rule()
     def full_pass(self) -> None:
@@ -126,5 +139,5 @@ class CrashingPasses(RuleBasedStateMachine):
             assert files <= self._files_of(run_id), f"registered run {run_id} lost files"
 
 
-CrashingPasses.TestCase.settings = settings(max_examples=60, stateful_step_count=12, deadline=None)
+CrashingPasses.TestCase.settings = settings(max_examples=100, stateful_step_count=12, deadline=None)
 TestCrashingPasses = CrashingPasses.TestCase
