@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from cleanup.budget import DEFAULT_MAX_CONSECUTIVE_FAILURES
+from cleanup.client_retries import configure_client_retries
+from cleanup.metric_mode import resolve_metric_mode
 from cleanup.policy import DEFAULT_PROTECT_TAGS, RetentionPolicy
 from cleanup.redact import redact_text
 
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
             "versions and their aliases, parents of kept runs) and every unfinished run; delete the "
             "artifacts of the rest (archived first with --archive-path) and soft-delete those runs."
         ),
-        epilog="Credentials come from MLflow's usual environment variables (MLFLOW_TRACKING_TOKEN, ...).",
+        epilog="Restore a deleted run from the archive: checkpoint-cleanup restore RUN_ID --archive-path PATH "
+        "(see restore --help). Credentials come from MLflow's usual environment variables "
+        "(MLFLOW_TRACKING_TOKEN, ...).",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -93,7 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retention-days", type=_non_negative_float, default=30.0, help="default: 30")
     parser.add_argument("--top-n", type=_non_negative_int, default=10, help="default: 10")
     parser.add_argument("--metric", default="sharpe_ratio", help="ranking metric (default: sharpe_ratio)")
-    parser.add_argument("--metric-mode", choices=("max", "min"), default="max", help="default: max")
+    parser.add_argument(
+        "--metric-mode",
+        choices=("max", "min", "auto"),
+        default="auto",
+        help="max: higher is better, min: lower is better, auto: min when the metric's name says loss, "
+        "error, drawdown, ... (with a warning), else max (default: auto)",
+    )
+    parser.add_argument(
+        "--rank-by",
+        choices=("last", "best"),
+        default="last",
+        help="rank by each run's latest value of --metric, or by the best value of its history "
+        "(one extra request per run) (default: last)",
+    )
     parser.add_argument(
         "--protect-tag",
         type=_protect_tag,
@@ -114,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME_OR_ID",
         help="only clean these experiments (repeatable; default: all active experiments)",
+    )
+    parser.add_argument(
+        "--include-deleted",
+        action="store_true",
+        help="also free runs users already deleted and the runs of deleted experiments (archived first with "
+        "--archive-path; hard-deleted with --purge), except those a registered version or protect tag needs",
     )
     parser.add_argument(
         "--purge",
@@ -144,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write Prometheus metrics to this node-exporter textfile (*.prom) after every run",
     )
+    parser.add_argument(
+        "--max-consecutive-failures",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        metavar="N",
+        help="stop the pass (report written, exit 1) after N runs in a row failed, e.g. because the "
+        f"server went away (default: {DEFAULT_MAX_CONSECUTIVE_FAILURES}; 0: never)",
+    )
+    parser.add_argument(
+        "--max-duration",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="stop the pass (report written, exit 1) once it has run this long (default: no limit)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every decision and MLflow call")
     return parser
 
@@ -168,15 +206,29 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["restore"]:
+        configure_logging("-v" in arguments or "--verbose" in arguments)
+        configure_client_retries()
+        from cleanup.restore import main as restore  # deferred like the runner: mlflow imports are slow
+
+        return restore([a for a in arguments[1:] if a not in ("-v", "--verbose")])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.purge and not args.backend_store_uri:
         parser.error("--purge needs --backend-store-uri (or $MLFLOW_BACKEND_STORE_URI)")
     configure_logging(args.verbose)
+    retries = configure_client_retries()
+    log.info("MLflow client: %s", ", ".join(f"{name}={value}" for name, value in retries.items()))
+    explicit_mode = None if args.metric_mode == "auto" else args.metric_mode
+    metric_mode, mode_warning = resolve_metric_mode(args.metric, explicit_mode)
+    if mode_warning:
+        log.warning("%s", mode_warning)
     policy = RetentionPolicy(
         top_n=args.top_n,
         metric=args.metric,
-        metric_mode=args.metric_mode,
+        metric_mode=metric_mode,
+        rank_by=args.rank_by,
         retention_days=args.retention_days,
         protect_tags=DEFAULT_PROTECT_TAGS + tuple(args.protect_tag),
         allow_missing_metric=args.allow_missing_metric,
@@ -187,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cleanup.runner import Runner  # deferred: keeps `--help` fast (mlflow imports take seconds)
 
     try:
-        runner = Runner.from_args(args, policy, stop)
+        runner = Runner.from_args(args, policy, stop, notes=[mode_warning] if mode_warning else [])
     except Exception as error:
         log.error("%s", error)
         return EXIT_FAILED

@@ -1,7 +1,7 @@
 """Which runs stand behind a registered model version (pure).
 
-A version points at its run in up to three ways, and MLflow fills them in inconsistently across versions
-and register paths, so all three count:
+A version points at its run in up to four ways, and MLflow fills them in inconsistently across versions
+and register paths, so all four count:
 
 * ``run_id`` on the version;
 * a ``runs:/<run_id>/<path>`` source (the MLflow 2 way of registering);

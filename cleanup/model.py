@@ -60,6 +60,7 @@ class RunRecord:
     name: str = ""
     end_time_ms: int | None = None
     artifact_uri: str = ""
+    lifecycle_stage: str = "active"  # "deleted": deleted by a user, only planned with --include-deleted
 
     def same_state_as(self, other: RunRecord) -> bool:
         """Equality that treats NaN metrics as equal (``nan != nan`` would make every NaN run "changed")."""
@@ -76,11 +77,16 @@ class RunRecord:
             metric,
             tuple(sorted(self.tags.items())),
             self.artifact_uri,
+            self.lifecycle_stage,
         )
 
     @property
     def parent_run_id(self) -> str | None:
         return self.tags.get(PARENT_RUN_TAG) or None
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.lifecycle_stage != "active"
 
     @property
     def is_terminal(self) -> bool:

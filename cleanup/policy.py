@@ -29,6 +29,7 @@ from typing import Literal
 from cleanup.model import ExperimentRef, RunRecord
 
 MetricMode = Literal["max", "min"]
+RankBy = Literal["last", "best"]
 DEFAULT_PROTECT_TAGS: tuple[tuple[str, str], ...] = (("stage", "production"), ("protected", "true"))
 _MS_PER_DAY = 86_400_000
 
@@ -43,6 +44,7 @@ class RetentionPolicy:
     top_n: int = 10
     metric: str = "sharpe_ratio"
     metric_mode: MetricMode = "max"
+    rank_by: RankBy = "last"  # a run's latest value of the metric, or the best of its history
     retention_days: float = 30.0
     protect_tags: tuple[tuple[str, str], ...] = DEFAULT_PROTECT_TAGS
     allow_missing_metric: bool = False
@@ -54,6 +56,8 @@ class RetentionPolicy:
             raise ValueError("retention_days must be >= 0")
         if self.metric_mode not in ("max", "min"):
             raise ValueError("metric_mode must be 'max' or 'min'")
+        if self.rank_by not in ("last", "best"):
+            raise ValueError("rank_by must be 'last' or 'best'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,14 @@ def real_value(value: float | None) -> float | None:
     if value is None or not math.isfinite(value) or abs(value) >= sys.float_info.max:
         return None
     return value
+
+
+def best_value(values: Iterable[float], mode: MetricMode) -> float | None:
+    """The best real value of a metric's history (``--rank-by best``); ``None`` if it has none."""
+    real = [value for raw in values if (value := real_value(raw)) is not None]
+    if not real:
+        return None
+    return max(real) if mode == "max" else min(real)
 
 
 def competition_ranks(runs: Sequence[RunRecord], mode: MetricMode) -> dict[str, int]:
@@ -274,3 +286,35 @@ def _decision_order(decision: Decision) -> tuple[int, int, str]:
     rank = decision.rank if decision.rank is not None else 1 << 30
     start = -(decision.run.start_time_ms or 0)
     return (rank, start, decision.run.run_id)
+
+
+def plan_already_deleted(
+    experiments: Iterable[ExperimentRef],
+    runs: Iterable[RunRecord],
+    policy: RetentionPolicy,
+    now: datetime,
+    registry: Mapping[str, Sequence[str]] | None = None,
+    deleted_experiment_ids: frozenset[str] = frozenset(),
+) -> tuple[ExperimentPlan, ...]:
+    """``--include-deleted``: runs users already deleted are freed unless a registered version or a
+    protect tag still needs them (``mlflow gc`` frees them regardless and so can break a registered model).
+    Ranking and recency do not apply: the user has decided. One plan per experiment, named "(deleted runs)"."""
+    registry = registry or {}
+    now_ms = int(now.timestamp() * 1000)
+    by_experiment: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_experiment[run.experiment_id].append(run)
+    plans = []
+    for experiment in experiments:
+        decisions = []
+        why = (
+            "its experiment was deleted" if experiment.experiment_id in deleted_experiment_ids else "deleted by a user"
+        )
+        for run in by_experiment.get(experiment.experiment_id, []):
+            keep = [*protect_tag_reasons(run, policy.protect_tags), *registry.get(run.run_id, ())]
+            action, reasons = (Action.KEEP, tuple(keep)) if keep else (Action.DELETE, (why,))
+            decisions.append(Decision(run, action, reasons, None, _age_days(run, now_ms)))
+        if decisions:
+            label = ExperimentRef(experiment.experiment_id, f"{experiment.name} (deleted runs)")
+            plans.append(ExperimentPlan(label, tuple(sorted(decisions, key=_decision_order))))
+    return tuple(plans)

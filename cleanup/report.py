@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cleanup.job import Outcome, Report, RunResult
-from cleanup.redact import redact_uri
+from cleanup.job import Outcome, Report
+from cleanup.redact import redact_text, redact_uri
 
 # Keep-reason prefixes → the summary column they count in.
 _REASON_COLUMNS = (
@@ -47,13 +47,11 @@ def summary_table(report: Report) -> str:
     freed_label = "would free" if report.dry_run else "freed"
     header = ["experiment", "runs", "kept", *_COLUMNS, deleted_label, "failed", "skipped", freed_label]
     rows: list[list[str]] = []
-    by_experiment: dict[str, list[RunResult]] = {}
-    for result in report.results:
-        by_experiment.setdefault(result.decision.run.experiment_id, []).append(result)
+    by_run = {result.decision.run.run_id: result for result in report.results}
     totals: Counter[str] = Counter()
-    for experiment_plan in report.plan.experiments:
+    for experiment_plan in report.plan.experiments:  # an experiment may have a second, "(deleted runs)", plan
         experiment = experiment_plan.experiment
-        results = by_experiment.get(experiment.experiment_id, [])
+        results = [by_run[d.run.run_id] for d in experiment_plan.decisions if d.run.run_id in by_run]
         counts: Counter[str] = Counter()
         for result in results:
             counts["runs"] += 1
@@ -85,7 +83,7 @@ def _row(name: str, counts: Counter[str]) -> list[str]:
         *(str(counts[column]) for column in _COLUMNS),
         str(deleted),
         str(counts[Outcome.FAILED.value]),
-        str(counts[Outcome.SKIPPED.value] + counts[Outcome.PENDING.value]),
+        str(counts[Outcome.SKIPPED.value] + counts[Outcome.PENDING.value] + counts[Outcome.ABORTED.value]),
         human_bytes(counts["bytes"]),
     ]
 
@@ -140,6 +138,7 @@ def report_document(report: Report, tracking_uri: str) -> dict[str, Any]:
         "dry_run": report.dry_run,
         "ok": report.ok,
         "interrupted": report.interrupted,
+        "gave_up": report.gave_up,
         "policy": asdict(report.plan.policy),
         "totals": {
             "runs": len(report.results),
@@ -148,15 +147,31 @@ def report_document(report: Report, tracking_uri: str) -> dict[str, Any]:
             "planning_seconds": round(report.planning_seconds, 3),
             "apply_seconds": round(report.apply_seconds, 3),
         },
-        "warnings": list(report.plan.warnings),
+        "warnings": [*report.plan.warnings, *report.warnings],
         "runs": runs,
     }
 
 
+def failure_document(error: BaseException, tracking_uri: str, started: datetime) -> dict[str, Any]:
+    """The report of a pass that could not plan (e.g. the server was unreachable): no runs, the error."""
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "planned_at": started.isoformat(),
+        "tracking_uri": redact_uri(tracking_uri),
+        "ok": False,
+        "error": redact_text(f"{type(error).__name__}: {error}"),
+        "runs": [],
+    }
+
+
 def write_report(path: Path, report: Report, tracking_uri: str) -> None:
+    write_document(path, report_document(report, tracking_uri))
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report_document(report, tracking_uri), indent=2) + "\n")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
     os.replace(temporary, path)  # atomic: a reader never sees half a report
 
 

@@ -7,22 +7,24 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from prometheus_client import disable_created_metrics
 
 from cleanup.archive import Archiver
+from cleanup.budget import FailureBudget
 from cleanup.job import CleanupJob, Outcome, Report
 from cleanup.metrics import CleanupMetrics
 from cleanup.policy import Action, RetentionPolicy
 from cleanup.purge import Purger
 from cleanup.redact import redact_uri
-from cleanup.report import deletion_list, summary_table, write_report
+from cleanup.report import deletion_list, failure_document, report_document, summary_table, write_document
 from cleanup.store import MlflowStore
 
 log = logging.getLogger("cleanup")
@@ -39,13 +41,17 @@ class Runner:
     out: TextIO = sys.stdout
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, policy: RetentionPolicy, stop: threading.Event) -> Runner:
+    def from_args(
+        cls, args: argparse.Namespace, policy: RetentionPolicy, stop: threading.Event, notes: Sequence[str] = ()
+    ) -> Runner:
+        """``notes``: warnings about the options themselves, repeated in every report."""
         if args.tracking_uri:
             # Global on purpose: mlflow-artifacts:/ URIs are resolved against the global tracking URI.
             mlflow.set_tracking_uri(args.tracking_uri)
         tracking_uri = mlflow.get_tracking_uri()
         log.info("tracking server %s", redact_uri(tracking_uri))
-        store = MlflowStore(MlflowClient(tracking_uri=tracking_uri))
+        best_of = policy.metric_mode if policy.rank_by == "best" else None
+        store = MlflowStore(MlflowClient(tracking_uri=tracking_uri), best_of=best_of)
         archiver = Archiver(args.archive_path, store) if args.archive_path else None
         purger = Purger(args.backend_store_uri) if args.purge and not args.dry_run else None
         # `*_created` samples would change on every one-shot run and make carried-over counters look reset.
@@ -63,11 +69,16 @@ class Runner:
             purger=purger,
             experiments=args.experiment,
             should_stop=stop.is_set,
+            budget=FailureBudget(args.max_consecutive_failures, args.max_duration),
+            notes=notes,
+            include_deleted=args.include_deleted,
         )
         return cls(job, tracking_uri, metrics, args.report, args.textfile, args.verbose)
 
     def run_once(self, fire_time: datetime | None) -> bool:
-        """One full pass; never raises, so a scheduled container survives a server outage."""
+        """One full pass; False if anything failed. Never raises, so a scheduled container survives a
+        server outage. A pass stopped by a signal has not failed: it returns True, but does not count as
+        a success in the metrics either."""
         started = time.time()
         now = fire_time or datetime.now(UTC)
         try:
@@ -75,19 +86,24 @@ class Runner:
         except Exception as error:
             log.error("cleanup could not run: %s: %s", type(error).__name__, error)
             self.metrics.errors.inc()
+            self._write(failure_document(error, self.tracking_uri, now))
             self._finish_metrics(started)
             return False
         self._print(report)
-        ok = report.ok
-        if self.report_path:
-            try:
-                write_report(self.report_path, report, self.tracking_uri)
-                log.info("report written to %s", self.report_path)
-            except OSError as error:
-                log.error("cannot write report %s: %s", self.report_path, error)
-                ok = False
-        self._record_metrics(report, started, ok)
-        return ok
+        written = self._write(report_document(report, self.tracking_uri))
+        self._record_metrics(report, started, report.ok and written)
+        return not report.failed and written
+
+    def _write(self, document: dict[str, Any]) -> bool:
+        if not self.report_path:
+            return True
+        try:
+            write_document(self.report_path, document)
+        except OSError as error:
+            log.error("cannot write report %s: %s", self.report_path, error)
+            return False
+        log.info("report written to %s", self.report_path)
+        return True
 
     def _print(self, report: Report) -> None:
         verb = "would delete" if report.dry_run else "deleted"

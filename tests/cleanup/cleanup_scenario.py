@@ -3,6 +3,7 @@ policy distinguishes, and one experiment whose runs never logged the metric."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -12,6 +13,8 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+
+from cleanup.policy import RetentionPolicy
 
 DAY_MS = 86_400_000
 METRIC = "sharpe_ratio"
@@ -97,7 +100,9 @@ def write_artifacts(directory: Path, label: str) -> None:
     (directory / "meta" / "config.json").write_text(f'{{"label": "{label}"}}\n')
 
 
-def create_run(client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: int, parent_id: str | None) -> str:
+def create_run(
+    client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: int, parent_id: str | None, metric: str = METRIC
+) -> str:
     tags = dict(spec.tags)
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
@@ -106,14 +111,14 @@ def create_run(client: MlflowClient, experiment_id: str, spec: RunSpec, now_ms: 
     )
     run_id: str = run.info.run_id
     for step, value in enumerate(spec.metric):
-        client.log_metric(run_id, METRIC, value, step=step)
+        client.log_metric(run_id, metric, value, step=step)
     with tempfile.TemporaryDirectory() as scratch:
         write_artifacts(Path(scratch), spec.label)
         client.log_artifacts(run_id, scratch)
     return run_id
 
 
-def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED) -> Scenario:
+def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED, *, metric: str = METRIC) -> Scenario:
     now_ms = int(time.time() * 1000)
     experiment_id = client.create_experiment(name)
     metricless_name = f"{name}-metricless"
@@ -122,7 +127,7 @@ def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED
     run_ids: dict[str, str] = {}
     logged: dict[str, str] = {}
     for spec in specs:  # parents are listed before their children
-        run_id = create_run(client, experiment_id, spec, now_ms, run_ids.get(spec.parent or ""))
+        run_id = create_run(client, experiment_id, spec, now_ms, run_ids.get(spec.parent or ""), metric)
         run_ids[spec.label] = run_id
         if spec.checkpoint_step is not None:
             with mlflow.start_run(run_id=run_id):
@@ -143,3 +148,29 @@ def build_scenario(client: MlflowClient, name: str, specs: list[RunSpec] = MIXED
         client.set_terminated(run_ids[spec.label], "FINISHED")
     all_specs = {spec.label: spec for spec in [*specs, *METRICLESS]}
     return Scenario(client, experiment_id, name, metricless_id, metricless_name, model_name, run_ids, logged, all_specs)
+
+
+# One run to delete, with an MLflow 3 logged model (checkpoint), beside the one run that top-n keeps.
+ONE_VICTIM_SPECS = [RunSpec("keep_best", 90, (1.0,)), RunSpec("victim", 90, (0.1,), checkpoint_step=7)]
+ONE_VICTIM_POLICY = RetentionPolicy(top_n=1, metric=METRIC, retention_days=30)
+
+
+def victim_files_on_server(artifact_root: Path, scenario: Scenario) -> dict[str, dict[str, str]]:
+    """The victim's files on the server's disk, keyed like its archive: artifacts/, models/<id>/."""
+    victim, model = scenario.run_ids["victim"], scenario.logged_model_ids["victim"]
+    root = artifact_root / scenario.experiment_id
+    return {
+        "artifacts": file_hashes(root / victim / "artifacts"),
+        f"models/{model}": file_hashes(root / "models" / model / "artifacts"),
+    }
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """relative path → SHA-256 of every file under ``directory`` (empty if it does not exist)."""
+    if not directory.exists():
+        return {}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }

@@ -22,7 +22,8 @@ OLD_LOW = [RunSpec("keep_best", 90, (1.0,)), RunSpec("old_a", 90, (0.1,)), RunSp
 FLAGS = (
     "--tracking-uri", "--dry-run", "--archive-path", "--retention-days", "--top-n", "--metric", "--metric-mode",
     "--verbose", "--report", "--schedule", "--protect-tag", "--allow-missing-metric", "--purge",
-    "--backend-store-uri", "--metrics-port", "--textfile",
+    "--backend-store-uri", "--metrics-port", "--textfile", "--rank-by", "--max-consecutive-failures",
+    "--max-duration", "--include-deleted",
 )  # fmt: skip
 
 
@@ -159,3 +160,39 @@ def test_schedule_serves_metrics_logs_next_run_and_exits_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_one_shot_sigterm_finishes_the_run_in_flight_writes_the_report_and_exits_0(
+    mlflow_server: MlflowServer, unique_name: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(mlflow_server.uri)
+    specs = [RunSpec("keep_best", 90, (100.0,)), *(RunSpec(f"old_{i}", 90, (float(i),)) for i in range(20))]
+    scenario = build_scenario(client, unique_name, specs)
+    report = tmp_path / "report.json"
+    log_path = tmp_path / "one-shot.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cleanup", "--tracking-uri", mlflow_server.uri, "--experiment",
+             scenario.experiment_name, "--top-n", "1", "--archive-path", str(tmp_path / "archive"),
+             "--report", str(report)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "deleted run" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    document = json.loads(report.read_text())
+    assert document["interrupted"] is True and document["ok"] is False
+    outcomes = [r["outcome"] for r in document["runs"] if r["decision"] == "delete"]
+    assert outcomes.count("deleted") >= 1 and outcomes.count("pending") >= 1
+    assert outcomes.count("failed") == 0
+    pending = [r["run_id"] for r in document["runs"] if r["outcome"] == "pending"]
+    assert all(client.get_run(run_id).info.lifecycle_stage == "active" for run_id in pending)
