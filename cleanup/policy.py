@@ -84,10 +84,6 @@ class ExperimentPlan:
     def to_delete(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.action is Action.DELETE)
 
-    @property
-    def to_keep(self) -> tuple[Decision, ...]:
-        return tuple(d for d in self.decisions if d.action is Action.KEEP)
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:
