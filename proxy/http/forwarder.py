@@ -158,6 +158,10 @@ class Exchange:
             finally:
                 state.outstanding -= 1
             conn = self.conn
+            if head is not None and conn is not None and conn.failure is not None:
+                # The answer broke before a byte of it went to the client (a bad chunk in the same read as the
+                # head): a failed attempt like any other, not a 200 head followed by an abort.
+                error, head = conn.failure, None
             if (
                 error is not None
                 and conn is not None

@@ -81,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0  # of the head being read (trailers count too): a peer must not grow it forever
         self._head_bytes_read = 0  # raw bytes received before the head was complete
         self._bad = ""  # why a parser callback refused the answer
+        self.failure: UpstreamError | None = None  # how the exchange broke, if it did
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.phase = Phase.IDLE
@@ -261,6 +262,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self._received_any = False
         self._head_bytes = self._head_bytes_read = 0
+        self.failure = None
         self._head_only = head_only
         self._done_waiter = None
         waiter = self.loop.create_future()
@@ -414,6 +416,8 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
+        if self.failure is None:
+            self.failure = error
         self._cancel_timer()
         for waiter in (self._head_waiter, self._done_waiter):
             if waiter is not None and not waiter.done():

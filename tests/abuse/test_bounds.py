@@ -84,6 +84,7 @@ UPSTREAMS = {
     "status099": RawUpstream(fixed(b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n")),
     "gzip": RawUpstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip")),
     "xchunked": RawUpstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")),
+    "badchunk": RawUpstream(fixed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")),
     "switch": RawUpstream(
         fixed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello")
     ),
@@ -186,7 +187,7 @@ def test_a_64_mib_response_head_is_not_forwarded(bench: Bench) -> None:
     assert UPSTREAMS["huge"].written < 16 * MiB  # cut after the limit; socket buffers hold the rest of that
 
 
-@pytest.mark.parametrize("upstream", ["status099", "gzip", "xchunked"])
+@pytest.mark.parametrize("upstream", ["status099", "gzip", "xchunked", "badchunk"])
 def test_answers_the_sidecar_cannot_relay_faithfully_are_502_bad_response(bench: Bench, upstream: str) -> None:
     before = UPSTREAMS[upstream].requests
     answer = request(bench.port(upstream), get(upstream))
