@@ -90,6 +90,7 @@ def test_running_out_of_descriptors_is_an_overload_not_an_upstream_failure(tmp_p
     assert breaker["state"] == "closed" and breaker["failures_by_kind"].get("connect_error", 0) == 0, breaker
     assert breaker["rejected"].get("overload", 0) >= 3
     text = (tmp_path / "fd.log").read_text()
+    assert len(text.splitlines()) < 50, "running out of descriptors must not flood the log"
     assert text.count('"event": "out_of_resources"') <= 2, "the log is throttled: one line a second at most"
     if "Traceback" in text:
         pytest.fail(text[-2000:])
