@@ -48,6 +48,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from proxy.logs import throttle_accept_exhaustion
 from proxy.metrics import SidecarCollector
 from proxy.policy.values import Address, parse_duration
 from proxy.reports import SidecarState, breakers_report, health_report
@@ -131,6 +132,7 @@ class AdminServer:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        throttle_accept_exhaustion(loop, log)
         try:
             runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)
             loop.run_until_complete(runner.setup())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -56,3 +57,20 @@ class Throttled:
         self._last[key] = now
         held = self._held.pop(key, 0)
         self._logger.warning(msg, *args, extra={**(extra or {}), "event": key, "suppressed": held})
+
+
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+
+
+def throttle_accept_exhaustion(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
+    """asyncio logs one error with a traceback per failed accept while descriptors are out (up to a hundred per
+    wake-up, with accepting paused a second in between): one line a second, with a count, says the same."""
+    throttled = Throttled(logger)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith(_ACCEPT_EXHAUSTED):
+            throttled.warning("accept_out_of_resources", "accepting paused: %s", context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy import logs
 from proxy.admin import start_admin
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
@@ -364,6 +365,7 @@ def _read(path: str) -> bytes:
 
 async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | None = None) -> int:
     loop = asyncio.get_running_loop()
+    logs.throttle_accept_exhaustion(loop, log)
     demo_runner = None
     if demo:
         from proxy.demo import DEMO_HOST, DEMO_PORT, start_demo
@@ -404,8 +406,6 @@ async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | 
 
 
 def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
-    from proxy import logs
-
     policy = read_policy(config_path)  # the one read of this start: for the log level, then to serve
     level = log_level or (policy.config.logging.level if policy.config else "info")
     logs.configure(level)

@@ -63,6 +63,15 @@ def test_running_out_of_descriptors_is_an_overload_not_an_upstream_failure(tmp_p
             except OSError:
                 break
         time.sleep(0.5)  # the sidecar accepts what it can hold
+        admin_port = int(admin.rsplit(":", 1)[1])
+        for _ in range(50):  # the admin plane is asked too while there are no descriptors left
+            try:
+                probe = socket.create_connection(("127.0.0.1", admin_port), 2)
+                probe.sendall(b"GET /health HTTP/1.1\r\nHost: admin\r\n\r\n")
+                hogs.append(probe)
+            except OSError:
+                break
+        time.sleep(1.0)
         answers = []
         for _ in range(3):
             client.sendall(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n")
