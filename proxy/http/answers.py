@@ -16,7 +16,7 @@ _JSON = b"application/json"
 _ANSWER_CACHE_SIZE = 64
 
 
-def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
+def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool, http11: bool = True) -> bytes:
     """The whole fail-fast answer, built once per (transition, override, seconds left, keep-alive).
 
     While a breaker is open every refused request gets the same bytes for a second at a time, so the fail-fast
@@ -26,7 +26,7 @@ def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> by
     retry_in = max(1, math.ceil(breaker.retry_in(now)))
     last = breaker.last_transition
     override = breaker.override
-    key = (last, override, retry_in, keep_alive)
+    key = (last, override, retry_in, keep_alive, http11)
     cache = rt.answer_cache
     answer = cache.get(key)
     if answer is not None:
@@ -44,14 +44,14 @@ def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool) -> by
     else:
         status, content_type = 503, _JSON
         body = wire.error_body("breaker_open", rt.name, f"circuit breaker for {rt.name} is open")
-    answer = wire.local_response(status, body, content_type, headers, keep_alive)
+    answer = wire.local_response(status, body, content_type, headers, keep_alive, http11=http11)
     if len(cache) >= _ANSWER_CACHE_SIZE:
         cache.clear()
     cache[key] = answer
     return answer
 
 
-def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
+def fail_fast(rt: UpstreamRuntime, keep_alive: bool, http11: bool = True) -> bytes | None:
     """Refuse a request without a body at once if the breaker is open; None when it must be forwarded."""
     if not rt.enforce:
         return None
@@ -59,11 +59,11 @@ def fail_fast(rt: UpstreamRuntime, keep_alive: bool) -> bytes | None:
     now = rt.clock.monotonic()
     if not breaker.rejecting(now) or breaker.try_acquire(now) is not None:
         return None
-    return refuse_breaker_open(rt, now, keep_alive)
+    return refuse_breaker_open(rt, now, keep_alive, http11)
 
 
-def refuse_breaker_open(rt: UpstreamRuntime, now: float, keep_alive: bool) -> bytes:
+def refuse_breaker_open(rt: UpstreamRuntime, now: float, keep_alive: bool, http11: bool = True) -> bytes:
     """Count one request refused by the open breaker; the answer to send it."""
     rt.stats.reject("breaker_open")
     rt.stats.answered(rt.fallback.status if rt.fallback else 503, 0.0)
-    return breaker_open_answer(rt, now, keep_alive)
+    return breaker_open_answer(rt, now, keep_alive, http11)

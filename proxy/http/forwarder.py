@@ -338,8 +338,9 @@ class Exchange:
         rt, client, conn = self.rt, self.client, self.conn
         assert conn is not None
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
-        keep_alive = client.keep_alive and (head.framing != "eof" or client_chunked)
-        response_head = heads.response_head(head, client_chunked, self.attempts, keep_alive)
+        # Without a length or chunking to offer the client, only closing the connection can end the body.
+        keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
+        response_head = heads.response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
         status = head.status
         permit, self.permit = self.permit, None
         whole = conn.complete_body()
@@ -408,7 +409,7 @@ class Exchange:
             self.rt.breaker.record_ignored(permit)
 
     def _breaker_open(self, now: float) -> None:
-        self.client.send_raw(refuse_breaker_open(self.rt, now, self.client.keep_alive))
+        self.client.send_raw(refuse_breaker_open(self.rt, now, self.client.keep_alive, self.client.http11))
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         rt = self.rt

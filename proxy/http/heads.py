@@ -49,7 +49,9 @@ _SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarde
 _NOT_FORWARDED = wire.HOP_BY_HOP | _SET_BY_SIDECAR
 
 
-def response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool) -> bytes:
+def response_head(
+    head: ResponseHead, client_chunked: bool, attempts: int, keep_alive: bool, http11: bool = True
+) -> bytes:
     parts = [wire.status_line(head.status, head.reason)]
     listed = None  # a Connection header's value: the headers it names are hop-by-hop too
     for name, value in head.headers:
@@ -71,8 +73,7 @@ def response_head(head: ResponseHead, client_chunked: bool, attempts: int, keep_
         parts.append(b"transfer-encoding: chunked\r\n")
     if attempts > 1:
         parts.append(b"x-sidecar-attempts: %d\r\n" % attempts)
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
+    parts.append(wire.connection_line(keep_alive, http11))
     parts.append(b"\r\n")
     return b"".join(parts)
 

@@ -238,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         self._chunked_out = False
         rt = self._get_runtime()  # one lookup: the fail-fast check and the forwarding see the same policy
         if req.body is None:
-            answer = fail_fast(rt, self.keep_alive)
+            answer = fail_fast(rt, self.keep_alive, self.http11)
             if answer is not None:
                 self.send_raw(answer)
                 return True
@@ -316,7 +316,9 @@ class ClientConnection(asyncio.Protocol):
         if self._response_started or self.transport is None or self._closing:
             return
         self._response_started = True
-        self.transport.write(wire.local_response(status, body, content_type, headers, self.keep_alive))
+        self.transport.write(
+            wire.local_response(status, body, content_type, headers, self.keep_alive, http11=self.http11)
+        )
 
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         self._response_started = True

@@ -41,6 +41,14 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
 
 
+def connection_line(keep_alive: bool, http11: bool) -> bytes:
+    """What an answer says of the connection: HTTP/1.1 persists unless told ``close``; an HTTP/1.0 client that
+    asked for keep-alive must be told it was granted, or it waits for a close that never comes."""
+    if not keep_alive:
+        return b"connection: close\r\n"
+    return b"" if http11 else b"connection: keep-alive\r\n"
+
+
 def local_response(
     status: int,
     body: bytes,
@@ -48,13 +56,13 @@ def local_response(
     extra: Headers,
     keep_alive: bool,
     head_only: bool = False,
+    http11: bool = True,
 ) -> bytes:
     """A whole answer the sidecar makes itself (fail-fast, errors, 400s)."""
     parts = [status_line(status), b"content-type: ", content_type, b"\r\ncontent-length: %d\r\n" % len(body)]
     for name, value in extra:
         parts += [name, b": ", value, b"\r\n"]
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
+    parts.append(connection_line(keep_alive, http11))
     parts.append(b"\r\n")
     if not head_only:
         parts.append(body)

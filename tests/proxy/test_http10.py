@@ -1,0 +1,81 @@
+"""HTTP/1.0 clients: a keep-alive they asked for is granted out loud (``Connection: keep-alive``, as
+ApacheBench and old clients wait for it), and an answer they cannot be given a length for ends with a close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.support.sidecar import listener_url, running_sidecar, write_policy
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    return head, await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_http_1_0_keep_alive_is_granted_explicitly_and_the_connection_is_reused(tmp_path: Path) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    await web.SockSite(runner, listening).start()
+    try:
+        policy = write_policy(tmp_path / "p.yaml", {"old": {"targets": [f"http://127.0.0.1:{port}"]}})
+        async with running_sidecar(policy) as sidecar:
+            url = listener_url(sidecar, "old")
+            host, listen_port = url.removeprefix("http://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(listen_port))
+            for _ in range(2):  # the same connection twice: it was really kept
+                writer.write(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                head, body = await _read_answer(reader)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
+                assert b"connection: keep-alive\r\n" in head.lower()
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")  # no keep-alive asked: closed after the answer
+            head, body = await _read_answer(reader)
+            assert b"connection: close\r\n" in head.lower() and body == b"hello"
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_chunked_answer_to_an_http_1_0_client_ends_with_a_close(tmp_path: Path) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b"one ", b"two"):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    await web.SockSite(runner, listening).start()
+    try:
+        policy = write_policy(tmp_path / "p.yaml", {"old": {"targets": [f"http://127.0.0.1:{port}"]}})
+        async with running_sidecar(policy) as sidecar:
+            host, listen_port = listener_url(sidecar, "old").removeprefix("http://").rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(listen_port))
+            writer.write(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)  # returns only because the sidecar closes
+            writer.close()
+            head, body = answer.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+            assert b"transfer-encoding" not in head.lower() and body == b"one two"
+    finally:
+        await runner.cleanup()
