@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package
@@ -75,7 +76,7 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
             for _ in range(5):
                 async with session.get(listener_url(sidecar, "payments") + "/") as response:
                     await response.read()
-            await wait_for(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
+            await eventually(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
 
             async with playwright_api.async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

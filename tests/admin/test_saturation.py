@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.admin.conftest import nginx_upstream
+from tests.support.servers import nginx_upstream
 from tests.support.sidecar import free_port, sidecar_process, write_policy
 
 LOAD_SECONDS = 6

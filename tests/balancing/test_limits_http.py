@@ -8,8 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.balancing.conftest import metrics
-from tests.support.sidecar import free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.admin import metrics
+from tests.support.eventually import eventually
+from tests.support.sidecar import free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream
 
 
@@ -47,7 +48,7 @@ async def test_two_served_four_refused_at_once(tmp_path: Path) -> None:
                     return response.status, response.headers.get("x-sidecar-reason"), time.monotonic() - started
 
             tasks = [asyncio.create_task(one()) for _ in range(6)]
-            await wait_for(lambda: sum(t.done() for t in tasks) == 4, timeout=2.0)
+            await eventually(lambda: sum(t.done() for t in tasks) == 4, timeout=2.0)
             exposition = await metrics(session, sidecar)
             assert 'sidecar_inflight_requests{upstream="api"} 2.0' in exposition
             assert 'sidecar_pending_requests{upstream="api"} 0.0' in exposition

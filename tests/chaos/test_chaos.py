@@ -23,8 +23,9 @@ from aiohttp import web
 
 from proxy.resilience.breaker import State, Transition
 from proxy.server import Sidecar
+from tests.support.eventually import eventually
 from tests.support.faults import UPSTREAM, Bandwidth, Latency, ResetPeer, Timeout, fault_proxy
-from tests.support.sidecar import admin_url, policy_listen, running_sidecar, wait_for, write_policy
+from tests.support.sidecar import admin_url, policy_listen, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
 BIG = 256 * 1024
@@ -232,7 +233,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(tmp_path: 
             _, port = policy_listen(policy, "svc")
             first = await raw_request(port, get())  # the client closes; the upstream connection is pooled
             assert first.status == 200
-            await wait_for(lambda: faults.records[0].bytes_down > 0)
+            await eventually(lambda: faults.records[0].bytes_down > 0)
             # The pooled connection dies as the next request goes out on it, before the upstream reads any of it.
             faults.add(ResetPeer(direction=UPSTREAM, after=faults.records[0].bytes_up, connections=1))
             answer = await raw_request(port, get())
@@ -355,10 +356,10 @@ async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_p
             if how == "mid_upload":
                 # Larger than the replay buffer, so it streams: the upstream gets the head and part of the body.
                 sock.sendall(b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 200_000)
-                await wait_for(lambda: upstream.body_bytes > 0, timeout=3)
+                await eventually(lambda: upstream.body_bytes > 0, timeout=3)
             else:
                 sock.sendall(get("/hang"))
-                await wait_for(lambda: upstream.request_at > 0, timeout=3)
+                await eventually(lambda: upstream.request_at > 0, timeout=3)
             rt = sidecar.runtimes["svc"]
             assert rt.stats.inflight == 1
             assert await metric(sidecar, "sidecar_inflight_requests") == 1
@@ -366,9 +367,9 @@ async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_p
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             closed_at = time.monotonic()
             sock.close()
-            await wait_for(lambda: upstream.lost_at > 0, timeout=2, interval=0.002)
+            await eventually(lambda: upstream.lost_at > 0, timeout=2, interval=0.002)
             assert upstream.lost_at - closed_at < 0.1, f"upstream dropped after {upstream.lost_at - closed_at:.3f}s"
-            await wait_for(lambda: rt.stats.inflight == 0, timeout=1)
+            await eventually(lambda: rt.stats.inflight == 0, timeout=1)
             assert await metric(sidecar, "sidecar_inflight_requests") == 0
             assert await metric(sidecar, "sidecar_pending_requests") == 0
             assert rt.stats.failures == {} and rt.effective_state() is State.CLOSED, "a client abort is no failure"
@@ -430,9 +431,9 @@ async def test_a_hung_half_open_probe_ends_by_per_try_and_reopens(tmp_path: Path
             hold = faults.add(Timeout(timeout=0))  # answers never come back
             assert (await raw_request(port, get())).status == 504
             assert rt.effective_state() is State.OPEN
-            await wait_for(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
+            await eventually(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
             probe = asyncio.create_task(raw_request(port, get()))
-            await wait_for(lambda: rt.stats.inflight == 1, timeout=1, interval=0.005)
+            await eventually(lambda: rt.stats.inflight == 1, timeout=1, interval=0.005)
             others = await asyncio.gather(*(raw_request(port, get()) for _ in range(5)))
             assert all(a.headers.get(b"x-sidecar-reason") == b"breaker_open" for a in others)
             assert all(a.elapsed < 0.1 for a in others)
@@ -441,7 +442,7 @@ async def test_a_hung_half_open_probe_ends_by_per_try_and_reopens(tmp_path: Path
             assert rt.effective_state() is State.OPEN, "a timed-out probe reopens the breaker"
             assert rt.stats.inflight == 0
             faults.remove(hold)
-            await wait_for(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
+            await eventually(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
             assert (await raw_request(port, get())).status == 200
             assert rt.effective_state() is State.CLOSED
             assert upstream.hits == 3

@@ -28,9 +28,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.deploy import REPO, RUNBOOK
 from tests.support.sidecar import free_port
-
-from .conftest import REPO, RUNBOOK
 
 RUNBOOK_COMMANDS = ("curl", "sidecar", "checkpoint-cleanup")
 TOKEN = "runbook-test-token"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.sidecar import listener_url, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import listener_url, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 
@@ -86,7 +87,7 @@ async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path
                     assert response.status == 503
             assert breaker.state.value == "open"
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.3, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.3, timeout=2)
             async with client.get(url) as response:  # the probe: succeeds
                 assert response.status == 200
             assert breaker.state.value == "closed"
@@ -98,7 +99,7 @@ async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path
                     assert response.status == 503
             assert breaker.state.value == "open"
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.3, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.3, timeout=2)
             async with client.get(url) as response:  # the probe fails: open again at once
                 assert response.status == 503
                 assert "x-sidecar-reason" not in response.headers
@@ -128,7 +129,7 @@ async def test_half_open_admits_exactly_one_of_fifty(tmp_path: Path) -> None:
             async with client.get(url) as response:
                 assert response.status == 503
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.2, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.2, timeout=2)
 
             async def one() -> int:
                 async with client.get(url) as response:

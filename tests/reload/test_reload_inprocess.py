@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from proxy.server import Sidecar
-from tests.support.sidecar import admin_url, free_port, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import admin_url, free_port, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 
@@ -87,7 +88,7 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
         async with running_sidecar(policy) as sidecar:
             assert (await get(session, keep))[0] == 200  # opens a keep-alive connection to reuse after
             in_flight = asyncio.create_task(get(session, gone))
-            await wait_for(lambda: slow.hits == 1)
+            await eventually(lambda: slow.hits == 1)
             write_policy(policy, {"keep": ups(keep, ok.url)}, admin_port=admin)
             assert await sidecar.reload("test") is True
             assert await in_flight == (200, "")  # finished on the retired listener
@@ -101,10 +102,7 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
                 writer.close()
                 return False
 
-            deadline = asyncio.get_running_loop().time() + 5
-            while not await refused():
-                assert asyncio.get_running_loop().time() < deadline, "removed listener still accepts"
-                await asyncio.sleep(0.05)
+            await eventually(refused, timeout=5, interval=0.05, what="the removed listener refusing connections")
             assert "gone" not in sidecar.listeners
 
 
@@ -139,13 +137,20 @@ async def test_broken_reload_keeps_the_running_policy(tmp_path: Path, edit: Any,
             assert any(expected in line for line in sidecar.last_reload_error), sidecar.last_reload_error
             assert all(line.startswith(f"{policy}:") for line in sidecar.last_reload_error)
             assert await get(session, port) == (200, "")
-            deadline = asyncio.get_running_loop().time() + 3
-            while True:  # the admin thread may answer from a report published just before the reload
+
+            async def config_info() -> dict[str, Any]:
                 async with session.get(admin_url(sidecar) + "/health") as response:
-                    info = json.loads(await response.read())["config"]
-                if info["last_reload_errors"] or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+                    info: dict[str, Any] = json.loads(await response.read())["config"]
+                    return info
+
+            # The admin thread may answer from a report published just before the reload.
+            info = await eventually(
+                config_info,
+                until=lambda info: bool(info["last_reload_errors"]),
+                timeout=3,
+                interval=0.05,
+                what="/health showing the rejected reload",
+            )
             assert info["sha256"] == loaded.sha256
             assert any(expected in line for line in info["last_reload_errors"])
 
@@ -166,10 +171,13 @@ async def test_health_shows_the_loaded_files_hash_and_time(tmp_path: Path) -> No
             assert first["sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
             write_policy(policy, {"api": ups(port, ok.url, breaker={"failure_threshold": 9})}, admin_port=admin)
             assert await sidecar.reload("test")
-            deadline = asyncio.get_running_loop().time() + 3
-            while (second := await config_info())["sha256"] == first["sha256"]:  # admin may answer from cache
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+            second = await eventually(  # admin may answer from cache
+                config_info,
+                until=lambda info: info["sha256"] != first["sha256"],
+                timeout=3,
+                interval=0.05,
+                what="/health showing the new file's sha256",
+            )
             assert second["sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
             assert second["loaded_at"] >= first["loaded_at"]
 
@@ -187,7 +195,7 @@ async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path)
             policy.write_text("")
             policy.write_text(final[: len(final) // 2])
             policy.write_text(final)
-            await wait_for(lambda: sidecar.process_stats.reloads["success"] == 1, timeout=5)
+            await eventually(lambda: sidecar.process_stats.reloads["success"] == 1, timeout=5)
             assert sidecar.config is not None
             assert sidecar.config.upstream("api").breaker.failure_threshold == 7
             # Unchanged content afterwards (and a touch) triggers nothing more.
