@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import proxy.server
 from proxy.server import Sidecar
 from tests.support.eventually import eventually
 from tests.support.sidecar import admin_url, free_port, running_sidecar, write_policy
@@ -182,7 +183,30 @@ async def test_health_shows_the_loaded_files_hash_and_time(tmp_path: Path) -> No
             assert second["loaded_at"] >= first["loaded_at"]
 
 
-async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path) -> None:
+class WatcherLooks:
+    """Counts reads of the policy file — the watcher reads it once per look — so a test can wait until the
+    watcher has looked at a file state, instead of sleeping and hoping it did."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = proxy.server._read
+
+        def counting(path: str) -> bytes:
+            self.count += 1
+            return real(path)
+
+        monkeypatch.setattr(proxy.server, "_read", counting)
+
+    async def more(self, looks: int) -> None:
+        """Wait for ``looks`` more reads (a change needs two looks to be reloaded, so three see any)."""
+        target = self.count + looks
+        await eventually(lambda: self.count >= target, timeout=5, what=f"{looks} more looks of the watcher")
+
+
+async def test_watch_debounces_a_multi_step_save_into_one_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks = WatcherLooks(monkeypatch)
     async with scripted_upstream() as ok:
         port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
@@ -200,11 +224,14 @@ async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path)
             assert sidecar.config.upstream("api").breaker.failure_threshold == 7
             # Unchanged content afterwards (and a touch) triggers nothing more.
             policy.write_text(final)
-            await asyncio.sleep(0.3)
+            await looks.more(3)
             assert sidecar.process_stats.reloads == {"success": 1, "failure": 0}
 
 
-async def test_sighup_style_reload_is_not_repeated_by_the_watcher(tmp_path: Path) -> None:
+async def test_sighup_style_reload_is_not_repeated_by_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks = WatcherLooks(monkeypatch)
     async with scripted_upstream() as ok:
         port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
@@ -212,5 +239,5 @@ async def test_sighup_style_reload_is_not_repeated_by_the_watcher(tmp_path: Path
             sidecar._spawn(sidecar.watch(interval=0.05))
             write_policy(policy, {"api": ups(port, ok.url, breaker={"failure_threshold": 4})}, admin_port=admin)
             assert await sidecar.reload("SIGHUP")
-            await asyncio.sleep(0.3)  # several looks of the watcher
+            await looks.more(3)
             assert sidecar.process_stats.reloads == {"success": 1, "failure": 0}
