@@ -59,7 +59,10 @@ async def test_two_served_four_refused_at_once(tmp_path: Path) -> None:
             refused = [r for r in results if r[0] == 503]
             assert len(served) == 2 and len(refused) == 4
             assert all(reason == "overload" for _, reason, _ in refused)
-            assert all(elapsed < 0.05 for _, _, elapsed in refused), refused
+            # "At once": the four were answered while both slots were still held (the eventually() above, before
+            # release); the bound only says none waited for anything. A generous one, for a busy 2-core CI machine:
+            # tests/benchmarks/at_once.py measures the real figure (a fraction of a millisecond).
+            assert all(elapsed < 1.0 for _, _, elapsed in refused), refused
             assert upstream.hits == 2
             rt = sidecar.runtimes["api"]
             assert rt.stats.rejected.get("overload") == 4

@@ -43,8 +43,11 @@ async def test_threshold_opens_and_fails_fast(tmp_path: Path) -> None:
                     assert response.status == 503
                 timings.append(time.perf_counter() - started)
             assert upstream.hits == 3, "nothing reaches the upstream while the breaker is open"
-            # Client round trip included. The median, because a loaded 2-core test machine can stall any one call.
-            assert statistics.median(timings) < 0.005, f"fail-fast median {statistics.median(timings) * 1e3:.2f} ms"
+            # Client round trip included. The median, because a loaded 2-core test machine can stall any one call;
+            # a generous bound (the upstream answers at once too, so time cannot tell more than "no waiting": the
+            # hits above show nothing reached it). tests/benchmarks/at_once.py and bench.py's fail-fast run measure
+            # the real figure.
+            assert statistics.median(timings) < 0.05, f"fail-fast median {statistics.median(timings) * 1e3:.2f} ms"
 
 
 async def test_fallback_answer_while_open(tmp_path: Path) -> None:

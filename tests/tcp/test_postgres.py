@@ -76,7 +76,9 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
             with socket.create_connection((LOCAL, listen), 2) as sock:
                 sock.settimeout(2)
                 assert sock.recv(1) == b""
-            assert time.monotonic() - started < 0.05
+            # No upstream attempt is what the counters below show; the time only says nothing was waited for — a
+            # generous bound for a busy CI machine (tests/benchmarks/at_once.py measures the real figure).
+            assert time.monotonic() - started < 1.0
             assert metric(admin, "sidecar_rejected_total", upstream="db", reason="breaker_open") >= 1
             assert metric(admin, "sidecar_upstream_failures_total", upstream="db", kind="connect_error") == failures
             with pytest.raises(psycopg.OperationalError):
