@@ -1,10 +1,18 @@
-"""Shared fixtures. Real servers on loopback; time injected where the logic is pure."""
+"""Shared fixtures. Real servers on loopback; time injected where the logic is pure.
+
+On CI (the ``CI`` environment variable set) a skipped test is a failed one: every program and package the
+suite needs is installed there (``make test``), so a skip can only mean a broken install step, which must not
+pass silently. ``tests.support.tools.require_tool`` fails such tests itself; this hook catches any other skip.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
+
+from tests.support.tools import on_ci
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -14,3 +22,15 @@ def artifacts_dir() -> Path:
     """Where tests leave screenshots and reports for a person to look at (ignored by git)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and on_ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped on CI, which must run every test ({reason})"
+    return report

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from tests.abuse.conftest import TOKEN, UPSTREAM_OK, Canary, Stack
 from tests.abuse.wire import KeepAliveClient, Responses, talk
 from tests.proxy.test_http_hygiene import SMUGGLING
+from tests.support.abuse import TOKEN, UPSTREAM_OK, Canary, Stack
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"

@@ -18,8 +18,8 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.abuse.conftest import Stack
 from tests.abuse.wire import Responses, talk
+from tests.support.abuse import Stack
 
 _examples = itertools.count()
 

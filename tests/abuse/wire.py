@@ -73,6 +73,9 @@ def talk(port: int, payload: bytes, timeout: float = 2.0, pieces: list[int] | No
             for cut in [*(pieces or []), len(payload)]:
                 sock.sendall(payload[start:cut])
                 start = cut
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # the peer answered and closed before the rest was sent: what it answered is still to be read
+        try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 chunk = sock.recv(65536)

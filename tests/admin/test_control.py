@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.admin.conftest import get_json
+from tests.support.admin import get_json
+from tests.support.eventually import eventually
 from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream, status
 
@@ -77,21 +77,23 @@ async def test_force_open_with_ttl_ends_by_itself_and_is_logged(
             async with session.get(listener_url(sidecar, "pay") + "/") as response:
                 assert response.status == 503 and "retry-after" in response.headers
             # Nobody touches it again: it must end on its own, shortly after 1 s.
-            while True:
-                _, breakers = await get_json(session, f"{admin}/breakers")
-                if breakers["pay"]["state"] == "closed":
-                    break
-                assert time.monotonic() - forced_at < 3.0, breakers["pay"]
-                await asyncio.sleep(0.05)
+            _, breakers = await eventually(
+                lambda: get_json(session, f"{admin}/breakers"),
+                until=lambda answer: answer[1]["pay"]["state"] == "closed",
+                timeout=3.0 - (time.monotonic() - forced_at),
+                interval=0.05,
+                what="the forced-open breaker closing by itself within 3 s of the override",
+            )
             assert time.monotonic() - forced_at >= 0.95
             assert breakers["pay"]["override"] is None
             async with session.get(listener_url(sidecar, "pay") + "/") as response:
                 assert response.status == 200
-            ended = [r for r in caplog.records if getattr(r, "event", None) == "breaker_override_ended"]
-            deadline = time.monotonic() + 2
-            while not ended and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                ended = [r for r in caplog.records if getattr(r, "event", None) == "breaker_override_ended"]
+            ended = await eventually(
+                lambda: [r for r in caplog.records if getattr(r, "event", None) == "breaker_override_ended"],
+                timeout=2,
+                interval=0.05,
+                what="a breaker_override_ended log record",
+            )
             assert ended and ended[0].upstream == "pay"  # type: ignore[attr-defined]
         override = [r for r in caplog.records if getattr(r, "event", None) == "breaker_override"]
         assert len(override) == 1

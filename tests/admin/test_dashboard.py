@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
+from tests.support.tools import missing
 from tests.support.upstream import scripted_upstream
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package
@@ -33,9 +34,10 @@ async def routed(request: web.Request) -> web.StreamResponse:
 
 
 async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: Path) -> None:
-    playwright_api = pytest.importorskip("playwright.async_api")
+    from playwright import async_api as playwright_api  # a test dependency: missing means a broken install
+
     if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed")
+        missing("chromium is not installed (Debian package `chromium`)")
     dead = f"http://127.0.0.1:{free_port()}"
     check = {"path": "/health", "interval": "200ms", "timeout": "300ms", "unhealthy_threshold": 1}
     async with scripted_upstream(routed) as up, scripted_upstream(routed) as up2:
@@ -75,7 +77,7 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
             for _ in range(5):
                 async with session.get(listener_url(sidecar, "payments") + "/") as response:
                     await response.read()
-            await wait_for(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
+            await eventually(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
 
             async with playwright_api.async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from tests.admin.conftest import get_json
-from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.admin import get_json
+from tests.support.eventually import eventually
+from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
 FAST_CHECK = {"path": "/health", "interval": "100ms", "timeout": "500ms", "unhealthy_threshold": 1}
@@ -25,13 +24,14 @@ async def health_ok_root_fails(request: web.Request) -> web.StreamResponse:
 
 
 async def poll_health(session: aiohttp.ClientSession, admin: str, want: str, timeout: float = 5.0) -> tuple[int, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, body = await get_json(session, f"{admin}/health")
-        if body["status"] == want:
-            return code, body
-        assert time.monotonic() < deadline, f"/health stayed {code} {body}"
-        await asyncio.sleep(0.05)
+    """/health's (code, body) once its status is ``want``."""
+    return await eventually(
+        lambda: get_json(session, f"{admin}/health"),
+        until=lambda answer: answer[1]["status"] == want,
+        timeout=timeout,
+        interval=0.05,
+        what=f"/health {want}",
+    )
 
 
 async def trip(session: aiohttp.ClientSession, url: str, times: int) -> None:
@@ -55,7 +55,7 @@ async def test_all_healthy_is_200(tmp_path: Path) -> None:
         )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             admin = admin_url(sidecar)
-            await wait_for(lambda: all(rt.health.healthy for rt in sidecar.runtimes.values()))
+            await eventually(lambda: all(rt.health.healthy for rt in sidecar.runtimes.values()))
             code, body = await poll_health(session, admin, "healthy")
             assert code == 200
             assert set(body["circuit_breakers"]) == {"pay", "ledger"}
@@ -118,7 +118,7 @@ async def test_critical_upstream_failing_its_check_without_traffic_is_503(tmp_pa
             # Active checks never count against the breaker.
             pay = body["circuit_breakers"]["pay"]
             assert pay["state"] == "closed" and pay["failures"] == 0 and pay["totals"]["failures"] == 0
-            await wait_for(lambda: sidecar.runtimes["pay"].stats.checks.get("fail", 0) >= 3)
+            await eventually(lambda: sidecar.runtimes["pay"].stats.checks.get("fail", 0) >= 3)
             assert sidecar.runtimes["pay"].breaker.snapshot(0).total_failures == 0
 
 

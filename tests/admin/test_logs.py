@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.admin.conftest import TOKEN
+from tests.support.admin import TOKEN
+from tests.support.eventually import eventually_sync
 from tests.support.sidecar import free_port, sidecar_process, write_policy
 
 
@@ -22,13 +22,18 @@ def events(text: str) -> list[dict[str, Any]]:
 
 
 def wait_for_event(proc: Any, name: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The newest structured log line whose event is ``name``, once there is one."""
+
+    def newest() -> dict[str, Any] | None:
         found = [e for e in events(proc.log()) if e.get("event") == name]
-        if found:
-            return found[-1]
-        assert time.monotonic() < deadline, f"no {name!r} log line in:\n{proc.log()}"
-        time.sleep(0.05)
+        return found[-1] if found else None
+
+    try:
+        event = eventually_sync(newest, timeout=timeout, interval=0.05, what=f"a {name!r} log line")
+    except AssertionError as exc:
+        raise AssertionError(f"no {name!r} log line in:\n{proc.log()}") from exc
+    assert event is not None
+    return event
 
 
 def test_transition_override_and_reload_are_logged_as_json(tmp_path: Path) -> None:

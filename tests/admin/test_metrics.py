@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from proxy.metrics import METRICS
-from tests.admin.conftest import get_json, prometheus_server, sample, scrape
+from tests.support.admin import get_json, sample, scrape
+from tests.support.eventually import eventually
+from tests.support.servers import prometheus_server
 from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
@@ -178,15 +179,23 @@ async def test_prometheus_sees_the_tripped_breaker(tmp_path: Path) -> None:
                         await response.read()
                 assert sidecar.runtimes["pay"].effective_state().value == "open"
                 query = 'sidecar_breaker_state{state="open"}'
-                deadline = time.monotonic() + 15
-                while True:
+
+                async def query_result() -> list[dict[str, Any]]:
                     async with session.get(f"{prometheus}/api/v1/query", params={"query": query}) as response:
-                        result = (await response.json())["data"]["result"]
-                    by_upstream = {r["metric"]["upstream"]: r["value"][1] for r in result}
-                    if by_upstream.get("pay") == "1":
-                        break
-                    assert time.monotonic() < deadline, f"Prometheus never saw it open: {result}"
-                    await asyncio.sleep(0.2)
+                        found: list[dict[str, Any]] = (await response.json())["data"]["result"]
+                        return found
+
+                def by_upstream_of(result: list[dict[str, Any]]) -> dict[str, str]:
+                    return {r["metric"]["upstream"]: r["value"][1] for r in result}
+
+                result = await eventually(
+                    query_result,
+                    until=lambda result: by_upstream_of(result).get("pay") == "1",
+                    timeout=15,
+                    interval=0.2,
+                    what="Prometheus seeing the breaker open",
+                )
+                by_upstream = by_upstream_of(result)
                 assert by_upstream["ledger"] == "0"
                 assert result[0]["metric"]["job"] == "seawall-sidecar"
                 async with session.get(f"{prometheus}/api/v1/targets") as response:

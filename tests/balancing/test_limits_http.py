@@ -8,8 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.balancing.conftest import metrics
-from tests.support.sidecar import free_port, listener_url, running_sidecar, wait_for, write_policy
+from tests.support.admin import metrics
+from tests.support.eventually import eventually
+from tests.support.sidecar import free_port, listener_url, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream
 
 
@@ -47,7 +48,7 @@ async def test_two_served_four_refused_at_once(tmp_path: Path) -> None:
                     return response.status, response.headers.get("x-sidecar-reason"), time.monotonic() - started
 
             tasks = [asyncio.create_task(one()) for _ in range(6)]
-            await wait_for(lambda: sum(t.done() for t in tasks) == 4, timeout=2.0)
+            await eventually(lambda: sum(t.done() for t in tasks) == 4, timeout=2.0)
             exposition = await metrics(session, sidecar)
             assert 'sidecar_inflight_requests{upstream="api"} 2.0' in exposition
             assert 'sidecar_pending_requests{upstream="api"} 0.0' in exposition
@@ -58,7 +59,10 @@ async def test_two_served_four_refused_at_once(tmp_path: Path) -> None:
             refused = [r for r in results if r[0] == 503]
             assert len(served) == 2 and len(refused) == 4
             assert all(reason == "overload" for _, reason, _ in refused)
-            assert all(elapsed < 0.05 for _, _, elapsed in refused), refused
+            # "At once": the four were answered while both slots were still held (the eventually() above, before
+            # release); the bound only says none waited for anything. A generous one, for a busy 2-core CI machine:
+            # tests/benchmarks/at_once.py measures the real figure (a fraction of a millisecond).
+            assert all(elapsed < 1.0 for _, _, elapsed in refused), refused
             assert upstream.hits == 2
             rt = sidecar.runtimes["api"]
             assert rt.stats.rejected.get("overload") == 4

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from proxy.resilience.clock import ManualClock
-from tests.balancing.conftest import breakers, get, manual_sidecar, metrics
-from tests.support.sidecar import free_port, write_policy
+from tests.support.admin import breakers, metrics
+from tests.support.sidecar import free_port, get, manual_sidecar, write_policy
 from tests.support.upstream import scripted_upstream, status
 
 

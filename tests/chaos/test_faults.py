@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.support.eventually import eventually
 from tests.support.faults import (
     DOWNSTREAM,
     UPSTREAM,
@@ -88,7 +89,10 @@ async def test_without_toxics_bytes_pass_both_ways_and_are_counted() -> None:
         payload = bytes(range(256)) * 100
         data, _ = await _roundtrip(proxy.port, payload, len(payload))
         assert data == payload
-        await asyncio.sleep(0)  # let the proxy record the last bytes
+        # The proxy records the last bytes after relaying them: wait for it to have done so.
+        await eventually(
+            lambda: proxy.records and proxy.records[0].bytes_down == len(payload), what="the last bytes recorded"
+        )
         record = proxy.records[0]
         assert record.connected and record.bytes_up == len(payload) and record.bytes_down == len(payload)
 

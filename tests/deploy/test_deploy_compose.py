@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from .conftest import (
+from tests.support.deploy import (
     APP_SERVICES,
     COMPOSE_DIR,
     COMPOSE_FILE,
     GPU_SERVICES,
     POLICY_DIR,
     REPO,
-    require_tool,
     run_tool,
 )
+from tests.support.tools import require_tool
 
 # service: (CPU limit, memory limit, memory reserved) — the original design's table, verbatim.
 RESOURCE_TABLE = {

@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 
-from .conftest import COMPOSE_DIR, REPO, require_tool, run_tool
+from tests.support.deploy import COMPOSE_DIR, REPO, run_tool
+from tests.support.tools import require_tool
 
 DOCKERFILES = {"sidecar": COMPOSE_DIR / "sidecar.Dockerfile", "cleanup": COMPOSE_DIR / "cleanup.Dockerfile"}
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import COMPOSE_DIR, POLICY_DIR, load_yaml_all, require_tool, run_tool
+from tests.support.deploy import COMPOSE_DIR, POLICY_DIR, load_yaml_all, run_tool
+from tests.support.tools import require_tool
 
 K8S_DIR = COMPOSE_DIR / "kubernetes"
 MANIFESTS = sorted(K8S_DIR.glob("*.yaml"))

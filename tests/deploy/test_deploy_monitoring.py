@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from .conftest import APP_SERVICES, COMPOSE_DIR, RUNBOOK, load_yaml, require_tool, run_tool
+from tests.support.deploy import APP_SERVICES, COMPOSE_DIR, RUNBOOK, load_yaml, run_tool
+from tests.support.tools import require_tool
 
 PROM_DIR = COMPOSE_DIR / "prometheus"
 RULES = sorted((PROM_DIR / "rules").glob("*.yml"))

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from .conftest import APP_SERVICES, POLICY_DIR, run_tool
+from tests.support.deploy import APP_SERVICES, POLICY_DIR, run_tool
 
 SCHEMA_LINE = "# yaml-language-server: $schema=../sidecar.schema.json\n"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from .conftest import RUNBOOK
+from tests.support.deploy import RUNBOOK
+
 from .test_runbook_commands import RUNBOOK_COMMANDS, extract_commands
 
 SCENARIOS = (

@@ -16,21 +16,19 @@ Each command must exit 0; curl runs with --fail-with-body, so that means an HTTP
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from tests.support.deploy import REPO, RUNBOOK
+from tests.support.eventually import eventually_sync
 from tests.support.sidecar import free_port
-
-from .conftest import REPO, RUNBOOK
+from tests.support.tools import require_tool
 
 RUNBOOK_COMMANDS = ("curl", "sidecar", "checkpoint-cleanup")
 TOKEN = "runbook-test-token"
@@ -71,9 +69,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A sidecar on free loopback ports with two upstreams — `timescaledb` (tcp, its target refuses) and
     `echo` (http, a local file server) — that has served traffic and reloaded once; yields the runbook's env."""
-    sidecar = shutil.which("sidecar")
-    if sidecar is None or importlib.util.find_spec("proxy.server") is None:
-        pytest.skip("sidecar not built yet")
+    sidecar = require_tool("sidecar", "the package's command: `make test` installs it into .venv")
     tmp = tmp_path_factory.mktemp("runbook")
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
@@ -98,17 +94,21 @@ def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         [sidecar, "run", "--config", str(policy)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
     )
     try:
-        deadline = time.monotonic() + 15
-        while _get_or_none(f"http://127.0.0.1:{admin}/ready") != 200:
+
+        def ready() -> bool:
             assert process.poll() is None, (tmp / "sidecar.log").read_text()
-            assert time.monotonic() < deadline, "sidecar did not become ready"
-            time.sleep(0.1)
+            return _get_or_none(f"http://127.0.0.1:{admin}/ready") == 200
+
+        eventually_sync(ready, timeout=15, interval=0.1, what="the sidecar's /ready")
         # Traffic, so request/latency series exist, and one SIGHUP reload, so the reload counter does.
         assert _get(f"http://127.0.0.1:{echo_port}/")[0] == 200
         process.send_signal(signal.SIGHUP)
-        while "sidecar_config_reloads_total{" not in _get(f"http://127.0.0.1:{admin}/metrics")[1]:
-            assert time.monotonic() < deadline + 5, "the SIGHUP reload was never counted"
-            time.sleep(0.1)
+        eventually_sync(
+            lambda: "sidecar_config_reloads_total{" in _get(f"http://127.0.0.1:{admin}/metrics")[1],
+            timeout=20,
+            interval=0.1,
+            what="the SIGHUP reload counted in /metrics",
+        )
         yield {
             **os.environ,
             "SIDECAR_ADMIN": f"127.0.0.1:{admin}",
@@ -139,23 +139,12 @@ def test_the_runbook_has_commands_for_every_program() -> None:
         assert any(c.split(" ", 1)[0] == program for c in commands), program
 
 
-# The module behind each command; while a part is still being written its commands are skipped, by name.
-_IMPLEMENTED_BY = {
-    "sidecar check": "proxy.policy.check",
-    "sidecar explain": "proxy.policy.explain",
-    "sidecar schema": "proxy.policy.schema",
-    "checkpoint-cleanup": "cleanup.cli",
-}
-
-
 @pytest.fixture(scope="module")
 def cleanup_results(
     live_sidecar: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[int, str, str]]:
     """All checkpoint-cleanup commands, run at once: each spends seconds importing MLflow and creating its
     store, so in parallel — each with its own store, archive and report — they keep the suite quick."""
-    if importlib.util.find_spec("cleanup.cli") is None:
-        return {}
     running = {}
     for i, command in enumerate(c for c in _commands() if c.startswith("checkpoint-cleanup")):
         tmp = tmp_path_factory.mktemp(f"cleanup{i}")
@@ -184,9 +173,6 @@ def cleanup_results(
 def test_runbook_command(
     command: str, live_sidecar: dict[str, str], cleanup_results: dict[str, tuple[int, str, str]]
 ) -> None:
-    for prefix, module in _IMPLEMENTED_BY.items():
-        if command.startswith(prefix) and importlib.util.find_spec(module) is None:
-            pytest.skip(f"{prefix} not built yet ({module} missing)")
     if command in cleanup_results:
         returncode, stdout, stderr = cleanup_results[command]
         assert returncode == 0, f"$ {command}\n{stdout}\n{stderr}"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.sidecar import listener_url, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import listener_url, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 
@@ -42,8 +43,11 @@ async def test_threshold_opens_and_fails_fast(tmp_path: Path) -> None:
                     assert response.status == 503
                 timings.append(time.perf_counter() - started)
             assert upstream.hits == 3, "nothing reaches the upstream while the breaker is open"
-            # Client round trip included. The median, because a loaded 2-core test machine can stall any one call.
-            assert statistics.median(timings) < 0.005, f"fail-fast median {statistics.median(timings) * 1e3:.2f} ms"
+            # Client round trip included. The median, because a loaded 2-core test machine can stall any one call;
+            # a generous bound (the upstream answers at once too, so time cannot tell more than "no waiting": the
+            # hits above show nothing reached it). tests/benchmarks/at_once.py and bench.py's fail-fast run measure
+            # the real figure.
+            assert statistics.median(timings) < 0.05, f"fail-fast median {statistics.median(timings) * 1e3:.2f} ms"
 
 
 async def test_fallback_answer_while_open(tmp_path: Path) -> None:
@@ -86,7 +90,7 @@ async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path
                     assert response.status == 503
             assert breaker.state.value == "open"
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.3, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.3, timeout=2)
             async with client.get(url) as response:  # the probe: succeeds
                 assert response.status == 200
             assert breaker.state.value == "closed"
@@ -98,7 +102,7 @@ async def test_half_open_probe_closes_on_success_and_reopens_on_failure(tmp_path
                     assert response.status == 503
             assert breaker.state.value == "open"
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.3, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.3, timeout=2)
             async with client.get(url) as response:  # the probe fails: open again at once
                 assert response.status == 503
                 assert "x-sidecar-reason" not in response.headers
@@ -128,7 +132,7 @@ async def test_half_open_admits_exactly_one_of_fifty(tmp_path: Path) -> None:
             async with client.get(url) as response:
                 assert response.status == 503
             opened = time.monotonic()
-            await wait_for(lambda: time.monotonic() - opened >= 0.2, timeout=2)
+            await eventually(lambda: time.monotonic() - opened >= 0.2, timeout=2)
 
             async def one() -> int:
                 async with client.get(url) as response:

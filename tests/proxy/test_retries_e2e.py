@@ -57,7 +57,9 @@ async def test_post_is_not_retried(tmp_path: Path) -> None:
 
 async def test_connection_refused_is_a_fast_502_connect_error(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [dead]}})
+    # A connect timeout far above the bound: "fast" means refused, not timed out.
+    timeouts = {"connect": "5s", "per_try": "10s", "total": "20s"}
+    policy = write_policy(tmp_path / "p.yaml", {"svc": {"targets": [dead], "timeouts": timeouts}})
     async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as client:
         started = time.perf_counter()
         async with client.get(listener_url(sidecar, "svc")) as response:
@@ -66,7 +68,8 @@ async def test_connection_refused_is_a_fast_502_connect_error(tmp_path: Path) ->
             assert response.headers["x-sidecar-reason"] == "connect_error"
             body = await response.json()
             assert body["error"] == "connect_error" and body["upstream"] == "svc"
-        assert elapsed < 0.1
+        # Generous for a busy CI machine; tests/benchmarks/at_once.py measures the real figure.
+        assert elapsed < 1.0
         assert sidecar.runtimes["svc"].stats.failures == {"connect_error": 1}
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+import proxy.server
 from proxy.server import Sidecar
-from tests.support.sidecar import admin_url, free_port, running_sidecar, wait_for, write_policy
+from tests.support.eventually import eventually
+from tests.support.sidecar import admin_url, free_port, running_sidecar, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
 
@@ -87,7 +89,7 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
         async with running_sidecar(policy) as sidecar:
             assert (await get(session, keep))[0] == 200  # opens a keep-alive connection to reuse after
             in_flight = asyncio.create_task(get(session, gone))
-            await wait_for(lambda: slow.hits == 1)
+            await eventually(lambda: slow.hits == 1)
             write_policy(policy, {"keep": ups(keep, ok.url)}, admin_port=admin)
             assert await sidecar.reload("test") is True
             assert await in_flight == (200, "")  # finished on the retired listener
@@ -101,10 +103,7 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
                 writer.close()
                 return False
 
-            deadline = asyncio.get_running_loop().time() + 5
-            while not await refused():
-                assert asyncio.get_running_loop().time() < deadline, "removed listener still accepts"
-                await asyncio.sleep(0.05)
+            await eventually(refused, timeout=5, interval=0.05, what="the removed listener refusing connections")
             assert "gone" not in sidecar.listeners
 
 
@@ -139,13 +138,20 @@ async def test_broken_reload_keeps_the_running_policy(tmp_path: Path, edit: Any,
             assert any(expected in line for line in sidecar.last_reload_error), sidecar.last_reload_error
             assert all(line.startswith(f"{policy}:") for line in sidecar.last_reload_error)
             assert await get(session, port) == (200, "")
-            deadline = asyncio.get_running_loop().time() + 3
-            while True:  # the admin thread may answer from a report published just before the reload
+
+            async def config_info() -> dict[str, Any]:
                 async with session.get(admin_url(sidecar) + "/health") as response:
-                    info = json.loads(await response.read())["config"]
-                if info["last_reload_errors"] or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+                    info: dict[str, Any] = json.loads(await response.read())["config"]
+                    return info
+
+            # The admin thread may answer from a report published just before the reload.
+            info = await eventually(
+                config_info,
+                until=lambda info: bool(info["last_reload_errors"]),
+                timeout=3,
+                interval=0.05,
+                what="/health showing the rejected reload",
+            )
             assert info["sha256"] == loaded.sha256
             assert any(expected in line for line in info["last_reload_errors"])
 
@@ -166,15 +172,41 @@ async def test_health_shows_the_loaded_files_hash_and_time(tmp_path: Path) -> No
             assert first["sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
             write_policy(policy, {"api": ups(port, ok.url, breaker={"failure_threshold": 9})}, admin_port=admin)
             assert await sidecar.reload("test")
-            deadline = asyncio.get_running_loop().time() + 3
-            while (second := await config_info())["sha256"] == first["sha256"]:  # admin may answer from cache
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+            second = await eventually(  # admin may answer from cache
+                config_info,
+                until=lambda info: info["sha256"] != first["sha256"],
+                timeout=3,
+                interval=0.05,
+                what="/health showing the new file's sha256",
+            )
             assert second["sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
             assert second["loaded_at"] >= first["loaded_at"]
 
 
-async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path) -> None:
+class WatcherLooks:
+    """Counts reads of the policy file — the watcher reads it once per look — so a test can wait until the
+    watcher has looked at a file state, instead of sleeping and hoping it did."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = proxy.server._read
+
+        def counting(path: str) -> bytes:
+            self.count += 1
+            return real(path)
+
+        monkeypatch.setattr(proxy.server, "_read", counting)
+
+    async def more(self, looks: int) -> None:
+        """Wait for ``looks`` more reads (a change needs two looks to be reloaded, so three see any)."""
+        target = self.count + looks
+        await eventually(lambda: self.count >= target, timeout=5, what=f"{looks} more looks of the watcher")
+
+
+async def test_watch_debounces_a_multi_step_save_into_one_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks = WatcherLooks(monkeypatch)
     async with scripted_upstream() as ok:
         port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
@@ -187,16 +219,19 @@ async def test_watch_debounces_a_multi_step_save_into_one_reload(tmp_path: Path)
             policy.write_text("")
             policy.write_text(final[: len(final) // 2])
             policy.write_text(final)
-            await wait_for(lambda: sidecar.process_stats.reloads["success"] == 1, timeout=5)
+            await eventually(lambda: sidecar.process_stats.reloads["success"] == 1, timeout=5)
             assert sidecar.config is not None
             assert sidecar.config.upstream("api").breaker.failure_threshold == 7
             # Unchanged content afterwards (and a touch) triggers nothing more.
             policy.write_text(final)
-            await asyncio.sleep(0.3)
+            await looks.more(3)
             assert sidecar.process_stats.reloads == {"success": 1, "failure": 0}
 
 
-async def test_sighup_style_reload_is_not_repeated_by_the_watcher(tmp_path: Path) -> None:
+async def test_sighup_style_reload_is_not_repeated_by_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks = WatcherLooks(monkeypatch)
     async with scripted_upstream() as ok:
         port, admin = [free_port() for _ in range(2)]
         policy = write_policy(tmp_path / "policy.yaml", {"api": ups(port, ok.url)}, admin_port=admin)
@@ -204,5 +239,5 @@ async def test_sighup_style_reload_is_not_repeated_by_the_watcher(tmp_path: Path
             sidecar._spawn(sidecar.watch(interval=0.05))
             write_policy(policy, {"api": ups(port, ok.url, breaker={"failure_threshold": 4})}, admin_port=admin)
             assert await sidecar.reload("SIGHUP")
-            await asyncio.sleep(0.3)  # several looks of the watcher
+            await looks.more(3)
             assert sidecar.process_stats.reloads == {"success": 1, "failure": 0}

@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import signal
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from proxy.policy.loader import load_text
+from tests.support.eventually import eventually
 from tests.support.sidecar import SidecarProcess, free_port, sidecar_process, write_policy
 from tests.support.upstream import delay, scripted_upstream, status
 
@@ -76,14 +76,6 @@ async def reloads(session: aiohttp.ClientSession, proc: SidecarProcess) -> dict[
     return {k: int(float(v)) for k, v in found.items()}
 
 
-async def until(predicate: Any, timeout: float = 8.0) -> None:
-    """Polls an async predicate with a deadline (admin reports may be up to 250 ms stale)."""
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 def logged_errors(proc: SidecarProcess) -> list[str]:
     lines = []
     for raw in proc.log().splitlines():
@@ -119,10 +111,9 @@ async def test_sighup_reload_under_load(tmp_path: Path) -> None:
                 for _ in range(2):
                     assert (await get(session, port["flaky"]))[0] == 500
                 in_flight = asyncio.create_task(get(session, port["gone"]))
-                deadline = time.monotonic() + 5
-                while slow.hits == 0:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.01)
+                await eventually(
+                    lambda: slow.hits > 0, timeout=5, interval=0.01, what="the slow request reaching its upstream"
+                )
 
                 # The edit: down keeps its breaker policy, flaky's threshold drops to 2, gone goes, added comes.
                 upstreams["down"]["timeouts"] = {"connect": "300ms", "per_try": "1s", "total": "3s"}
@@ -136,7 +127,7 @@ async def test_sighup_reload_under_load(tmp_path: Path) -> None:
                 async def applied() -> bool:
                     return bool((await admin_json(session, proc, "/health"))["config"]["sha256"] == new_sha)
 
-                await until(applied)
+                await eventually(applied, timeout=8.0, interval=0.05, what="/health showing the new sha256")
                 assert await in_flight == (200, "")  # the removed listener drained it
                 hits = down.hits
                 assert await get(session, port["down"]) == (503, "breaker_open")  # still open
@@ -155,9 +146,12 @@ async def test_sighup_reload_under_load(tmp_path: Path) -> None:
                     writer.close()
                     return False
 
-                await until(gone_refused)
+                await eventually(
+                    gone_refused, timeout=8.0, interval=0.05, what="the removed listener refusing connections"
+                )
                 assert await reloads(session, proc) == {"success": 1, "failure": 0}
-                await asyncio.sleep(0.2)  # a little steady traffic after the reload too
+                after = tally.total()  # a little steady traffic after the reload too
+                await eventually(lambda: tally.total() >= after + 10, what="ten more steady requests after the reload")
             assert set(tally) == {"200"}, tally
             assert tally["200"] >= 20
 
@@ -188,7 +182,9 @@ async def test_broken_edits_are_rejected_with_the_exact_line_and_traffic_continu
                     async def rejected(count: int = failures) -> bool:
                         return (await reloads(session, proc)).get("failure") == count
 
-                    await until(rejected)
+                    await eventually(
+                        rejected, timeout=8.0, interval=0.05, what="the broken reload counted as a failure"
+                    )
                     logged = logged_errors(proc)
                     for line in expected:
                         assert line in logged, (name, line, logged)
@@ -205,7 +201,7 @@ async def test_broken_edits_are_rejected_with_the_exact_line_and_traffic_continu
                 async def recovered() -> bool:
                     return (await reloads(session, proc)).get("success") == 1
 
-                await until(recovered)
+                await eventually(recovered, timeout=8.0, interval=0.05, what="the fixed file reloaded")
             assert set(tally) == {"200"}, tally
 
 
@@ -224,7 +220,7 @@ async def test_file_watch_reload(tmp_path: Path) -> None:
                 async def reloaded() -> bool:
                     return (await reloads(session, proc)).get("success") == 1
 
-                await until(reloaded)
+                await eventually(reloaded, timeout=8.0, interval=0.05, what="the watcher's reload counted")
                 assert (await get(session, bad))[0] == 500
                 assert await get(session, bad) == (503, "breaker_open")  # threshold 1 now
                 assert (await reloads(session, proc)) == {"success": 1, "failure": 0}

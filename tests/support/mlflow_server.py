@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.eventually import eventually_sync
 
 
 def start_mlflow_server(
@@ -29,19 +30,24 @@ def start_mlflow_server(
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process
+                return bool(response.status == 200)
         except OSError:
-            pass
-        time.sleep(0.3)
-    stop_mlflow_server(process)
-    raise RuntimeError(f"mlflow server not healthy after {startup_timeout:g}s:\n{log_path.read_text()[-3000:]}")
+            return False
+
+    try:
+        eventually_sync(healthy, timeout=startup_timeout, interval=0.3, what="mlflow server /health")
+    except AssertionError as exc:
+        stop_mlflow_server(process)
+        raise RuntimeError(
+            f"mlflow server not healthy after {startup_timeout:g}s:\n{log_path.read_text()[-3000:]}"
+        ) from exc
+    return process
 
 
 def stop_mlflow_server(process: subprocess.Popen[bytes]) -> None:

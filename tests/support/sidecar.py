@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
+from proxy.resilience.clock import ManualClock
 from proxy.server import Sidecar
+from tests.support.eventually import eventually_sync
 
 _HANDED_OUT: set[int] = set()
 
@@ -124,24 +125,23 @@ def sidecar_process(
             env={**os.environ, **(env or {})},
         )
     handle = SidecarProcess(proc, admin, log_path)
+    host, _, port = document["admin"]["listen"].rpartition(":")
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{handle.log()}")
+        try:
+            with socket.create_connection((host, int(port)), 0.2) as s:
+                s.sendall(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                return s.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{handle.log()}")
-            try:
-                with socket.create_connection(
-                    (document["admin"]["listen"].rsplit(":", 1)[0], int(document["admin"]["listen"].rsplit(":", 1)[1])),
-                    0.2,
-                ) as s:
-                    s.sendall(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                    if s.recv(64).startswith(b"HTTP/1.1 200"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sidecar not ready in {ready_timeout}s:\n{handle.log()}")
-            time.sleep(0.05)
+        try:
+            eventually_sync(ready, timeout=ready_timeout, interval=0.05, what="sidecar /ready")
+        except AssertionError as exc:
+            raise RuntimeError(f"sidecar not ready in {ready_timeout}s:\n{handle.log()}") from exc
         yield handle
     finally:
         if proc.poll() is None:
@@ -153,9 +153,28 @@ def sidecar_process(
                 proc.wait()
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
+@contextlib.asynccontextmanager
+async def manual_sidecar(policy: Path, clock: ManualClock) -> AsyncIterator[Sidecar]:
+    """Like ``running_sidecar``, but breaker and ejection time only moves when the test advances ``clock``."""
+    sidecar = Sidecar(policy, clock=clock)
+    await sidecar.start()
+    try:
+        yield sidecar
+    finally:
+        await sidecar.stop(drain_timeout=1.0)
+
+
+async def get(
+    session: aiohttp.ClientSession, sidecar: Sidecar, upstream: str, path: str = "/"
+) -> tuple[int, dict[str, str], str]:
+    """GET through an in-process sidecar's listener: (status, headers, body)."""
+    async with session.get(listener_url(sidecar, upstream) + path) as response:
+        return response.status, dict(response.headers), await response.text()
+
+
+def tcp_policy(tmp_path: Path, name: str, targets: list[str], **overrides: Any) -> tuple[Path, int]:
+    """A policy with one ``protocol: tcp`` upstream on a free port; returns (policy path, listen port)."""
+    listen = free_port()
+    upstream: dict[str, Any] = {"protocol": "tcp", "listen": f"127.0.0.1:{listen}", "targets": targets}
+    upstream.update(overrides)
+    return write_policy(tmp_path / "policy.yaml", {name: upstream}), listen

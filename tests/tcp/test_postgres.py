@@ -9,8 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support.sidecar import sidecar_process
-from tests.tcp.conftest import PostgresCluster, admin_json, metric, poll, seconds_open, tcp_policy
+from tests.support.admin import admin_json, metric, seconds_open
+from tests.support.eventually import eventually_sync
+from tests.support.servers import PostgresCluster
+from tests.support.sidecar import sidecar_process, tcp_policy
 
 LOCAL = "127.0.0.1"
 
@@ -52,10 +54,10 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
             # A large result set crosses the relay byte-exact.
             (blob,) = conn.execute("select repeat('abc', 1000000)").fetchone()  # type: ignore[misc]
             assert blob == "abc" * 1000000
-        poll(
+        eventually_sync(
             lambda: admin_json(admin, "/health")["checks"].get("db", {}).get("healthy") is True,
-            5,
-            "postgres SSLRequest check passes",
+            timeout=5,
+            what="postgres SSLRequest check passes",
         )
 
         # The server goes away: connects fail, and two of them open the breaker.
@@ -74,18 +76,30 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
             with socket.create_connection((LOCAL, listen), 2) as sock:
                 sock.settimeout(2)
                 assert sock.recv(1) == b""
-            assert time.monotonic() - started < 0.05
+            # No upstream attempt is what the counters below show; the time only says nothing was waited for — a
+            # generous bound for a busy CI machine (tests/benchmarks/at_once.py measures the real figure).
+            assert time.monotonic() - started < 1.0
             assert metric(admin, "sidecar_rejected_total", upstream="db", reason="breaker_open") >= 1
             assert metric(admin, "sidecar_upstream_failures_total", upstream="db", kind="connect_error") == failures
             with pytest.raises(psycopg.OperationalError):
                 connect(listen)
-            poll(lambda: admin_json(admin, "/health")["checks"]["db"]["healthy"] is False, 5, "postgres check fails")
+            eventually_sync(
+                lambda: admin_json(admin, "/health")["checks"]["db"]["healthy"] is False,
+                timeout=5,
+                what="postgres check fails",
+            )
         finally:
             postgres_cluster.start()
 
         # After open_duration the first connection is the probe; it succeeds and closes the breaker.
-        poll(lambda: can_connect(listen), 10, "postgres reachable through the sidecar again", interval=0.05)
+        eventually_sync(
+            lambda: can_connect(listen), timeout=10, what="postgres reachable through the sidecar again", interval=0.05
+        )
         assert time.monotonic() - opened >= 1.0
         assert seconds_open(admin, "db") >= 0.999  # open_duration, in whole ms
         assert admin_json(admin, "/breakers")["db"]["state"] == "closed"
-        poll(lambda: admin_json(admin, "/health")["checks"]["db"]["healthy"] is True, 5, "postgres check passes again")
+        eventually_sync(
+            lambda: admin_json(admin, "/health")["checks"]["db"]["healthy"] is True,
+            timeout=5,
+            what="postgres check passes again",
+        )

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.sidecar import running_sidecar, wait_for
-from tests.tcp.conftest import tcp_policy, tcp_server
+from tests.support.eventually import eventually
+from tests.support.servers import tcp_server
+from tests.support.sidecar import running_sidecar, tcp_policy
 
 
 def answering(reply: bytes) -> object:
@@ -39,7 +40,7 @@ async def test_probe_verdict(tmp_path: Path, probe: str, reply: bytes, healthy: 
         )
         async with running_sidecar(policy) as sidecar:
             status = sidecar.runtimes["dep"].health
-            await wait_for(lambda: status.healthy is not None, timeout=3)
+            await eventually(lambda: status.healthy is not None, timeout=3)
             assert status.healthy is healthy, status.detail
             if not healthy:
                 assert "unexpected answer" in status.detail

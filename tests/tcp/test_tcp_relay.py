@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from proxy.server import Sidecar
-from tests.support.sidecar import free_port, running_sidecar, wait_for
-from tests.tcp.conftest import echo, tcp_policy, tcp_server
+from tests.support.eventually import eventually
+from tests.support.servers import echo, tcp_server
+from tests.support.sidecar import free_port, running_sidecar, tcp_policy
 
 LOCAL = "127.0.0.1"
 
@@ -77,7 +78,7 @@ async def test_half_close_the_server_finishes_first_and_still_hears_the_client(t
                 writer.write_eof()
                 assert await heard == b"late words"
             # Both directions finished: the relay is gone and its slot is free.
-            await wait_for(lambda: relays(sidecar, "svc") == 0 and sidecar.runtimes["svc"].stats.inflight == 0)
+            await eventually(lambda: relays(sidecar, "svc") == 0 and sidecar.runtimes["svc"].stats.inflight == 0)
             writer.close()
 
 
@@ -103,13 +104,14 @@ async def test_large_transfer_is_byte_exact_and_bounded_by_back_pressure(tmp_pat
             try:
                 # Nobody reads the echo: the sender must stall once the kernel buffers are full, and the
                 # sidecar must not soak the rest up in memory.
-                last, stable_since = -1, time.monotonic()
-                deadline = time.monotonic() + 10
-                while time.monotonic() - stable_since < 0.3:
-                    assert time.monotonic() < deadline, "the sender never stalled"
-                    if sent != last:
-                        last, stable_since = sent, time.monotonic()
-                    await asyncio.sleep(0.02)
+                progress = {"sent": -1, "since": time.monotonic()}
+
+                def stalled() -> bool:
+                    if sent != progress["sent"]:
+                        progress.update(sent=sent, since=time.monotonic())
+                    return time.monotonic() - progress["since"] >= 0.3
+
+                await eventually(stalled, timeout=10, what="the sender stalling (no progress for 0.3 s)")
                 assert not sender.done() and sent < total
                 (client_side,) = sidecar.listeners["svc"].connections
                 assert client_side.transport is not None and client_side.peer is not None
@@ -165,12 +167,12 @@ async def test_overload_closes_at_once_and_does_not_count_against_the_breaker(tm
         async with running_sidecar(policy) as sidecar:
             rt = sidecar.runtimes["svc"]
             _, held = await roundtrip(listen)
-            for _ in range(3):
-                assert await refused_quickly(listen) < 0.05
+            for _ in range(3):  # max_pending 0: nothing to wait for (generous bound; see tests/benchmarks/at_once.py)
+                assert await refused_quickly(listen) < 1.0
             assert rt.stats.rejected.get("overload") == 3
             assert rt.effective_state().value == "closed"
             held.close()
-            await wait_for(lambda: rt.stats.inflight == 0)
+            await eventually(lambda: rt.stats.inflight == 0)
             _, again = await roundtrip(listen)  # the slot is free again
             again.close()
 
@@ -189,8 +191,9 @@ async def test_breaker_opens_on_connect_failures_and_leaves_established_relays_a
             assert rt.stats.failures.get("connect_error") == 2
             assert rt.effective_state().value == "open"
 
-            # New connections: closed at once, with no upstream attempt.
-            assert await refused_quickly(listen) < 0.05
+            # New connections: closed at once, with no upstream attempt (the counters show it; the bound is generous
+            # for a busy CI machine, tests/benchmarks/at_once.py measures the real figure).
+            assert await refused_quickly(listen) < 1.0
             assert rt.stats.rejected.get("breaker_open") == 1
             assert rt.stats.failures.get("connect_error") == 2
 
@@ -222,7 +225,7 @@ async def test_a_dead_target_is_skipped_and_ejected(tmp_path: Path) -> None:
             assert dead_state.ejected(rt.clock.monotonic())
             assert dead_state.ejection_reason == "2_consecutive_connect_error"
             assert rt.stats.failures.get("connect_error") == 2  # ejected after two: never tried again
-            await wait_for(lambda: live_state.outstanding == 0)
+            await eventually(lambda: live_state.outstanding == 0)
 
 
 async def test_a_client_that_leaves_while_connecting_frees_its_slot(tmp_path: Path) -> None:
@@ -233,7 +236,7 @@ async def test_a_client_that_leaves_while_connecting_frees_its_slot(tmp_path: Pa
             for _ in range(10):
                 _, writer = await asyncio.open_connection(LOCAL, listen)
                 writer.close()
-            await wait_for(lambda: rt.stats.inflight == 0 and relays(sidecar, "svc") == 0)
+            await eventually(lambda: rt.stats.inflight == 0 and relays(sidecar, "svc") == 0)
             assert rt.balancer.states[0].outstanding == 0
             _, writer = await roundtrip(listen)
             writer.close()
@@ -257,4 +260,4 @@ async def test_every_target_down_in_shadow_mode_gives_up_after_one_try_each(tmp_
             assert await refused_quickly(listen) < 1.0
             assert rt.stats.failures.get("connect_error") == 2 * round_
         assert rt.stats.rejected.get("breaker_open_shadow", 0) >= 1
-        await wait_for(lambda: rt.stats.inflight == 0)
+        await eventually(lambda: rt.stats.inflight == 0)
