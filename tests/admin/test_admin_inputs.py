@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.admin.conftest import get_json
+from tests.support.admin import get_json
 from tests.support.sidecar import admin_url, free_port, running_sidecar, write_policy
 from tests.support.upstream import scripted_upstream
 
