@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.abuse.test_bounds import _read_until_closed, status_and_reason
+from tests.support.eventually import eventually_sync
 from tests.support.sidecar import free_port, policy_listen, write_policy
 
 FD_LIMIT = 96
@@ -25,15 +26,16 @@ def _limit_descriptors() -> None:
 
 
 def _wait_ready(admin: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        assert proc.poll() is None, "the sidecar exited"
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError("the sidecar exited")
         try:
             with urllib.request.urlopen(f"{admin}/ready", timeout=1):
-                return
+                return True
         except OSError:
-            assert time.monotonic() < deadline, "the sidecar never became ready"
-            time.sleep(0.05)
+            return False
+
+    eventually_sync(ready, timeout=15, what="the sidecar ready")
 
 
 def test_running_out_of_descriptors_is_an_overload_not_an_upstream_failure(tmp_path: Path) -> None:

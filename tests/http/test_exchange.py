@@ -20,6 +20,7 @@ from proxy.resilience.breaker import Override, State
 from proxy.resilience.clock import SystemClock
 from proxy.runtime import UpstreamRuntime
 from proxy.upstream.connection import UpstreamConnection
+from tests.support.eventually import eventually
 from tests.support.sidecar import free_port
 
 
@@ -171,10 +172,7 @@ async def test_a_breaker_opening_during_the_backoff_after_a_5xx_answers_breaker_
     assert config is not None, issues
     rt, sink = UpstreamRuntime(config.upstreams[0], SystemClock()), RecordingSink()
     task = asyncio.create_task(forward(rt, get(), sink))
-    for _ in range(200):  # until the first 503 is in and the exchange is backing off
-        if upstream.heads:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: upstream.heads, what="the first 503, before the backoff ends")
     rt.breaker.set_override(Override.FORCE_OPEN, rt.clock.monotonic())
     await asyncio.wait_for(task, 5)
     assert len(upstream.heads) == 1
