@@ -749,6 +749,37 @@ class Recorder(asyncio.Protocol):
         self.current = None
 
 
+async def naive_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream_port: int) -> None:
+    """A deliberately broken proxy, for the harness's own test: it frames a body by Content-Length on POST only,
+    so the body of any other method is read as the next request — the smuggling bug the checks must catch."""
+    buffer = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            body = b""
+            if head.startswith(b"POST ") and length:
+                while len(buffer) < int(length[1]):
+                    buffer += await reader.read(65536)
+                body, buffer = buffer[: int(length[1])], buffer[int(length[1]) :]
+            elif length:
+                head = head.replace(length[0], b"")
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+            up_writer.write(head + b"\r\n\r\n" + body)
+            answer = await up_reader.readuntil(b"\r\n\r\n")
+            writer.write(answer + (b"" if head.startswith(b"HEAD ") else await up_reader.readexactly(2)))
+            up_writer.close()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
 # --------------------------------------------------------------------------------------------- client ----
 
 
@@ -777,28 +808,40 @@ class Outcome:
         return f"{statuses} {'x' if self.closed else 'o'} f{fwd}"
 
 
-async def exchange(port: int, payload: bytes, quiet: float, cap: float) -> tuple[bytes, bool]:
-    """Send ``payload`` on a fresh connection; read until the peer closes, goes quiet for ``quiet`` s, or ``cap``."""
+@dataclass(frozen=True)
+class Patience:
+    """How long a client waits: for a first byte (``cap``, the whole exchange), for more after an answer while
+    requests are still unanswered (``quiet``), and for an extra answer once every request has one (``grace``)."""
+
+    cap: float = 4.0
+    quiet: float = 1.0
+    grace: float = 0.3
+
+
+async def exchange(port: int, vector: Vector, vid: int, patience: Patience) -> tuple[bytes, bool]:
+    """Send the vector on a fresh connection; read until the peer closes or has plainly said all it will."""
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), cap)
-    chunks: list[bytes] = []
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), patience.cap)
+    raw = b""
     closed = False
-    deadline = loop.time() + cap
+    deadline = loop.time() + patience.cap
     try:
-        writer.write(payload)
+        writer.write(vector.data(vid))
         while (remaining := deadline - loop.time()) > 0:
-            chunk = await asyncio.wait_for(reader.read(65536), min(quiet, remaining))
+            answered = len(parse_answers(raw, vector.head_first)[0]) if raw else 0
+            wait = patience.grace if answered >= len(vector.requests) else patience.quiet if raw else remaining
+            chunk = await asyncio.wait_for(reader.read(65536), min(wait, remaining))
             if not chunk:
                 closed = True
                 break
-            chunks.append(chunk)
+            raw += chunk
     except TimeoutError:
         pass
     except (ConnectionResetError, BrokenPipeError):
         closed = True
     finally:
         writer.close()
-    return b"".join(chunks), closed
+    return raw, closed
 
 
 def parse_answers(raw: bytes, head_first: bool) -> tuple[list[Answer], str | None]:

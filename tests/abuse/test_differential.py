@@ -33,6 +33,7 @@ from tests.abuse.conftest import BackgroundLoop
 from tests.abuse.differential import (
     Answer,
     Outcome,
+    Patience,
     Recorder,
     Seen,
     Upstream,
@@ -44,6 +45,7 @@ from tests.abuse.differential import (
     corpus,
     exchange,
     haproxy_conf,
+    naive_proxy,
     nginx_conf,
     parse_answers,
     table,
@@ -52,8 +54,7 @@ from tests.support.sidecar import free_port, policy_listen, sidecar_process, wri
 
 VECTORS = corpus()
 PEERS = ("nginx", "haproxy")
-QUIET = 1.0  # a proxy silent this long after its last byte has said all it will
-CAP = 3.0  # no exchange takes longer than this
+PATIENCE = Patience(cap=4.0, quiet=1.0, grace=0.3)
 CONCURRENCY = 48  # connections in flight per proxy
 
 # (check, vector) → the sidecar bug it shows; strict, so a fix turns it into a failure to be removed here.
@@ -108,16 +109,16 @@ def _spawn(argv: list[str], port: int, what: str, log: Path) -> Iterator[None]:
 
 
 async def _replay(ports: dict[str, int]) -> dict[str, list[tuple[bytes, bool]]]:
-    async def one(gate: asyncio.Semaphore, port: int, payload: bytes) -> tuple[bytes, bool]:
+    async def one(gate: asyncio.Semaphore, port: int, vid: int) -> tuple[bytes, bool]:
         async with gate:
             try:
-                return await exchange(port, payload, QUIET, CAP)
+                return await exchange(port, VECTORS[vid], vid, PATIENCE)
             except (OSError, TimeoutError) as exc:
                 return f"<connect failed: {exc}>".encode(), True
 
     async def proxy(port: int) -> list[tuple[bytes, bool]]:
         gate = asyncio.Semaphore(CONCURRENCY)
-        return list(await asyncio.gather(*(one(gate, port, v.data(vid)) for vid, v in enumerate(VECTORS))))
+        return list(await asyncio.gather(*(one(gate, port, vid) for vid in range(len(VECTORS)))))
 
     names = list(ports)
     results = await asyncio.gather(*(proxy(ports[name]) for name in names))
@@ -312,3 +313,42 @@ def test_checks_catch_two_answers_and_none() -> None:
     assert check_answers(vector, Outcome(b"", False, [], None, []))  # still waiting on a complete request
     assert check_answers(vector, Outcome(b"", False, [Answer(400, False)], None, []))  # 400 left open
     assert check_answers(vector, Outcome(b"", False, [], None, [_seen(0, "r", 0)]))  # forwarded, never answered
+
+
+def test_the_checks_catch_a_real_smuggling_proxy(run: Run) -> None:
+    """End to end through sockets and the recorder: a proxy that ignores the body of a GET/OPTIONS/DELETE
+    (reading it as the next request) is caught by the boundary and answer checks; its valid traffic is not."""
+    names = {"get_cl_body_smuggle", "options_cl_body_smuggle", "delete_cl_body_smuggle", "get+get", "post_cl+get"}
+    chosen = [vid for vid, v in enumerate(VECTORS) if v.name in names]
+    background = BackgroundLoop()
+    upstream = Upstream("naive", free_port())
+    port = free_port()
+
+    async def start() -> list[asyncio.AbstractServer]:
+        loop = asyncio.get_running_loop()
+        return [
+            await loop.create_server(lambda: Recorder(upstream), "127.0.0.1", upstream.port),
+            await asyncio.start_server(lambda r, w: naive_proxy(r, w, upstream.port), "127.0.0.1", port),
+        ]
+
+    async def replay() -> list[tuple[bytes, bool]]:
+        return list(await asyncio.gather(*(exchange(port, VECTORS[vid], vid, PATIENCE) for vid in chosen)))
+
+    servers = background.run(start())
+    try:
+        replies = asyncio.run(replay())
+        background.run(asyncio.sleep(0.1))
+    finally:
+        for server in servers:
+            background.loop.call_soon_threadsafe(server.close)
+        background.stop()
+    per_vector, _ = attribute(upstream, len(VECTORS))
+    for vid, (raw, closed) in zip(chosen, replies, strict=True):
+        answers, malformed = parse_answers(raw, VECTORS[vid].head_first)
+        naive = Outcome(raw, closed, answers, malformed, per_vector[vid])
+        problems = check_boundaries(VECTORS[vid], naive, run.peers(vid)) + check_answers(VECTORS[vid], naive)
+        if "smuggle" in VECTORS[vid].name:
+            assert any("inside a body" in p for p in problems), (VECTORS[vid].name, naive.summary(), problems)
+            assert any("answers to 2 request" in p for p in problems), (VECTORS[vid].name, problems)
+        else:
+            assert not problems, (VECTORS[vid].name, problems)
