@@ -508,6 +508,7 @@ def corpus() -> list[Vector]:
     for name, version in versions:
         add(f"version_{name}", head(0, version=version) + sentinel(1), GET, GET)
     add("http09_request", b"GET /" + tag(0) + b"\r\n\r\n", GET)
+    add("http09_single_crlf", b"GET /" + tag(0) + b"\r\n", GET)  # RFC 1945 Simple-Request: complete as is
     add("http09_request+get", b"GET /" + tag(0) + b"\r\n" + sentinel(1), GET, GET)
     add("tls_client_hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32 + b"\r\n\r\n", Req(b""))
     line_forms: list[tuple[str, bytes]] = [
