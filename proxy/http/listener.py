@@ -118,11 +118,16 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             if self._parser.get_method() == b"CONNECT":
                 self._reject(405, CONNECT_REFUSED)
-            else:
-                self._reject(501, "protocol upgrades are not supported")
+                return
+            # Upgrade is hop-by-hop and not relayed (yet): the request was served as the plain HTTP/1.1 request it
+            # also is, as nginx does, and llhttp stopped where it ended. What follows is the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            consumed = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            if consumed < len(data):
+                self.data_received(data[consumed:])
         except httptools.HttpParserCallbackError:
             # llhttp wraps what a callback raised; the callback left the rejection here for us.
             rejection, self._rejection = self._rejection, None

@@ -262,3 +262,17 @@ def test_an_http_0_9_request_is_refused_at_once(bench: Bench, line: bytes) -> No
     assert status_and_reason(answer) == (400, "bad_request"), answer[:200]
     assert time.monotonic() - started < 5  # not after header_timeout: nothing more is awaited
     assert len(bench.recording.requests) == before
+
+
+def test_an_upgrade_request_is_served_once_as_plain_http_and_the_next_request_follows(bench: Bench) -> None:
+    before = len(bench.recording.requests)
+    answer = request(
+        bench.port("svc"),
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.count(b"HTTP/1.1 ") == 2 and b" 501 " not in answer, answer[:400]
+    forwarded = bench.recording.requests[before:]
+    assert [url for url, _, _ in forwarded] == [b"/ws", b"/next"]
+    assert b"upgrade" not in {name.lower() for name, _ in forwarded[0][1]}

@@ -58,18 +58,9 @@ PEERS = ("nginx", "haproxy")
 PATIENCE = Patience(cap=4.0, quiet=1.0, grace=0.3)
 CONCURRENCY = 48  # connections in flight per proxy
 
-# (check, vector) → the sidecar bug it shows; strict, so a fix turns it into a failure to be removed here.
-_UPGRADE = (
-    "an Upgrade request is forwarded (Upgrade stripped) and answered with the upstream's 200, then answered a "
-    "second time with the sidecar's own 501 'protocol upgrades are not supported' (llhttp raises "
-    "HttpParserUpgrade after on_message_complete; the listener rejects after dispatching)"
-)
-KNOWN: dict[tuple[str, str], str] = {
-    ("answers", "upgrade_websocket_alone"): _UPGRADE,
-    ("answers", "upgrade_h2c_alone"): _UPGRADE,
-    ("answers", "http09_single_crlf"): "HTTP/0.9 'GET /x\\r\\n': the sidecar waits for more (no answer in "
-    "4 s, the connection left open) instead of answering 400 at once as HAProxy does (known, being fixed)",
-}
+# Vectors where the sidecar is known to fail a check: each is an xfail(strict=True) naming the bug, so a fix
+# turns it into a failure until it is removed from here. None at present.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @dataclass
