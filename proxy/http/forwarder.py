@@ -371,7 +371,8 @@ class Exchange:
         if not failed:
             if permit is not None:
                 rt.breaker.record_success(permit, now, duration)
-            rt.report_target(state, ok=True, now=now)  # in shadow mode too: a success clears the target's count
+            if rt.balancer.detector is not None:  # in shadow mode too: a success clears the target's count
+                rt.report_target(state, ok=True, now=now)
         rt.stats.answered(status, duration)
         if client.log_requests:
             log.info(

@@ -73,7 +73,8 @@ def response_head(
         parts.append(b"transfer-encoding: chunked\r\n")
     if attempts > 1:
         parts.append(b"x-sidecar-attempts: %d\r\n" % attempts)
-    parts.append(wire.connection_line(keep_alive, http11))
+    if not keep_alive or not http11:
+        parts.append(wire.connection_line(keep_alive, http11))
     parts.append(b"\r\n")
     return b"".join(parts)
 

@@ -51,7 +51,7 @@ class _Phase(enum.Enum):
 def _is_http09(data: bytes) -> bool:
     """A request line with no version (``GET /``): llhttp would wait for headers; HAProxy answers 400 at once."""
     end = data.find(b"\n", 0, 16384)
-    return end >= 0 and data[:end].rstrip(b"\r").count(b" ") == 1
+    return end >= 0 and data.count(b" ", 0, end) == 1
 
 
 class ClientConnection(asyncio.Protocol):
@@ -193,14 +193,15 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return  # an earlier request in the same read closed the connection: serve nothing more
         parser = self._parser
-        if parser.get_http_version() == "0.9":
+        version = parser.get_http_version()
+        if version == "0.9":
             self._refuse(400, "HTTP/0.9 requests are not served")
         try:
             req = validate_head(
                 parser.get_method(),
                 self._url,
                 self._headers,
-                parser.get_http_version() == "1.1",
+                version == "1.1",
                 bool(parser.should_keep_alive()),
                 self._client_ip,
             )

@@ -78,7 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, home: Home, max_head_bytes: int = 64 * 1024) -> None:
         self.pool = home
         self._max_head_bytes = max_head_bytes
-        self._head_bytes = 0  # of the head being read (trailers count too): a peer must not grow it forever
+        self._head_bytes = 0  # of the trailer section: a peer must not grow it forever
         self._head_bytes_read = 0  # raw bytes received before the head was complete
         self._bad = ""  # why a parser callback refused the answer
         self.failure: UpstreamError | None = None  # how the exchange broke, if it did
@@ -122,7 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         awaiting_head = self._head is None
         if awaiting_head:
-            self._head_bytes_read += len(data)
+            self._head_bytes_read += len(data)  # bounds the head (and any interim answers before it)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -181,18 +181,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
-        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        # The head's size is bounded in data_received, by bytes read before it completed.
         if self._head is None:
             self._headers.append((name, value))
-        # else: a chunked trailer section; trailers are not relayed (yet), only bounded
-
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
+            return
+        # A chunked trailer section: not relayed (yet), only bounded like a head.
+        self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
-            self._refuse(f"upstream response head larger than {self._max_head_bytes} bytes")
+            self._refuse(f"upstream trailer section larger than {self._max_head_bytes} bytes")
 
     def _refuse(self, why: str) -> typing.NoReturn:
         self._bad = why
@@ -207,7 +205,6 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200:
             # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
             self._headers = []
-            self._head_bytes = 0
             return
         headers = self._headers
         framing, length = "eof", None
@@ -273,7 +270,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(head + body if body else head)
         self._head_timeout = head_timeout
         if self.request_complete:
-            self._arm_head_timer()
+            self._timer = self.loop.call_later(head_timeout, self._on_head_timeout, head_timeout)
         # else: the clock for the response head starts when the last body byte is sent (``request_sent``)
         return waiter
 
