@@ -48,10 +48,13 @@ class _Phase(enum.Enum):
     BUSY = "busy"
 
 
-def _is_http09(data: bytes) -> bool:
-    """A request line with no version (``GET /``): llhttp would wait for headers; HAProxy answers 400 at once."""
-    end = data.find(b"\n", 0, 16384)
-    return end >= 0 and data.count(b" ", 0, end) == 1
+def _is_http09(data: bytes, parser: httptools.HttpRequestParser) -> bool:
+    """A head left waiting after a request line with no version (``GET /``): llhttp would wait for headers that
+    HTTP/0.9 never sends; HAProxy answers 400 at once. Looked at only when a head is left incomplete."""
+    if not data.endswith(b"\n") or parser.get_http_version() != "0.0":
+        return False
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    return data.count(b" ", start) == 1
 
 
 class ClientConnection(asyncio.Protocol):
@@ -113,9 +116,6 @@ class ClientConnection(asyncio.Protocol):
             if self._lingered > LINGER_BYTES and self.transport is not None:
                 self.transport.abort()  # a client that keeps sending after its answer: stop draining it
             return
-        if (self._phase is _Phase.IDLE or self._phase is _Phase.NEW) and _is_http09(data):
-            self._reject(400, "HTTP/0.9 requests are not served")
-            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -138,6 +138,9 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(rejection.status, str(rejection))
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
+        else:
+            if self._phase is _Phase.HEAD and _is_http09(data, self._parser):
+                self._reject(400, "HTTP/0.9 requests are not served")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
