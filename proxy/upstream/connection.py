@@ -120,9 +120,6 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is out of step and must not be reused.
             self.close()
             return
-        awaiting_head = self._head is None
-        if awaiting_head:
-            self._head_bytes_read += len(data)  # bounds the head (and any interim answers before it)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -137,10 +134,13 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             # Extra bytes after the answer (the callback raised _OutOfStep) would reach the client as the start
             # of its next response: they are dropped, and the connection is never reused.
-        if awaiting_head and self._head is None and self._head_bytes_read > self._max_head_bytes:
-            # httptools holds a header line whole until it ends: one endless line is bounded here, by bytes read.
-            self._fail(BadResponse(f"upstream response head larger than {self._max_head_bytes} bytes"))
-            return
+        if self._head is None:
+            # Still in the head after this read: all of it was head (or interim answers). httptools holds a
+            # header line whole until it ends, so the head is bounded here, by the bytes read for it.
+            self._head_bytes_read += len(data)
+            if self._head_bytes_read > self._max_head_bytes and not self.closed:
+                self._fail(BadResponse(f"upstream response head larger than {self._max_head_bytes} bytes"))
+                return
         if self._head_only and self._head is not None:
             # llhttp cannot be told a HEAD answer has no body; start afresh for the next exchange.
             self._parser = httptools.HttpResponseParser(self)
@@ -301,21 +301,6 @@ class UpstreamConnection(asyncio.Protocol):
     def response_complete(self) -> bool:
         return self.phase is Phase.COMPLETE
 
-    @property
-    def reusable(self) -> bool:
-        """The exchange ended cleanly on an open connection both sides want to keep."""
-        head = self._head
-        return (
-            self.phase is Phase.COMPLETE
-            and head is not None
-            and head.keep_alive
-            and self.request_complete
-            and not self._out_of_step
-            and not self.closed
-            and self.transport is not None
-            and not self.transport.is_closing()
-        )
-
     def write_body(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -366,15 +351,28 @@ class UpstreamConnection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if the connection is clean, else closed."""
-        reusable = self.reusable
+        transport, head = self.transport, self._head
+        # Reusable: the exchange ended cleanly on an open connection both sides want to keep.
+        reusable = (
+            self.phase is Phase.COMPLETE
+            and head is not None
+            and head.keep_alive
+            and self.request_complete
+            and not self._out_of_step
+            and not self.closed
+            and transport is not None
+            and not transport.is_closing()
+        )
         self.phase = Phase.IDLE
         self._held_by_client = False
         self._sink = None
-        self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if reusable:
-            assert self.transport is not None
-            if self.transport.is_reading() is False:
-                self.transport.resume_reading()
+            assert transport is not None
+            if transport.is_reading() is False:
+                transport.resume_reading()
             self.reused = True
             self.pool.release(self)
         else:
