@@ -48,6 +48,10 @@ class _Phase(enum.Enum):
     BUSY = "busy"
 
 
+# Members bound once: reading an attribute of an Enum class costs ~60 ns in CPython 3.11, several per request.
+_NEW, _IDLE, _HEAD, _BUSY = _Phase.NEW, _Phase.IDLE, _Phase.HEAD, _Phase.BUSY
+
+
 def _is_http09(data: bytes, parser: httptools.HttpRequestParser) -> bool:
     """A head left waiting after a request line with no version (``GET /``): llhttp would wait for headers that
     HTTP/0.9 never sends; HAProxy answers 400 at once. Looked at only when a head is left incomplete."""
@@ -89,7 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = False
         self._upstream: UpstreamConnection | None = None
         self._reading_paused = False
-        self._phase = _Phase.NEW
+        self._phase = _NEW
         self._phase_since = 0.0
         self._deferred_reject: tuple[int, str] | None = None
         self._rejection: RequestRejected | None = None  # raised inside a parser callback, for data_received
@@ -139,7 +143,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
         else:
-            if self._phase is _Phase.HEAD and _is_http09(data, self._parser):
+            if self._phase is _HEAD and _is_http09(data, self._parser):
                 self._reject(400, "HTTP/0.9 requests are not served")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -173,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         if self._active is None:
-            self._phase = _Phase.HEAD
+            self._phase = _HEAD
             self._phase_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
@@ -241,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, req: Request) -> bool:
         """Serve a request; True if it was answered on the spot (breaker open), False if a task serves it."""
-        self._phase = _Phase.BUSY
+        self._phase = _BUSY
         self.http11, self.keep_alive = req.http11, req.keep_alive
         self._response_started = False
         self._chunked_out = False
@@ -291,7 +295,7 @@ class ClientConnection(asyncio.Protocol):
                 # or the client buffers every answer it pipelined.
                 self._pause_reading()
                 self._held = req
-                self._phase = _Phase.BUSY
+                self._phase = _BUSY
                 return
             if not self._queue:
                 break
@@ -305,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._resume_reading()
         self._response_started = False  # between requests: a bad next request must still get its answer
-        self._phase = _Phase.IDLE
+        self._phase = _IDLE
         self._phase_since = self.loop.time()
 
     # -- answers (called by the forwarder) -------------------------------------------------------------------
@@ -423,13 +427,13 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         now = self.loop.time()
-        if self._phase is _Phase.HEAD:
+        if self._phase is _HEAD:
             limit = self._http.header_timeout
             if now - self._phase_since >= limit:
                 self._reject(408, "request head not received in time")
                 return
-        elif self._phase is _Phase.IDLE or self._phase is _Phase.NEW:
-            limit = self._http.keepalive_timeout if self._phase is _Phase.IDLE else self._http.header_timeout
+        elif self._phase is _IDLE or self._phase is _NEW:
+            limit = self._http.keepalive_timeout if self._phase is _IDLE else self._http.header_timeout
             if now - self._phase_since >= limit:
                 self._close()  # nothing was asked: nothing to answer
                 return

@@ -131,6 +131,11 @@ def _seconds(value: float) -> str:
     return f"{value:g}s" if value < 120 or value % 60 else f"{value / 60:g}m"
 
 
+# Members bound once: reading an attribute of an Enum class costs ~60 ns in CPython 3.11 (try_acquire runs per
+# request).
+_CLOSED, _OPEN, _HALF_OPEN = State.CLOSED, State.OPEN, State.HALF_OPEN
+
+
 class CircuitBreaker:
     """One upstream's breaker. All methods take ``now`` from the caller's clock."""
 
@@ -143,7 +148,7 @@ class CircuitBreaker:
         self.name = name
         self.settings = settings
         self.on_transition = on_transition
-        self._state = State.CLOSED
+        self._state = _CLOSED
         self._generation = 0
         self._closed_permit = Permit(0, probe=False)
         self._recent_failures: deque[float] = deque(maxlen=settings.failure_threshold)
@@ -172,13 +177,13 @@ class CircuitBreaker:
         """Admit a call (a ``Permit``) or refuse it (``None``)."""
         if self._override is not None and not self._override_expired(now):
             if self._override is Override.FORCE_CLOSE:
-                return self._closed_permit if self._state is State.CLOSED else Permit(self._generation, False)
+                return self._closed_permit if self._state is _CLOSED else Permit(self._generation, False)
             self.total_rejected += 1
             return None
         state = self._state
-        if state is State.CLOSED:
+        if state is _CLOSED:
             return self._closed_permit
-        if state is State.OPEN:
+        if state is _OPEN:
             assert self._opened_at is not None
             if now - self._opened_at < self.settings.open_duration:
                 self.total_rejected += 1
@@ -195,7 +200,7 @@ class CircuitBreaker:
         """Would ``try_acquire`` refuse because the breaker is open? (A peek: takes no probe slot.)"""
         if self._override is not None and not self._override_expired(now):
             return self._override is Override.FORCE_OPEN
-        if self._state is State.OPEN:
+        if self._state is _OPEN:
             assert self._opened_at is not None
             return now - self._opened_at < self.settings.open_duration
         return False
@@ -206,7 +211,7 @@ class CircuitBreaker:
             if self._override_until is not None:
                 return max(0.0, self._override_until - now)
             return self.settings.open_duration
-        if self._state is State.OPEN and self._opened_at is not None:
+        if self._state is _OPEN and self._opened_at is not None:
             return max(0.0, self._opened_at + self.settings.open_duration - now)
         return 0.0
 
@@ -224,7 +229,7 @@ class CircuitBreaker:
             else:
                 self._fire(Event.PROBE_SUCCEEDED, now, Event.PROBE_SUCCEEDED.value)
             return
-        if self._rates is not None and self._state is State.CLOSED:
+        if self._rates is not None and self._state is _CLOSED:
             self._rates.add_each(now, 1, 0, slow)
             self._trip_on_rates(now)
 
@@ -236,7 +241,7 @@ class CircuitBreaker:
             self._probes_in_flight -= 1
             self._fire(Event.PROBE_FAILED, now, Event.PROBE_FAILED.value)
             return
-        if self._state is not State.CLOSED:
+        if self._state is not _CLOSED:
             return  # admitted under a force-close override while not closed: reported, not counted
         recent = self._recent_failures
         recent.append(now)
@@ -342,9 +347,9 @@ class CircuitBreaker:
         self._generation += 1
         self._closed_permit = Permit(self._generation, probe=False)
         self._probes_in_flight = 0
-        if to_state is State.OPEN:
+        if to_state is _OPEN:
             self._opened_at = now
-        elif to_state is State.CLOSED:
+        elif to_state is _CLOSED:
             self._opened_at = None
             self._recent_failures.clear()
             if self._rates is not None:

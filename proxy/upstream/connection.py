@@ -64,6 +64,15 @@ class Phase(enum.Enum):
     COMPLETE = "complete"  # the whole response is in; the forwarder has yet to finish the exchange
 
 
+# Members bound once: reading an attribute of an Enum class costs ~60 ns in CPython 3.11, several per request.
+_IDLE, _AWAITING_HEAD, _RECEIVING_BODY, _COMPLETE = (
+    Phase.IDLE,
+    Phase.AWAITING_HEAD,
+    Phase.RECEIVING_BODY,
+    Phase.COMPLETE,
+)
+
+
 class Home(Protocol):
     """Where a connection goes back to (its pool), without the connection knowing the pool."""
 
@@ -84,7 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.failure: UpstreamError | None = None  # how the exchange broke, if it did
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
@@ -116,7 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
-        if self.phase is Phase.IDLE:
+        if self.phase is _IDLE:
             # Bytes nobody asked for: the connection is out of step and must not be reused.
             self.close()
             return
@@ -150,10 +159,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self.pool.forget(self)
-        if self.phase is Phase.IDLE:
+        if self.phase is _IDLE:
             return
         head = self._head
-        complete = self.phase is Phase.COMPLETE
+        complete = self.phase is _COMPLETE
         if head is not None and head.framing == "eof" and exc is None and not complete:
             self._on_complete()  # a close-delimited body ends with the connection
             return
@@ -221,7 +230,7 @@ class UpstreamConnection(asyncio.Protocol):
             framing = "none" if not (framing == "length" and length == 0) else "length"
         keep_alive = self._parser.should_keep_alive() and framing != "eof"
         self._head = ResponseHead(status, self._reason, headers, keep_alive, framing, length)
-        self.phase = Phase.RECEIVING_BODY
+        self.phase = _RECEIVING_BODY
         self._headers = []
         self._cancel_timer()
         waiter = self._head_waiter
@@ -251,8 +260,8 @@ class UpstreamConnection(asyncio.Protocol):
         self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
     ) -> asyncio.Future[ResponseHead]:
         """Send a request head (and a body already in hand); the future resolves with the response head."""
-        assert self.transport is not None and self.phase is Phase.IDLE
-        self.phase = Phase.AWAITING_HEAD
+        assert self.transport is not None and self.phase is _IDLE
+        self.phase = _AWAITING_HEAD
         self._head = None
         self._headers = []
         self._pending_body = []
@@ -277,7 +286,7 @@ class UpstreamConnection(asyncio.Protocol):
     def request_sent(self) -> None:
         """The streamed request body is all sent: now the upstream has ``head_timeout`` to answer."""
         self.request_complete = True
-        if self.phase is Phase.AWAITING_HEAD and not self.closed:
+        if self.phase is _AWAITING_HEAD and not self.closed:
             self._arm_head_timer()
 
     def stalled(self, detail: str) -> None:
@@ -295,11 +304,11 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """In an exchange (from ``begin`` until ``finish``, ``close`` or ``abort``)."""
-        return self.phase is not Phase.IDLE
+        return self.phase is not _IDLE
 
     @property
     def response_complete(self) -> bool:
-        return self.phase is Phase.COMPLETE
+        return self.phase is _COMPLETE
 
     def write_body(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -313,7 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def complete_body(self) -> list[bytes] | None:
         """The whole body, if the response has already arrived complete (or has none)."""
-        if self.phase is Phase.COMPLETE or (self._head is not None and self._head.framing == "none"):
+        if self.phase is _COMPLETE or (self._head is not None and self._head.framing == "none"):
             chunks, self._pending_body = self._pending_body, []
             return chunks
         return None
@@ -325,7 +334,7 @@ class UpstreamConnection(asyncio.Protocol):
         for chunk in self._pending_body:
             sink(chunk)
         self._pending_body = []
-        if self.phase is Phase.COMPLETE:
+        if self.phase is _COMPLETE:
             waiter.set_result(None)
             return waiter
         if self.closed:
@@ -354,7 +363,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport, head = self.transport, self._head
         # Reusable: the exchange ended cleanly on an open connection both sides want to keep.
         reusable = (
-            self.phase is Phase.COMPLETE
+            self.phase is _COMPLETE
             and head is not None
             and head.keep_alive
             and self.request_complete
@@ -363,7 +372,7 @@ class UpstreamConnection(asyncio.Protocol):
             and transport is not None
             and not transport.is_closing()
         )
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self._held_by_client = False
         self._sink = None
         if self._timer is not None:
@@ -379,7 +388,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self._sink = None
         self._cancel_timer()
         if self.transport is not None and not self.closed:
@@ -389,7 +398,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once (client went away, timeout): nothing more is read or sent on it."""
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self._sink = None
         self._cancel_timer()
         for waiter in (self._head_waiter, self._done_waiter):
@@ -404,7 +413,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _on_complete(self) -> None:
-        self.phase = Phase.COMPLETE
+        self.phase = _COMPLETE
         self._cancel_timer()
         waiter = self._done_waiter
         if waiter is not None and not waiter.done():
