@@ -18,9 +18,10 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from proxy.http import heads, wire
+from proxy.http import wire
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
+from proxy.http.heads import authority_of, request_head, response_head
 from proxy.logs import Throttled
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
@@ -293,7 +294,7 @@ class Exchange:
             framing = b"content-length: %d\r\n" % body.length
         else:
             framing = b"transfer-encoding: chunked\r\n"
-        head = heads.request_head(self.rt, req, heads.authority_of(state.target), framing)
+        head = request_head(self.rt, req, authority_of(state.target), framing)
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
         if body is not None and whole is None:
@@ -340,15 +341,15 @@ class Exchange:
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
         # Without a length or chunking to offer the client, only closing the connection can end the body.
         keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
-        response_head = heads.response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
+        client_head = response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
         status = head.status
         permit, self.permit = self.permit, None
         whole = conn.complete_body()
         try:
             if whole is not None:
-                client.respond_whole(response_head, whole, client_chunked, keep_alive)
+                client.respond_whole(client_head, whole, client_chunked, keep_alive)
             else:
-                client.start_response(response_head, client_chunked, keep_alive, conn)
+                client.start_response(client_head, client_chunked, keep_alive, conn)
                 await conn.deliver(client.write_body, rt.policy.timeouts.per_try)
         except UpstreamError as exc:
             # Too late for a clean answer: the client sees the body cut short, never a second status line.
