@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.raw import RecordingUpstream, _Recorder
+from tests.support.raw import RecordingUpstream, _Recorder, read_until_closed, status_and_reason
 from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
 
 MiB = 1024 * 1024
@@ -107,28 +107,17 @@ class Bench:
     def metric(self, line_start: str) -> float:
         with socket.create_connection(("127.0.0.1", int(self.process.admin.rsplit(":", 1)[1])), 5) as sock:
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            text = _read_until_closed(sock).decode()
+            text = read_until_closed(sock).decode()
         for line in text.splitlines():
             if line.startswith(line_start):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
 
-def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return b"".join(chunks)
-
-
 def request(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), 5) as sock:
         sock.sendall(payload)
-        return _read_until_closed(sock, timeout)
+        return read_until_closed(sock, timeout)
 
 
 def get(upstream: str = "svc") -> bytes:
@@ -161,12 +150,6 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
         yield Bench(process, policy, recording)
     loop.call_soon_threadsafe(server.close)
     loop.call_soon_threadsafe(loop.stop)
-
-
-def status_and_reason(answer: bytes) -> tuple[int, str]:
-    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-    match = re.search(r"x-sidecar-reason: (\S+)", head)
-    return int(head.split(" ", 2)[1]), match.group(1) if match else ""
 
 
 def test_endless_response_header_lines_are_cut_at_the_head_limit_with_bounded_memory(bench: Bench) -> None:
@@ -233,7 +216,7 @@ def test_a_bad_request_on_a_reused_connection_still_gets_its_answer(bench: Bench
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET /second HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx")
-        assert status_and_reason(_read_until_closed(sock)) == (400, "bad_request")
+        assert status_and_reason(read_until_closed(sock)) == (400, "bad_request")
 
 
 def test_the_sidecars_own_4xx_answers_are_counted(bench: Bench) -> None:
@@ -248,7 +231,7 @@ def test_the_sidecars_own_4xx_answers_are_counted(bench: Bench) -> None:
 def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(bench: Bench) -> None:
     with socket.create_connection(("127.0.0.1", bench.port("svc")), 5) as sock:
         started = time.monotonic()
-        assert _read_until_closed(sock, timeout=30) == b""  # closed without an answer: nothing was asked
+        assert read_until_closed(sock, timeout=30) == b""  # closed without an answer: nothing was asked
         held = time.monotonic() - started
     # header_timeout is 500 ms and keepalive_timeout 75 s: a generous bound still tells them apart.
     assert held < 30, f"held {held:.1f}s"

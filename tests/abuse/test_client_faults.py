@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.test_bounds import _read_until_closed, status_and_reason
-from tests.support.raw import RecordingUpstream, _Recorder
+from tests.support.raw import RecordingUpstream, _Recorder, read_until_closed, status_and_reason
 from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
 
 
@@ -60,7 +59,7 @@ def test_clients_that_stop_sending_their_body_get_408_and_never_open_the_breaker
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
             sock.sendall(b"PUT /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 100000\r\n\r\n" + b"x" * 8192)
-            answer = _read_until_closed(sock)
+            answer = read_until_closed(sock)
         assert status_and_reason(answer) == (408, "bad_request"), answer[:300]
         assert b"reason=client_body_timeout" in answer
     breaker = stage.breaker()
@@ -69,7 +68,7 @@ def test_clients_that_stop_sending_their_body_get_408_and_never_open_the_breaker
     # And the upstream is still served.
     with socket.create_connection(("127.0.0.1", stage.port), 5) as sock:
         sock.sendall(b"GET /after HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-        assert _read_until_closed(sock).startswith(b"HTTP/1.1 200")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_clients_that_hang_up_mid_body_are_not_upstream_failures(stage: Stage) -> None:
@@ -91,7 +90,7 @@ def test_a_pipelined_body_that_arrives_late_is_still_forwarded(stage: Stage) -> 
         )
         time.sleep(0.3)  # the body comes later than its head, behind a request still in flight
         sock.sendall(b"hello")
-        answers = _read_until_closed(sock)
+        answers = read_until_closed(sock)
     assert answers.count(b"HTTP/1.1 200") == 2, answers[:400]
     forwarded = stage.upstream.requests[before:]
     assert [(url, body) for url, _, body in forwarded] == [(b"/first", b""), (b"/second", b"hello")]

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.conftest import BackgroundLoop
 from tests.abuse.differential import (
     Answer,
     Outcome,
@@ -51,6 +50,7 @@ from tests.abuse.differential import (
     parse_answers,
     table,
 )
+from tests.support.abuse import BackgroundLoop
 from tests.support.sidecar import free_port, policy_listen, sidecar_process, write_policy
 
 VECTORS = corpus()

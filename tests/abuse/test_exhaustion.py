@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.abuse.test_bounds import _read_until_closed, status_and_reason
 from tests.support.eventually import eventually_sync
+from tests.support.raw import read_until_closed, status_and_reason
 from tests.support.sidecar import free_port, policy_listen, write_policy
 
 FD_LIMIT = 96
@@ -83,7 +83,7 @@ def test_running_out_of_descriptors_is_an_overload_not_an_upstream_failure(tmp_p
             hog.close()
         hogs.clear()
         client.sendall(b"GET /x HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-        _read_until_closed(client)
+        read_until_closed(client)
         client.close()
         time.sleep(0.3)
         with urllib.request.urlopen(f"{admin}/breakers", timeout=10) as response:

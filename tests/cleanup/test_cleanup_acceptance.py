@@ -18,7 +18,7 @@ from cleanup.policy import DEFAULT_PROTECT_TAGS, RetentionPolicy
 from cleanup.purge import Purger
 from cleanup.store import MlflowStore
 from tests.cleanup.cleanup_scenario import METRIC, RunSpec, Scenario, build_scenario
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 
 POLICY = RetentionPolicy(
     top_n=3, metric=METRIC, retention_days=30, protect_tags=(*DEFAULT_PROTECT_TAGS, ("keep", "forever"))

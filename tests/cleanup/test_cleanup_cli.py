@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.cleanup.cleanup_scenario import RunSpec, build_scenario
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 from tests.support.sidecar import free_port
 
 OLD_LOW = [RunSpec("keep_best", 90, (1.0,)), RunSpec("old_a", 90, (0.1,)), RunSpec("old_b", 90, (0.2,))]

@@ -24,7 +24,7 @@ from tests.cleanup.cleanup_scenario import ONE_VICTIM_POLICY as POLICY
 from tests.cleanup.cleanup_scenario import ONE_VICTIM_SPECS as SPECS
 from tests.cleanup.cleanup_scenario import Scenario, build_scenario
 from tests.cleanup.cleanup_scenario import victim_files_on_server as server_files
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 
 # The victim's deletion, in order: its logged model's files, the logged model, its files, the run.
 STEPS = (StepKind.MODEL_ARTIFACTS, StepKind.LOGGED_MODEL, StepKind.RUN_ARTIFACTS, StepKind.RUN)

@@ -17,7 +17,7 @@ from cleanup.policy import RetentionPolicy
 from cleanup.purge import Purger
 from cleanup.store import MlflowStore
 from tests.cleanup.cleanup_scenario import METRIC, RunSpec, build_scenario, create_run
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 
 POLICY = RetentionPolicy(top_n=5, metric=METRIC, retention_days=30)
 SPECS = [

@@ -15,7 +15,7 @@ from cleanup.job import CleanupJob, Outcome
 from cleanup.policy import RetentionPolicy
 from cleanup.store import MlflowStore
 from tests.cleanup.cleanup_scenario import write_artifacts
-from tests.cleanup.conftest import tree_hashes
+from tests.support.mlflow_server import tree_hashes
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cleanup"
 

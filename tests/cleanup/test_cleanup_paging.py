@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from cleanup.job import CleanupJob
 from cleanup.policy import Action, RetentionPolicy
 from cleanup.store import MlflowStore
-from tests.cleanup.conftest import MlflowServer
+from tests.support.mlflow_server import MlflowServer
 
 DAY_MS = 86_400_000
 PAGE_SIZE = 7

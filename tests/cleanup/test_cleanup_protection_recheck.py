@@ -18,7 +18,7 @@ from tests.cleanup.cleanup_scenario import ONE_VICTIM_POLICY as POLICY
 from tests.cleanup.cleanup_scenario import ONE_VICTIM_SPECS as SPECS
 from tests.cleanup.cleanup_scenario import build_scenario
 from tests.cleanup.cleanup_scenario import victim_files_on_server as server_files
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 
 
 def test_a_model_registered_while_its_run_is_archived_is_not_deleted(

@@ -16,7 +16,7 @@ from cleanup.metric_mode import resolve_metric_mode, suggests_lower_is_better
 from cleanup.policy import RetentionPolicy, best_value
 from cleanup.store import MlflowStore
 from tests.cleanup.cleanup_scenario import RunSpec, build_scenario
-from tests.cleanup.conftest import MlflowServer
+from tests.support.mlflow_server import MlflowServer
 
 
 @pytest.mark.parametrize(

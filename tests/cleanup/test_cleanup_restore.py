@@ -18,7 +18,7 @@ from cleanup.purge import Purger
 from cleanup.restore import RESTORED_FROM_TAG
 from cleanup.store import MlflowStore
 from tests.cleanup.cleanup_scenario import ONE_VICTIM_POLICY, ONE_VICTIM_SPECS, build_scenario, victim_files_on_server
-from tests.cleanup.conftest import MlflowServer, tree_hashes
+from tests.support.mlflow_server import MlflowServer, tree_hashes
 
 
 def restore(uri: str, run_id: str, archive: Path, *extra: str) -> subprocess.CompletedProcess[str]:

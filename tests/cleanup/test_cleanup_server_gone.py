@@ -14,8 +14,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from cleanup.client_retries import CLIENT_RETRY_DEFAULTS
-from tests.cleanup.conftest import STARTUP_TIMEOUT_S
-from tests.support.mlflow_server import start_mlflow_server, stop_mlflow_server
+from tests.support.mlflow_server import STARTUP_TIMEOUT_S, start_mlflow_server, stop_mlflow_server
 from tests.support.sidecar import free_port
 
 OLD_RUNS = 40

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.eventually import eventually_sync
@@ -71,3 +73,25 @@ def mlflow_server_running(
         yield process
     finally:
         stop_mlflow_server(process)
+
+
+STARTUP_TIMEOUT_S = 180  # a cold mlflow import on a busy 2-core machine took 88 s once
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    backend_store_uri: str
+    artifact_root: Path  # where --artifacts-destination puts files on disk
+    log_path: Path
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    """relative path → SHA-256 of every file under ``directory`` (empty if it does not exist)."""
+    if not directory.exists():
+        return {}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }

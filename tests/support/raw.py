@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -98,3 +100,22 @@ async def exchange(host: str, port: int, payload: bytes, read_timeout: float = 2
     finally:
         writer.close()
     return b"".join(chunks)
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (or resets, or goes quiet for ``timeout``)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def status_and_reason(answer: bytes) -> tuple[int, str]:
+    """The status code of the first answer in ``answer`` and its ``x-sidecar-reason`` (empty when absent)."""
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    match = re.search(r"x-sidecar-reason: (\S+)", head)
+    return int(head.split(" ", 2)[1]), match.group(1) if match else ""
