@@ -207,11 +207,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if not 100 <= status <= 599:
-            self._refuse(f"upstream sent status {status:03d}")
-        if status == 101:
-            self._refuse("upstream switched protocols unasked (101)")  # the sidecar never forwards Upgrade
-        if status < 200:
+        if status < 200 or status > 599:  # one test on the common path; the rare cases sorted out inside
+            if status < 100 or status > 599:
+                self._refuse(f"upstream sent status {status:03d}")
+            if status == 101:
+                self._refuse("upstream switched protocols unasked (101)")  # the sidecar never forwards Upgrade
             # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
             self._headers = []
             return
