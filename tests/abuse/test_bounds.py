@@ -8,7 +8,6 @@ connection that never sends a byte, and the sidecar's own 4xx answers in the req
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.raw import RecordingUpstream, _Recorder, read_until_closed, status_and_reason
+from tests.support.raw import RecordingUpstream, read_until_closed, recording_upstream_thread, status_and_reason
 from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
 
 MiB = 1024 * 1024
@@ -128,12 +127,11 @@ def get(upstream: str = "svc") -> bytes:
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     for upstream in UPSTREAMS.values():
         upstream.start()
-    recording = RecordingUpstream(port=free_port())
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = asyncio.run_coroutine_threadsafe(
-        loop.create_server(lambda: _Recorder(recording), "127.0.0.1", recording.port), loop
-    ).result(5)
+    with recording_upstream_thread() as recording:
+        yield from _bench(tmp_path_factory, recording)
+
+
+def _bench(tmp_path_factory: pytest.TempPathFactory, recording: RecordingUpstream) -> Iterator[Bench]:
     upstreams = {name: {"targets": [f"http://127.0.0.1:{u.port}"]} for name, u in UPSTREAMS.items()}
     upstreams["svc"] = {"targets": [recording.url]}
     policy = write_policy(
@@ -148,8 +146,6 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     )
     with sidecar_process(policy) as process:
         yield Bench(process, policy, recording)
-    loop.call_soon_threadsafe(server.close)
-    loop.call_soon_threadsafe(loop.stop)
 
 
 def test_endless_response_header_lines_are_cut_at_the_head_limit_with_bounded_memory(bench: Bench) -> None:

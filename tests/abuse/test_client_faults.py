@@ -3,11 +3,9 @@ gets a 408 (or nothing, when it is gone), and a pipelined body that arrives late
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.raw import RecordingUpstream, _Recorder, read_until_closed, status_and_reason
-from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
+from tests.support.raw import RecordingUpstream, read_until_closed, recording_upstream_thread, status_and_reason
+from tests.support.sidecar import SidecarProcess, policy_listen, sidecar_process, write_policy
 
 
 @dataclass
@@ -33,25 +31,18 @@ class Stage:
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
-    upstream = RecordingUpstream(port=free_port())
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = asyncio.run_coroutine_threadsafe(
-        loop.create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port), loop
-    ).result(5)
-    policy = write_policy(
-        tmp_path_factory.mktemp("client-faults") / "p.yaml",
-        {"svc": {"targets": [upstream.url]}},
-        defaults={
-            "timeouts": {"connect": "500ms", "per_try": "600ms", "total": "5s"},
-            "breaker": {"failure_threshold": 2},
-        },
-        http={"replay_buffer_bytes": 1024},
-    )
-    with sidecar_process(policy) as process:
-        yield Stage(process, policy_listen(policy, "svc")[1], upstream)
-    loop.call_soon_threadsafe(server.close)
-    loop.call_soon_threadsafe(loop.stop)
+    with recording_upstream_thread() as upstream:
+        policy = write_policy(
+            tmp_path_factory.mktemp("client-faults") / "p.yaml",
+            {"svc": {"targets": [upstream.url]}},
+            defaults={
+                "timeouts": {"connect": "500ms", "per_try": "600ms", "total": "5s"},
+                "breaker": {"failure_threshold": 2},
+            },
+            http={"replay_buffer_bytes": 1024},
+        )
+        with sidecar_process(policy) as process:
+            yield Stage(process, policy_listen(policy, "svc")[1], upstream)
 
 
 def test_clients_that_stop_sending_their_body_get_408_and_never_open_the_breaker(stage: Stage) -> None:
@@ -104,19 +95,11 @@ def _rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def big_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     body = b"z" * (1024 * 1024)
-    upstream = RecordingUpstream(
-        port=free_port(), response=b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
-    )
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = asyncio.run_coroutine_threadsafe(
-        loop.create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port), loop
-    ).result(5)
-    policy = write_policy(tmp_path_factory.mktemp("big") / "p.yaml", {"svc": {"targets": [upstream.url]}})
-    with sidecar_process(policy) as process:
-        yield Stage(process, policy_listen(policy, "svc")[1], upstream)
-    loop.call_soon_threadsafe(server.close)
-    loop.call_soon_threadsafe(loop.stop)
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    with recording_upstream_thread(answer) as upstream:
+        policy = write_policy(tmp_path_factory.mktemp("big") / "p.yaml", {"svc": {"targets": [upstream.url]}})
+        with sidecar_process(policy) as process:
+            yield Stage(process, policy_listen(policy, "svc")[1], upstream)
 
 
 def test_clients_that_pipeline_and_never_read_cannot_grow_the_sidecar(big_stage: Stage) -> None:

@@ -3,7 +3,6 @@ policy distinguishes, and one experiment whose runs never logged the metric."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -15,6 +14,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from cleanup.policy import RetentionPolicy
+from tests.support.mlflow_server import tree_hashes
 
 DAY_MS = 86_400_000
 METRIC = "sharpe_ratio"
@@ -160,17 +160,6 @@ def victim_files_on_server(artifact_root: Path, scenario: Scenario) -> dict[str,
     victim, model = scenario.run_ids["victim"], scenario.logged_model_ids["victim"]
     root = artifact_root / scenario.experiment_id
     return {
-        "artifacts": file_hashes(root / victim / "artifacts"),
-        f"models/{model}": file_hashes(root / "models" / model / "artifacts"),
-    }
-
-
-def file_hashes(directory: Path) -> dict[str, str]:
-    """relative path → SHA-256 of every file under ``directory`` (empty if it does not exist)."""
-    if not directory.exists():
-        return {}
-    return {
-        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
+        "artifacts": tree_hashes(root / victim / "artifacts"),
+        f"models/{model}": tree_hashes(root / "models" / model / "artifacts"),
     }

@@ -4,12 +4,29 @@ ApacheBench and old clients wait for it), and an answer they cannot be given a l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from tests.support.sidecar import listener_url, running_sidecar, write_policy
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[int]:
+    """An aiohttp upstream answering GET / with ``handler`` on a free loopback port; yields the port."""
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listening = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listening).start()
+    try:
+        yield listening.getsockname()[1]
+    finally:
+        await runner.cleanup()
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -22,14 +39,7 @@ async def test_http_1_0_keep_alive_is_granted_explicitly_and_the_connection_is_r
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
 
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    await web.SockSite(runner, listening).start()
-    try:
+    async with serving(hello) as port:
         policy = write_policy(tmp_path / "p.yaml", {"old": {"targets": [f"http://127.0.0.1:{port}"]}})
         async with running_sidecar(policy) as sidecar:
             url = listener_url(sidecar, "old")
@@ -45,8 +55,6 @@ async def test_http_1_0_keep_alive_is_granted_explicitly_and_the_connection_is_r
             assert b"connection: close\r\n" in head.lower() and body == b"hello"
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_chunked_answer_to_an_http_1_0_client_ends_with_a_close(tmp_path: Path) -> None:
@@ -59,14 +67,7 @@ async def test_a_chunked_answer_to_an_http_1_0_client_ends_with_a_close(tmp_path
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/", stream)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listening = socket.create_server(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    await web.SockSite(runner, listening).start()
-    try:
+    async with serving(stream) as port:
         policy = write_policy(tmp_path / "p.yaml", {"old": {"targets": [f"http://127.0.0.1:{port}"]}})
         async with running_sidecar(policy) as sidecar:
             host, listen_port = listener_url(sidecar, "old").removeprefix("http://").rsplit(":", 1)
@@ -77,5 +78,3 @@ async def test_a_chunked_answer_to_an_http_1_0_client_ends_with_a_close(tmp_path
             head, body = answer.split(b"\r\n\r\n", 1)
             assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
             assert b"transfer-encoding" not in head.lower() and body == b"one two"
-    finally:
-        await runner.cleanup()

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httptools
@@ -119,3 +120,24 @@ def status_and_reason(answer: bytes) -> tuple[int, str]:
     head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     match = re.search(r"x-sidecar-reason: (\S+)", head)
     return int(head.split(" ", 2)[1]), match.group(1) if match else ""
+
+
+@contextlib.contextmanager
+def recording_upstream_thread(response: bytes | None = None) -> Iterator[RecordingUpstream]:
+    """A ``RecordingUpstream`` on its own event loop in a thread: for module-scoped fixtures that outlive any
+    test's loop (and for tests that talk blocking sockets to a sidecar process)."""
+    upstream = RecordingUpstream(port=free_port())
+    if response is not None:
+        upstream.response = response
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(
+        loop.create_server(lambda: _Recorder(upstream), "127.0.0.1", upstream.port), loop
+    ).result(5)
+    try:
+        yield upstream
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
