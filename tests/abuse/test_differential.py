@@ -51,6 +51,8 @@ from tests.abuse.differential import (
     table,
 )
 from tests.support.abuse import BackgroundLoop
+from tests.support.eventually import eventually_sync
+from tests.support.servers import stopping
 from tests.support.sidecar import free_port, policy_listen, sidecar_process, write_policy
 
 VECTORS = corpus()
@@ -74,32 +76,23 @@ class Run:
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not listening in {timeout}s:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
+            return True
+        return False
+
+    eventually_sync(listening, timeout=timeout, interval=0.05, what=f"{what} listening")
 
 
 @contextlib.contextmanager
 def _spawn(argv: list[str], port: int, what: str, log: Path) -> Iterator[None]:
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
+    with stopping(proc):
         _wait_port(port, proc, what, log)
         yield
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def _replay(ports: dict[str, int]) -> dict[str, list[tuple[bytes, bool]]]:
