@@ -12,19 +12,22 @@ import logging
 import random
 import time
 
+from proxy.logs import Throttled
 from proxy.metrics import UpstreamStats, UpstreamView
 from proxy.policy.model import UpstreamPolicy
-from proxy.resilience.breaker import CircuitBreaker, State, Transition
+from proxy.resilience.breaker import CircuitBreaker, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
 from proxy.resilience.retry import RetryRules
 from proxy.upstream.balancer import Balancer, TargetState
+from proxy.upstream.errors import OutOfResources
 from proxy.upstream.health import CheckResult, HealthStatus
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES
 
 log = logging.getLogger("seawall.breaker")
 health_log = logging.getLogger("seawall.health")
+_exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 RECENT_TRANSITIONS = 20
 
@@ -112,6 +115,14 @@ class UpstreamRuntime:
                 "wall_time": time.time(),
             },
         )
+
+    def out_of_resources(self, permit: Permit | None, exc: OutOfResources) -> None:
+        """The sidecar could not connect for want of its own resources: an overload, nobody's failure.
+        Releases the permit unrecorded, counts the refusal and logs it (at most once a second, with a count)."""
+        if permit is not None:
+            self.breaker.record_ignored(permit)
+        self.stats.reject("overload")
+        _exhausted.warning("out_of_resources", "%s: %s", self.name, exc, extra={"upstream": self.name})
 
     def record_check(self, result: CheckResult) -> None:
         """One active check's result: into the health verdict and the counters; a changed verdict is logged."""

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.logs import Throttled
 from proxy.sockets import Drainable, set_no_delay
 from proxy.upstream.errors import OutOfResources, UpstreamError, map_connect_error
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from proxy.upstream.balancer import TargetState
 
 log = logging.getLogger("seawall.tcp")
-_exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 EARLY_BUFFER_LIMIT = 256 * 1024  # client bytes held while the upstream connect is in progress
 
@@ -191,11 +189,7 @@ class TcpClient(_Side):
             try:
                 error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
             except OutOfResources as local:
-                # Ours, not the upstream's: closed like an overload, nothing recorded against the breaker.
-                if permit is not None:
-                    rt.breaker.record_ignored(permit)
-                rt.stats.reject("overload")
-                _exhausted.warning("out_of_resources", "%s: %s", rt.name, local, extra={"upstream": rt.name})
+                rt.out_of_resources(permit, local)  # closed like an overload, nothing held against the breaker
                 raise
             now = rt.clock.monotonic()
             rt.stats.failed(error.kind)

@@ -22,7 +22,6 @@ from proxy.http import wire
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
-from proxy.logs import Throttled
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from proxy.upstream.balancer import TargetState
 
 log = logging.getLogger("seawall.request")
-_exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _JSON = b"application/json"
@@ -242,10 +240,7 @@ class Exchange:
     def _out_of_resources(self, exc: OutOfResources) -> None:
         """The sidecar could not open a connection for want of its own resources: overload, nobody's failure."""
         permit, self.permit = self.permit, None
-        if permit is not None:
-            self.rt.breaker.record_ignored(permit)
-        self.rt.stats.reject("overload")
-        _exhausted.warning("out_of_resources", "%s: %s", self.rt.name, exc, extra={"upstream": self.rt.name})
+        self.rt.out_of_resources(permit, exc)
         self._local(
             503,
             "overload",
