@@ -10,53 +10,49 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.raw import RecordingUpstream, read_until_closed, recording_upstream_thread, status_and_reason
-from tests.support.sidecar import SidecarProcess, free_port, policy_listen, sidecar_process, write_policy
+from tests.support.raw import (
+    HeadServer,
+    RecordingUpstream,
+    read_until_closed,
+    recording_upstream_thread,
+    status_and_reason,
+)
+from tests.support.sidecar import SidecarProcess, policy_listen, sidecar_process, write_policy
 
 MiB = 1024 * 1024
 
 
-@dataclass
 class RawUpstream:
     """Reads a request head, then writes whatever ``answer`` yields (bounded generators only), then closes."""
 
-    answer: Callable[[], Iterator[bytes]]
-    port: int = field(default_factory=free_port)
-    requests: int = 0
-    written: int = 0
+    def __init__(self, answer: Callable[[], Iterator[bytes]]) -> None:
+        self.answer = answer
+        self.written = 0
+        self.server: HeadServer | None = None
 
     def start(self) -> None:
-        server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        self.server = HeadServer(self._respond)
 
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            conn, _ = server.accept()
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            self.requests += 1
-            try:
-                for piece in self.answer():
-                    conn.sendall(piece)
-                    self.written += len(piece)
-            except OSError:
-                return  # the sidecar hung up on us: what it should do
+    @property
+    def requests(self) -> int:
+        return self.server.heads if self.server is not None else 0
+
+    def _respond(self, conn: socket.socket) -> None:
+        for piece in self.answer():
+            conn.sendall(piece)
+            self.written += len(piece)
 
 
 def endless_header_lines() -> Iterator[bytes]:

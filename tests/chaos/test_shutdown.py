@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,49 +13,23 @@ from pathlib import Path
 import pytest
 
 from tests.support.eventually import eventually_sync
+from tests.support.raw import HeadServer
 from tests.support.sidecar import free_port, policy_listen, sidecar_process, write_policy
 
 
-class SlowUpstream:
+class SlowUpstream(HeadServer):
     """Reads a request head, waits ``delay`` seconds, then answers 200 (``delay=None``: never answers)."""
 
     def __init__(self, delay: float | None) -> None:
         self.delay = delay
-        self.port = free_port()
-        self.heads = 0
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._answer)
 
-    def _accept(self) -> None:
-        self._server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed by close()
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            self.heads += 1
-            if self.delay is None:
-                self._stop.wait(30)  # hold the request until the test ends
-                return
-            time.sleep(self.delay)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.close()
+    def _answer(self, conn: socket.socket) -> None:
+        if self.delay is None:
+            self.stopped.wait(30)  # hold the request until the test ends
+            return
+        time.sleep(self.delay)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
 
 
 def _policy(tmp_path: Path, upstream: SlowUpstream, drain: str) -> Path:

@@ -7,7 +7,7 @@ import contextlib
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httptools
@@ -141,3 +141,45 @@ def recording_upstream_thread(response: bytes | None = None) -> Iterator[Recordi
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+class HeadServer:
+    """A blocking loopback server, a thread per connection: reads one request head, counts it, then hands the
+    socket to ``respond`` (which answers, stalls or hangs up as its test needs). ``close()`` stops accepting."""
+
+    def __init__(self, respond: Callable[[socket.socket], None]) -> None:
+        self.respond = respond
+        self.port = free_port()
+        self.heads = 0
+        self.stopped = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.1)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by close()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.heads += 1
+            try:
+                self.respond(conn)
+            except OSError:
+                return  # the sidecar hung up on us
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._server.close()
