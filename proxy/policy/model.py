@@ -58,7 +58,7 @@ def meta(
 class Timeouts:
     connect: float = meta("Time allowed to open a connection to a target.", default=1.0, duration=True)
     per_try: float = meta(
-        "Time allowed for one attempt to produce response headers, and the longest silence between body chunks.",
+        "Time allowed for one attempt to produce response headers, counted from the request's last byte sent.",
         default=5.0,
         duration=True,
         exclusive_minimum=0,
@@ -66,6 +66,13 @@ class Timeouts:
     total: float = meta(
         "Bound on all attempts and backoff together, until the response headers reach the client.",
         default=15.0,
+        duration=True,
+        exclusive_minimum=0,
+    )
+    idle: float = meta(
+        "Longest silence in either direction once a request or response body (or an upgraded connection) is "
+        "flowing. An upstream that falls silent is a timeout of the upstream's; a client that does is the client's.",
+        default=300.0,
         duration=True,
         exclusive_minimum=0,
     )
