@@ -342,7 +342,7 @@ class Exchange:
         whole = conn.complete_body()
         try:
             if whole is not None:
-                client.respond_whole(client_head, whole, client_chunked, keep_alive)
+                client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
             else:
                 client.start_response(client_head, client_chunked, keep_alive, conn)
                 await conn.deliver(client.write_body, rt.policy.timeouts.per_try)
@@ -361,7 +361,7 @@ class Exchange:
                 rt.breaker.record_ignored(permit)
             raise
         if whole is None:
-            client.end_response()
+            client.end_response(conn.trailers)
         now = rt.clock.monotonic()
         duration = now - self.started
         if not failed:

@@ -2,6 +2,11 @@
 
 Both drop hop-by-hop headers (RFC 9110 §7.6.1) and any header a ``Connection`` header names; the request side
 appends the client to ``X-Forwarded-For`` and sets Host and the framing the sidecar chose for the body.
+
+Trailers: a client's ``TE: trailers`` is forwarded (as ``TE: trailers`` only, with the ``TE`` connection option
+RFC 9110 §10.1.4 asks for), and an upstream's chunked trailer section is relayed to a client that is answered
+chunked (``trailer_section``), with the ``Trailer`` header that announces it. A client answered without chunking
+(HTTP/1.0, or a HEAD) cannot receive trailers: they are dropped there, as RFC 9112 §7.1.2 allows.
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ def request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: b
         b"\r\n",
     ]
     forwarded_for = None
+    te_trailers = False
     dropped = req.connection_tokens
     for name, value in req.headers:
         lowered = name.lower()
         if lowered in _NOT_FORWARDED or (dropped and lowered in dropped):
             if lowered == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif lowered == b"te" and not te_trailers and _accepts_trailers(value):
+                te_trailers = True
+                parts.append(b"te: trailers\r\nconnection: te\r\n")  # other codings are the client's own hop's
             continue
         parts += [name, b": ", value, b"\r\n"]
     parts += [
@@ -43,6 +52,10 @@ def request_head(rt: UpstreamRuntime, req: Request, authority: bytes, framing: b
         b"\r\n",
     ]
     return b"".join(parts)
+
+
+def _accepts_trailers(te: bytes) -> bool:
+    return any(token.split(b";", 1)[0].strip() == b"trailers" for token in te.lower().split(b","))
 
 
 _SET_BY_SIDECAR = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for"})
@@ -59,6 +72,8 @@ def response_head(
         if lowered in wire.HOP_BY_HOP:
             if lowered == b"connection":
                 listed = value if listed is None else listed + b"," + value
+            elif lowered == b"trailer" and client_chunked:
+                parts += (name, b": ", value, b"\r\n")  # announces trailers this client will get
             continue
         parts += (name, b": ", value, b"\r\n")
     if listed is not None and listed.lower() not in _CONNECTION_OPTIONS:
@@ -67,7 +82,9 @@ def response_head(
             parts = [parts[0]]
             for name, value in head.headers:
                 lowered = name.lower()
-                if lowered not in wire.HOP_BY_HOP and lowered not in named:
+                if lowered not in named and (
+                    lowered not in wire.HOP_BY_HOP or (lowered == b"trailer" and client_chunked)
+                ):
                     parts += (name, b": ", value, b"\r\n")
     if client_chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
@@ -80,6 +97,25 @@ def response_head(
 
 
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
+
+# Fields a trailer section must not carry (RFC 9110 §6.5.1: framing, routing, payload processing): a client might
+# act on them as if they were in the head, so they are dropped rather than relayed.
+_NOT_IN_TRAILERS = wire.HOP_BY_HOP | frozenset(
+    {b"content-length", b"host", b"content-encoding", b"content-type", b"content-range", b"set-cookie"}
+)
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def trailer_section(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """The end of a chunked body: the last chunk with the upstream's trailer fields that may be relayed."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in _NOT_IN_TRAILERS:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 _AUTHORITIES: dict[Target, bytes] = {}

@@ -21,6 +21,7 @@ from proxy.http import wire
 from proxy.http.answers import fail_fast
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
+from proxy.http.heads import trailer_section
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, validate_head
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
@@ -341,7 +342,9 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self._closing:
             self.transport.write(head)
 
-    def respond_whole(self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool) -> None:
+    def respond_whole(
+        self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool, trailers: wire.Headers | None = None
+    ) -> None:
         """Head and a body already complete, in one write (one syscall for the common small answer)."""
         self._response_started = True
         self.keep_alive = keep_alive
@@ -352,7 +355,7 @@ class ClientConnection(asyncio.Protocol):
             for chunk in chunks:
                 if chunk:
                     parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            parts.append(b"0\r\n\r\n")
+            parts.append(trailer_section(trailers))
             self.transport.write(b"".join(parts))
         elif not chunks:
             self.transport.write(head)
@@ -370,9 +373,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             transport.write(data)
 
-    def end_response(self) -> None:
+    def end_response(self, trailers: wire.Headers | None = None) -> None:
         if self._chunked_out and self.transport is not None and not self._closing:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(trailer_section(trailers))
         self._upstream = None
 
     def abort(self) -> None:

@@ -26,8 +26,10 @@ class ResponseSink(Protocol):
     def send_local(self, status: int, body: bytes, content_type: bytes, headers: Headers) -> None:
         """A whole answer the sidecar makes (errors, overload)."""
 
-    def respond_whole(self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool) -> None:
-        """An upstream answer already complete: head and body in one write."""
+    def respond_whole(
+        self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool, trailers: Headers | None = None
+    ) -> None:
+        """An upstream answer already complete: head and body (and, chunked, its trailers) in one write."""
 
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         """The head of a streamed answer; ``upstream`` is paused while the client cannot keep up."""
@@ -35,8 +37,8 @@ class ResponseSink(Protocol):
     def write_body(self, data: bytes) -> None:
         """One body chunk of a streamed answer."""
 
-    def end_response(self) -> None:
-        """The streamed answer is complete."""
+    def end_response(self, trailers: Headers | None = None) -> None:
+        """The streamed answer is complete; a chunked one ends with the upstream's relayable trailers."""
 
     def abort(self) -> None:
         """Cut the answer short: the client sees a truncated body, never a second status line."""

@@ -88,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = home
         self._max_head_bytes = max_head_bytes
         self._head_bytes = 0  # of the trailer section: a peer must not grow it forever
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # a chunked answer's trailer section, if it had one
         self._head_bytes_read = 0  # raw bytes received before the head was complete
         self._bad = ""  # why a parser callback refused the answer
         self.failure: UpstreamError | None = None  # how the exchange broke, if it did
@@ -196,10 +197,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head is None:
             self._headers.append((name, value))
             return
-        # A chunked trailer section: not relayed (yet), only bounded like a head.
+        # A chunked answer's trailer section: kept for the client (see ``relayable_trailers``), bounded like a head.
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             self._refuse(f"upstream trailer section larger than {self._max_head_bytes} bytes")
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append((name, value))
 
     def _refuse(self, why: str) -> typing.NoReturn:
         self._bad = why
@@ -268,6 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self._received_any = False
         self._head_bytes = self._head_bytes_read = 0
+        self.trailers = None
         self.failure = None
         self._head_only = head_only
         self._done_waiter = None

@@ -176,8 +176,9 @@ def test_hop_by_hop_and_connection_named_headers_are_stripped_and_xff_appended(s
     for name, value in headers:
         assert name.lower() not in sent, f"{name!r} sent twice"
         sent[name.lower()] = value
-    for hop in (b"connection", b"x-secret", b"keep-alive", b"te", b"upgrade", b"proxy-connection"):
+    for hop in (b"x-secret", b"keep-alive", b"upgrade", b"proxy-connection"):
         assert hop not in sent, hop
+    assert sent[b"te"] == b"trailers" and sent[b"connection"] == b"te", "TE: trailers passes, as the sidecar's own"
     assert body == b"hello" and sent[b"content-length"] == b"5", "naming Content-Length in Connection is ignored"
     # Spoofed entries are kept (the sidecar cannot know them false) but the real peer is always appended last.
     assert sent[b"x-forwarded-for"] == b"203.0.113.9, 198.51.100.7, 10.0.0.1, 127.0.0.1"

@@ -46,7 +46,9 @@ class RecordingSink:
         self.calls.append("local")
         self.local.append((status, dict(headers)))
 
-    def respond_whole(self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool) -> None:
+    def respond_whole(
+        self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool, trailers: Headers | None = None
+    ) -> None:
         self.calls.append("whole")
         self.out += head + b"".join(chunks)
 
@@ -57,7 +59,7 @@ class RecordingSink:
     def write_body(self, data: bytes) -> None:
         self.out += data
 
-    def end_response(self) -> None:
+    def end_response(self, trailers: Headers | None = None) -> None:
         self.calls.append("end")
 
     def abort(self) -> None:

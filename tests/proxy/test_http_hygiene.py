@@ -96,8 +96,10 @@ async def test_hop_by_hop_headers_are_stripped_both_ways_and_xff_appended(tmp_pa
                 read_timeout=0.5,
             )
     sent = {k.lower(): v for k, v in upstream.requests[0][1]}
-    for hop in (b"connection", b"keep-alive", b"x-client-hop", b"te", b"proxy-connection", b"upgrade"):
+    for hop in (b"keep-alive", b"x-client-hop", b"proxy-connection", b"upgrade"):
         assert hop not in sent, hop
+    # TE: trailers is the one hop-by-hop field passed on, as the sidecar's own (with its connection option).
+    assert sent[b"te"] == b"trailers" and sent[b"connection"] == b"te"
     assert sent[b"x-end-to-end"] == b"kept"
     assert sent[b"x-forwarded-for"] == b"203.0.113.9, 127.0.0.1"
     head = answer.split(b"\r\n\r\n")[0].lower()
