@@ -18,10 +18,11 @@ IN_VENV := PATH="$(CURDIR)/$(VENV_BIN):$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # Debian packages the tests start for real: Chromium (dashboard), Prometheus + promtool (scrape, alert rules),
-# docker-compose (compose file validation), nginx/HAProxy/Caddy/wrk (benchmarks), Redis and PostgreSQL (L4);
+# docker-compose (compose file validation), nginx/HAProxy/Caddy/wrk (benchmarks), Redis and PostgreSQL (L4),
+# ApacheBench (apache2-utils: an HTTP/1.0 keep-alive client);
 # python3-venv, without which Debian's own Python cannot create .venv.
 DEBIAN_PACKAGES := chromium prometheus docker-compose nginx-light haproxy caddy wrk redis-server postgresql \
-	curl ca-certificates python3-venv
+	curl ca-certificates apache2-utils python3-venv
 
 .PHONY: run test deps python-deps venv lint bench
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.support.sidecar import listener_url, running_sidecar, write_policy
+from tests.support.tools import require_tool
 
 
 @contextlib.asynccontextmanager
@@ -78,3 +79,34 @@ async def test_a_chunked_answer_to_an_http_1_0_client_ends_with_a_close(tmp_path
             head, body = answer.split(b"\r\n\r\n", 1)
             assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
             assert b"transfer-encoding" not in head.lower() and body == b"one two"
+
+
+async def test_apachebench_keep_alive_completes_through_the_sidecar_as_directly(tmp_path: Path) -> None:
+    """ApacheBench (``ab -k``) speaks HTTP/1.0 with ``Connection: keep-alive`` and waits for the grant: without
+    it every request hung until ab's timeout. Bounded: 200 requests on 4 connections, each side."""
+    ab = require_tool("ab", "Debian package apache2-utils")
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    async def run_ab(url: str) -> dict[str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            ab, "-k", "-n", "200", "-c", "4", "-s", "5", url, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        fields = {}
+        for line in out.decode().splitlines():
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip()] = value.strip()
+        return fields
+
+    async with serving(hello) as port:
+        direct = await run_ab(f"http://127.0.0.1:{port}/")
+        policy = write_policy(tmp_path / "p.yaml", {"old": {"targets": [f"http://127.0.0.1:{port}"]}})
+        async with running_sidecar(policy) as sidecar:
+            proxied = await run_ab(listener_url(sidecar, "old") + "/")
+    for fields in (direct, proxied):
+        assert fields["Complete requests"] == "200" and fields["Failed requests"] == "0"
+        assert fields["Keep-Alive requests"] == "200", "every request on a kept connection"
