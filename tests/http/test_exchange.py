@@ -54,6 +54,10 @@ class RecordingSink:
         self.calls.append("start")
         self.out += head
 
+    def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.BaseProtocol, list[bytes]] | None:
+        self.calls.append("switch")
+        return None
+
     def write_body(self, data: bytes) -> None:
         self.out += data
 
