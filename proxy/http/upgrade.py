@@ -154,9 +154,10 @@ async def relay(
     away cancels this, which aborts both sides."""
     taken = client.switch_protocols()
     upstream_transport = conn.transport
-    if taken is None or upstream_transport is None or conn.closed:
+    if taken is None or upstream_transport is None:
         conn.abort()
         return  # the client is gone (the upstream's 101 is counted, and that is all)
+    # An upstream already gone still has its 101 (and what followed it) delivered, then the close: as directly.
     link = Relay(rt.policy.timeouts.idle)
     link.start(taken, (upstream_transport, conn, conn.upgraded_tail), switching_head(head, attempts))
     stats = rt.stats
