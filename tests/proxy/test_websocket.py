@@ -264,3 +264,44 @@ async def test_a_101_nobody_asked_for_or_without_upgrade_is_a_bad_response(tmp_p
     for answer in (unasked, without_upgrade):
         assert status_and_reason(answer) == (502, "bad_response"), answer
         assert answer.count(b"HTTP/1.1 ") == 1 and b"\x81\x02hi" not in answer
+
+
+async def test_a_client_that_stops_reading_stops_the_upstream_being_read(tmp_path: Path) -> None:
+    """Back-pressure through the relay: the sidecar buffers a window, not the stream."""
+    total, chunk = 64 << 20, b"x" * (256 << 10)
+    sent = 0
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        while sent < total:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+        await reader.read()
+
+    async with tcp_server(flood) as (_, upstream_port):
+        with sidecar(tmp_path, upstream_port, timeouts={"idle": "10s"}) as (_, _, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+            try:
+                writer.write(HANDSHAKE)
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                writer.transport.pause_reading()  # the client stops reading
+
+                async def stalled() -> bool:
+                    before = sent
+                    await asyncio.sleep(0.3)
+                    return 0 < sent == before
+
+                await eventually(stalled, timeout=10, what="the upstream held back while the client does not read")
+                assert sent < total // 2, f"{sent} of {total} bytes left the upstream"
+                writer.transport.resume_reading()
+                received = 0
+                while received < total:
+                    data = await asyncio.wait_for(reader.read(1 << 20), 5)
+                    assert data, f"closed after {received} bytes"
+                    received += len(data)
+                assert received == total
+            finally:
+                writer.close()
