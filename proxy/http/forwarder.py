@@ -412,7 +412,11 @@ class Exchange:
                 self.req.path.decode("latin-1"),
                 extra={"event": "request", "upstream": rt.name, "status": 101, "attempts": self.attempts},
             )
-        await relay(rt, self.client, conn, head, self.attempts)
+        state.outstanding += 1  # an open relay is an active request to its target (least_request)
+        try:
+            await relay(rt, self.client, conn, head, self.attempts)
+        finally:
+            state.outstanding -= 1
 
     def _discard_answer(self) -> bool:
         """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""

@@ -150,8 +150,9 @@ async def relay(
     rt: UpstreamRuntime, client: ResponseSink, conn: UpstreamConnection, head: ResponseHead, attempts: int
 ) -> None:
     """Serve an upgraded connection until it ends; it owns ``conn`` from here on. It is counted open
-    (``sidecar_upgraded_connections``) meanwhile, and the caller's bulkhead slot stays held. A client that goes
-    away cancels this, which aborts both sides."""
+    (``sidecar_upgraded_connections``) meanwhile, and the caller's bulkhead slot stays held. Either side going
+    away ends it (the other is closed once what is buffered for it is sent); a drain that runs out of time
+    aborts the client side, which ends it the same way."""
     taken = client.switch_protocols()
     upstream_transport = conn.transport
     if taken is None or upstream_transport is None:
@@ -159,13 +160,15 @@ async def relay(
         return  # the client is gone (the upstream's 101 is counted, and that is all)
     # An upstream already gone still has its 101 (and what followed it) delivered, then the close: as directly.
     link = Relay(rt.policy.timeouts.idle)
-    link.start(taken, (upstream_transport, conn, conn.upgraded_tail), switching_head(head, attempts))
     stats = rt.stats
     stats.upgraded += 1
     try:
+        link.start(taken, (upstream_transport, conn, conn.upgraded_tail), switching_head(head, attempts))
         await link.done
-    except asyncio.CancelledError:
-        link.abort()
+    except BaseException:
+        if not link.done.done():  # cancelled mid-relay, or a bug: drop both sides, leave nothing open
+            link.abort()
+            conn.abort()
         raise
     finally:
         stats.upgraded -= 1
