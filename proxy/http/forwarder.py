@@ -5,6 +5,7 @@
             retryable for this method and outcome, body replayable, budget allows, total allows
             → backoff (clock.sleep) → again, on another target if there is one
         otherwise → stream the answer (or make one) to the client
+        a 101 to an upgrade request → a success; both connections become a byte relay (``proxy.http.upgrade``)
 
 A stale pooled connection (closed by the upstream while idle) is retried once on a fresh connection without
 counting as an attempt when nothing of the request can have been processed.

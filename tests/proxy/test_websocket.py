@@ -305,3 +305,29 @@ async def test_a_client_that_stops_reading_stops_the_upstream_being_read(tmp_pat
                 assert received == total
             finally:
                 writer.close()
+
+
+async def test_a_handshake_pipelined_behind_a_request_is_answered_in_turn(tmp_path: Path) -> None:
+    async def plain_then_switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET /plain "):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+
+    async def talk(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /plain HTTP/1.1\r\nHost: svc\r\n\r\n" + HANDSHAKE + b"early bytes")
+            return await asyncio.wait_for(reader.readuntil(b"EARLY BYTES"), 5)
+        finally:
+            writer.close()
+
+    async with tcp_server(plain_then_switch) as (_, upstream_port):
+        direct = await talk(upstream_port)
+        with sidecar(tmp_path, upstream_port) as (_, _, port):
+            proxied = await talk(port)
+    for answer in (direct, proxied):
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1 ") == 2
+        switched = answer.split(b"ok", 1)[1]
+        assert switched.startswith(b"HTTP/1.1 101 ") and switched.endswith(b"\r\n\r\nEARLY BYTES")
