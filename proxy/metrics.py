@@ -51,6 +51,9 @@ METRICS: dict[str, MetricSpec] = {
         "counter", ("upstream", "kind"), f"Failed attempts: {', '.join([*FailureKind, FAILED_ANSWER])}."
     ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
+    "sidecar_upgraded_connections": MetricSpec(
+        "gauge", ("upstream",), "Upgraded connections (WebSocket) open: relaying after a 101."
+    ),
     "sidecar_pending_requests": MetricSpec("gauge", ("upstream",), "Requests waiting for a concurrency slot."),
     "sidecar_upstream_connections": MetricSpec(
         "gauge", ("upstream", "state"), "Pooled upstream connections, idle or active."
@@ -89,6 +92,7 @@ class UpstreamStats:
     transitions: dict[tuple[str, str], int] = field(default_factory=dict)
     inflight: int = 0
     pending: int = 0
+    upgraded: int = 0  # connections relaying after a 101 (also in ``inflight``: each holds its bulkhead slot)
     checks: dict[str, int] = field(default_factory=dict)
 
     def answered(self, status: int, duration: float) -> None:
@@ -171,6 +175,7 @@ class SidecarCollector(Collector):
                 add("sidecar_upstream_failures_total", [up, kind], count)
             add("sidecar_inflight_requests", [up], stats.inflight)
             add("sidecar_pending_requests", [up], stats.pending)
+            add("sidecar_upgraded_connections", [up], stats.upgraded)
             idle, active = view.connections()
             add("sidecar_upstream_connections", [up, "idle"], idle)
             add("sidecar_upstream_connections", [up, "active"], active)

@@ -5,6 +5,7 @@
             retryable for this method and outcome, body replayable, budget allows, total allows
             → backoff (clock.sleep) → again, on another target if there is one
         otherwise → stream the answer (or make one) to the client
+        a 101 to an upgrade request → a success; both connections become a byte relay (``proxy.http.upgrade``)
 
 A stale pooled connection (closed by the upstream while idle) is retried once on a fresh connection without
 counting as an attempt when nothing of the request can have been processed.
@@ -22,6 +23,7 @@ from proxy.http import wire
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
+from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
@@ -289,6 +291,10 @@ class Exchange:
             framing = b"content-length: %d\r\n" % body.length
         else:
             framing = b"transfer-encoding: chunked\r\n"
+        upgrade = req.upgrade
+        conn.upgrade_asked = upgrade is not None
+        if upgrade is not None:  # a bodiless GET (``mark_upgrade``): its Connection/Upgrade go with it
+            framing = b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
         head = request_head(self.rt, req, authority_of(state.target), framing)
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
@@ -333,6 +339,9 @@ class Exchange:
     async def _deliver(self, head: ResponseHead, state: TargetState, failed: bool = False) -> None:
         rt, client, conn = self.rt, self.client, self.conn
         assert conn is not None
+        if head.status == 101:
+            await self._switch(head, state, conn)
+            return
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
         # Without a length or chunking to offer the client, only closing the connection can end the body.
         keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
@@ -385,6 +394,30 @@ class Exchange:
                 },
             )
         self._release(abort=False)
+
+    async def _switch(self, head: ResponseHead, state: TargetState, conn: UpstreamConnection) -> None:
+        """A 101: the handshake succeeded (recorded now, not when the relay ends); then relay until either side
+        closes, holding the bulkhead slot (proxy.http.upgrade). Never retried, never pooled."""
+        rt = self.rt
+        permit, self.permit, self.conn = self.permit, None, None
+        now = rt.clock.monotonic()
+        if permit is not None:
+            rt.breaker.record_success(permit, now, now - self.started)
+        if rt.balancer.detector is not None:
+            rt.report_target(state, ok=True, now=now)
+        rt.stats.answered(101, now - self.started)
+        if self.client.log_requests:
+            log.info(
+                "%s %s -> 101",
+                self.req.method,
+                self.req.path.decode("latin-1"),
+                extra={"event": "request", "upstream": rt.name, "status": 101, "attempts": self.attempts},
+            )
+        state.outstanding += 1  # an open relay is an active request to its target (least_request)
+        try:
+            await relay(rt, self.client, conn, head, self.attempts)
+        finally:
+            state.outstanding -= 1
 
     def _discard_answer(self) -> bool:
         """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""

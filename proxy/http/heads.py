@@ -127,3 +127,13 @@ def authority_of(target: Target) -> bytes:
     if authority is None:
         authority = _AUTHORITIES[target] = target.authority.encode()
     return authority
+
+
+def chunked_answer(head: bytes, chunks: list[bytes], trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """A whole answer in hand, chunk-framed for the client (its length was not known), with its trailers."""
+    parts = [head]
+    for chunk in chunks:
+        if chunk:
+            parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+    parts.append(trailer_section(trailers))
+    return b"".join(parts)

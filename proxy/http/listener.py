@@ -21,8 +21,8 @@ from proxy.http import wire
 from proxy.http.answers import fail_fast
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
-from proxy.http.heads import trailer_section
-from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, validate_head
+from proxy.http.heads import chunked_answer, trailer_section
+from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
 
@@ -51,15 +51,6 @@ class _Phase(enum.Enum):
 
 # Members bound once: reading an attribute of an Enum class costs ~60 ns in CPython 3.11, several per request.
 _NEW, _IDLE, _HEAD, _BUSY = _Phase.NEW, _Phase.IDLE, _Phase.HEAD, _Phase.BUSY
-
-
-def _is_http09(data: bytes, parser: httptools.HttpRequestParser) -> bool:
-    """A head left waiting after a request line with no version (``GET /``): llhttp would wait for headers that
-    HTTP/0.9 never sends; HAProxy answers 400 at once. Looked at only when a head is left incomplete."""
-    if not data.endswith(b"\n") or parser.get_http_version() != "0.0":
-        return False
-    start = data.rfind(b"\n", 0, len(data) - 1) + 1
-    return data.count(b" ", start) == 1
 
 
 class ClientConnection(asyncio.Protocol):
@@ -102,6 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False  # the transport's buffer is above its high-water mark: the client lags
         self._write_paused_since = 0.0
         self._held: Request | None = None  # served, but the next request waits for the client to read
+        self._upgrading: list[bytes] | None = None  # an upgrade request is forwarded: the bytes read past it
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -127,10 +119,13 @@ class ClientConnection(asyncio.Protocol):
             if self._parser.get_method() == b"CONNECT":
                 self._reject(405, CONNECT_REFUSED)
                 return
-            # Upgrade is hop-by-hop and not relayed (yet): the request was served as the plain HTTP/1.1 request it
-            # also is, as nginx does, and llhttp stopped where it ended. What follows is the next request.
-            self._parser = httptools.HttpRequestParser(self)
             consumed = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            if self._upgrading is not None:  # forwarded as an upgrade: nothing after it is parsed (see mark_upgrade)
+                self._upgrading.append(data[consumed:])
+                self._pause_reading()
+                return
+            # Not upgraded (h2c, not a GET, HTTP/1.0): served as plain HTTP/1.1 like nginx; the next request follows.
+            self._parser = httptools.HttpRequestParser(self)
             if consumed < len(data):
                 self.data_received(data[consumed:])
         except httptools.HttpParserCallbackError:
@@ -144,7 +139,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
         else:
-            if self._phase is _HEAD and _is_http09(data, self._parser):
+            if self._phase is _HEAD and is_http09(data, self._parser):
                 self._reject(400, "HTTP/0.9 requests are not served")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -213,6 +208,8 @@ class ClientConnection(asyncio.Protocol):
                 bool(parser.should_keep_alive()),
                 self._client_ip,
             )
+            if req.connection_tokens and b"upgrade" in req.connection_tokens and parser.should_upgrade():
+                self._upgrading = [] if mark_upgrade(req) else None
         except RequestRejected as exc:
             self._refuse(exc.status, str(exc))
         if req.has_body:
@@ -334,6 +331,14 @@ class ClientConnection(asyncio.Protocol):
             wire.local_response(status, body, content_type, headers, self.keep_alive, http11=self.http11)
         )
 
+    def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.Protocol, list[bytes]] | None:
+        """A 101: the relay takes the transport over (its timer is harmless), with the bytes read past the head."""
+        transport, tail, self._upgrading = self.transport, self._upgrading or [], None
+        if transport is None or self._closing or transport.is_closing():
+            return None
+        self._response_started = True
+        return transport, self, tail
+
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         self._response_started = True
         self._chunked_out = chunked
@@ -351,12 +356,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None or self._closing:
             return
         if chunked:
-            parts = [head]
-            for chunk in chunks:
-                if chunk:
-                    parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            parts.append(trailer_section(trailers))
-            self.transport.write(b"".join(parts))
+            self.transport.write(chunked_answer(head, chunks, trailers))
         elif not chunks:
             self.transport.write(head)
         elif len(chunks) == 1 and len(chunks[0]) < _JOIN_LIMIT:

@@ -41,6 +41,7 @@ class Request:
         "method",
         "method_bytes",
         "path",
+        "upgrade",
     )
 
     def __init__(
@@ -65,6 +66,7 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.connection_tokens: frozenset[bytes] = frozenset()
+        self.upgrade: bytes | None = None  # the protocols an upgrade request forwards (see ``upgrade_protocols``)
 
     @property
     def has_body(self) -> bool:
@@ -88,6 +90,15 @@ def origin_form(url: bytes) -> bytes:
         path = parsed.path or b"/"
         return path + (b"?" + parsed.query if parsed.query else b"")
     raise RequestRejected(400, "request target must be a path")
+
+
+def is_http09(data: bytes, parser: httptools.HttpRequestParser) -> bool:
+    """A head left waiting after a request line with no version (``GET /``): llhttp would wait for headers that
+    HTTP/0.9 never sends; HAProxy answers 400 at once. Looked at only when a head is left incomplete."""
+    if not data.endswith(b"\n") or parser.get_http_version() != "0.0":
+        return False
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    return data.count(b" ", start) == 1
 
 
 def validate_head(
@@ -120,3 +131,32 @@ def validate_head(
     if hosts == 0 and http11:
         raise RequestRejected(400, "missing Host header")
     return req
+
+
+def mark_upgrade(req: Request) -> bool:
+    """A request llhttp takes for an upgrade (``Connection: upgrade`` and ``Upgrade``): True if it is forwarded as
+    one (``req.upgrade``: the protocols to ask for), False to serve it as the plain HTTP/1.1 request it also is,
+    with Upgrade dropped, as nginx does.
+
+    Only a bodiless HTTP/1.1 GET is upgraded (RFC 6455 §4.1; RFC 9110 §7.8: Upgrade is ignored in HTTP/1.0), and
+    never to ``h2c``. A body cannot be read at all: llhttp stops at the end of the head of an upgrade request, so
+    the body would be taken for the next request — refused instead, never forwarded. An upgrade request is the
+    last one read on its connection: after a 101 the connection is a relay, after any other answer it closes
+    (bytes sent past the head are relayed, or dropped, never parsed as a request).
+    """
+    if req.has_body:
+        raise RequestRejected(400, "a request with both Upgrade and a body is not served")
+    if not req.http11 or req.method != "GET":
+        return False
+    tokens = [
+        token
+        for name, value in req.headers
+        if name.lower() == b"upgrade"
+        for token in (t.strip() for t in value.split(b","))
+        if token and token.lower() != b"h2c"
+    ]
+    if not tokens:
+        return False
+    req.upgrade = b", ".join(tokens)
+    req.keep_alive = False
+    return True

@@ -6,6 +6,7 @@ forwarder never imports the listener (no cycle), and an ``Exchange`` can be test
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from proxy.http.wire import Headers
@@ -33,6 +34,10 @@ class ResponseSink(Protocol):
 
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         """The head of a streamed answer; ``upstream`` is paused while the client cannot keep up."""
+
+    def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.BaseProtocol, list[bytes]] | None:
+        """A 101 to an upgrade request: the client's transport for the relay to take over, the protocol that
+        still hears of its end, and the bytes the client sent past its request head; None if the client is gone."""
 
     def write_body(self, data: bytes) -> None:
         """One body chunk of a streamed answer."""

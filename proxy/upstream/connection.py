@@ -118,6 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_timeout = 0.0
         self._held_by_client = False  # reading paused because the client's buffer is full
         self._out_of_step = False
+        self.upgrade_asked = False  # the request asks to Upgrade: a 101 is an answer, and the connection not reused
+        self.upgraded_tail = b""  # after a 101: what the upstream sent past its head, for the relay
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -132,8 +134,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(BadResponse("upstream switched protocols unasked (101)"))
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._head is None or self._head.status != 101:
+                self._fail(BadResponse("upstream switched protocols unasked (101)"))
+                return
+            # Switched (a 101 to an upgrade request): stop reading until the relay takes the connection over.
+            offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            self.upgraded_tail = data[offset:]
+            if self.transport is not None:
+                self.transport.pause_reading()
             return
         except httptools.HttpParserError as exc:
             if self._bad:
@@ -215,10 +224,15 @@ class UpstreamConnection(asyncio.Protocol):
             if status < 100 or status > 599:
                 self._refuse(f"upstream sent status {status:03d}")
             if status == 101:
-                self._refuse("upstream switched protocols unasked (101)")  # the sidecar never forwards Upgrade
-            # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
-            self._headers = []
-            return
+                if not self.upgrade_asked:
+                    self._refuse("upstream switched protocols unasked (101)")
+                if not self._parser.should_upgrade():
+                    self._refuse("upstream answered 101 without Connection: upgrade and Upgrade")
+                # The final answer: a head without a body (framing "eof", not kept alive); the relay follows.
+            else:
+                # Interim answers (100 Continue, 103 Early Hints) are not forwarded; the real one follows.
+                self._headers = []
+                return
         headers = self._headers
         framing, length = "eof", None
         for name, value in headers:
@@ -373,6 +387,7 @@ class UpstreamConnection(asyncio.Protocol):
             and head.keep_alive
             and self.request_complete
             and not self._out_of_step
+            and not self.upgrade_asked
             and not self.closed
             and transport is not None
             and not transport.is_closing()

@@ -601,6 +601,21 @@ def corpus() -> list[Vector]:
         GET,
     )
     add("upgrade_without_connection", head(0, fields=b"Upgrade: h2c\r\n") + sentinel(1), GET, GET)
+    # An upgrade request's body: llhttp stops at the head, so a proxy reading on would take it for a request.
+    for proto in (b"websocket", b"h2c"):
+        upgrade = b"Connection: Upgrade\r\nUpgrade: " + proto + b"\r\n"
+        add(
+            f"upgrade_{proto.decode()}_cl_body_smuggle",
+            head(0, b"POST", fields=upgrade + b"Content-Length: %d\r\n" % len(SMUGGLED)) + SMUGGLED + sentinel(1),
+            Req(b"POST", SMUGGLED),
+            GET,
+        )
+        add(
+            f"upgrade_{proto.decode()}_te_body_smuggle",
+            head(0, b"POST", fields=upgrade + post_te) + _chunk(SMUGGLED) + sentinel(1),
+            Req(b"POST", SMUGGLED),
+            GET,
+        )
 
     # --- pipelines mixing valid and invalid requests
     bad = head(1, fields=b"X-A : b\r\n")

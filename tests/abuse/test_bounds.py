@@ -239,7 +239,9 @@ def test_an_http_0_9_request_is_refused_at_once(bench: Bench, line: bytes) -> No
     assert len(bench.recording.requests) == before
 
 
-def test_an_upgrade_request_is_served_once_as_plain_http_and_the_next_request_follows(bench: Bench) -> None:
+def test_an_upgrade_answered_without_101_gets_one_answer_and_nothing_after_it_is_read(bench: Bench) -> None:
+    """A WebSocket handshake is forwarded with its Upgrade; an answer other than 101 is the only one, the
+    connection closes after it, and the bytes pipelined behind the handshake never reach the upstream."""
     before = len(bench.recording.requests)
     answer = request(
         bench.port("svc"),
@@ -247,7 +249,38 @@ def test_an_upgrade_request_is_served_once_as_plain_http_and_the_next_request_fo
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         b"GET /next HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
     )
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200"), answer[:400]
+    assert b"connection: close" in answer.lower()
+    forwarded = bench.recording.requests[before:]
+    assert [url for url, _, _ in forwarded] == [b"/ws"]
+    sent = {name.lower(): value for name, value in forwarded[0][1]}
+    assert sent[b"upgrade"] == b"websocket" and sent[b"connection"] == b"upgrade"
+    assert sent[b"sec-websocket-key"] == b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def test_an_h2c_upgrade_is_served_once_as_plain_http_and_the_next_request_follows(bench: Bench) -> None:
+    before = len(bench.recording.requests)
+    answer = request(
+        bench.port("svc"),
+        b"GET /h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+    )
     assert answer.count(b"HTTP/1.1 ") == 2 and b" 501 " not in answer, answer[:400]
     forwarded = bench.recording.requests[before:]
-    assert [url for url, _, _ in forwarded] == [b"/ws", b"/next"]
-    assert b"upgrade" not in {name.lower() for name, _ in forwarded[0][1]}
+    assert [url for url, _, _ in forwarded] == [b"/h2c", b"/next"]
+    assert not {b"upgrade", b"http2-settings"} & {name.lower() for name, _ in forwarded[0][1]}
+
+
+def test_an_upgrade_request_with_a_body_is_refused_and_its_body_never_parsed(bench: Bench) -> None:
+    """llhttp stops at the head of an upgrade request, so its body would be read as the next request."""
+    before = len(bench.recording.requests)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n"
+    answer = request(
+        bench.port("svc"),
+        b"POST /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
+    )
+    assert status_and_reason(answer) == (400, "bad_request"), answer[:400]
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert bench.recording.requests[before:] == []

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.http.forwarder import forward
-from proxy.http.request import Request, validate_head
+from proxy.http.request import Request, mark_upgrade, validate_head
 from proxy.http.wire import Headers
 from proxy.policy.loader import load_text
 from proxy.resilience.breaker import Override, State
@@ -55,6 +55,10 @@ class RecordingSink:
     def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
         self.calls.append("start")
         self.out += head
+
+    def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.BaseProtocol, list[bytes]] | None:
+        self.calls.append("switch")
+        return None
 
     def write_body(self, data: bytes) -> None:
         self.out += data
@@ -180,3 +184,24 @@ async def test_a_breaker_opening_during_the_backoff_after_a_5xx_answers_breaker_
     assert len(upstream.heads) == 1
     assert sink.calls == ["raw"]
     assert sink.out.startswith(b"HTTP/1.1 503 ") and b"x-sidecar-reason: breaker_open\r\n" in sink.out
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize("upstream", [[answer(503), SWITCHING]], indirect=True)
+async def test_an_upgrade_is_retried_on_a_5xx_and_its_101_is_a_success_never_pooled(upstream: CannedUpstream) -> None:
+    rt, sink = runtime(upstream.port), RecordingSink()
+    req = validate_head(
+        b"GET", b"/ws", [(b"Host", b"svc"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")], True, True, b"1"
+    )
+    assert mark_upgrade(req)
+    await forward(rt, req, sink)
+    assert sink.calls == ["switch"]  # the recording sink is a client already gone: nothing is relayed
+    assert len(upstream.heads) == 2
+    for head in upstream.heads:
+        assert b"\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n" in head
+    snapshot = rt.breaker.snapshot(rt.clock.monotonic())
+    assert (snapshot.total_failures, snapshot.total_successes) == (1, 1)
+    assert rt.stats.requests == {101: 1} and rt.stats.retries == 1 and rt.stats.upgraded == 0
+    assert rt.balancer.connection_counts()[0] == 0, "an upgrade request's connection is never pooled"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.http.request import Request, RequestRejected, origin_form, validate_head
+from proxy.http.request import Request, RequestRejected, mark_upgrade, origin_form, validate_head
 
 HOST = [(b"Host", b"svc")]
 
@@ -95,3 +95,35 @@ def test_a_body_is_announced_by_length_or_chunking_only() -> None:
     assert not head([*HOST, (b"Content-Length", b"0")]).has_body
     assert not head(HOST).has_body
     assert head([*HOST, (b"Transfer-Encoding", b"chunked")]).has_body
+
+
+UPGRADE = [*HOST, (b"Connection", b"Upgrade")]
+
+
+@pytest.mark.parametrize(
+    ("upgrade", "method", "http11", "forwarded"),
+    [
+        (b"websocket", b"GET", True, b"websocket"),
+        (b"WebSocket", b"GET", True, b"WebSocket"),
+        (b"h2c, websocket", b"GET", True, b"websocket"),  # h2c is never asked for, the rest is
+        (b"h2c", b"GET", True, None),  # served as plain HTTP/1.1, Upgrade dropped (nginx)
+        (b"websocket", b"GET", False, None),  # RFC 9110 §7.8: Upgrade is ignored in HTTP/1.0
+        (b"websocket", b"OPTIONS", True, None),  # RFC 6455 handshakes are GETs
+    ],
+)
+def test_what_of_an_upgrade_request_is_forwarded(
+    upgrade: bytes, method: bytes, http11: bool, forwarded: bytes | None
+) -> None:
+    req = head([*UPGRADE, (b"Upgrade", upgrade)], method=method, http11=http11)
+    assert mark_upgrade(req) is (forwarded is not None)
+    assert req.upgrade == forwarded
+    assert req.keep_alive is (forwarded is None)  # an upgrade is the last request read on its connection
+
+
+@pytest.mark.parametrize("framing", [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")])
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+def test_an_upgrade_request_with_a_body_is_refused(framing: tuple[bytes, bytes], upgrade: bytes) -> None:
+    req = head([*UPGRADE, (b"Upgrade", upgrade), framing], method=b"POST")
+    with pytest.raises(RequestRejected) as caught:
+        mark_upgrade(req)
+    assert caught.value.status == 400

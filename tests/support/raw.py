@@ -51,6 +51,8 @@ class _Recorder(asyncio.Protocol):
         self.buffer += data
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # answered (a 200, not a 101): the sidecar never reuses the connection of an upgrade request
         except httptools.HttpParserError:
             assert self.transport is not None
             self.transport.close()
