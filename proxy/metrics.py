@@ -38,6 +38,9 @@ METRICS: dict[str, MetricSpec] = {
     "sidecar_breaker_transitions_total": MetricSpec(
         "counter", ("upstream", "from_state", "to_state"), "Breaker state changes."
     ),
+    "sidecar_breaker_health_recoveries_total": MetricSpec(
+        "counter", ("upstream",), "Open or half-open breakers closed by passing active checks (health_check_passed)."
+    ),
     "sidecar_retries_total": MetricSpec("counter", ("upstream",), "Retries sent (attempts after the first)."),
     "sidecar_rejected_total": MetricSpec(
         "counter",
@@ -90,6 +93,7 @@ class UpstreamStats:
     rejected: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     transitions: dict[tuple[str, str], int] = field(default_factory=dict)
+    health_recoveries: int = 0
     inflight: int = 0
     pending: int = 0
     upgraded: int = 0  # connections relaying after a 101 (also in ``inflight``: each holds its bulkhead slot)
@@ -168,6 +172,7 @@ class SidecarCollector(Collector):
                 add("sidecar_breaker_state", [up, state], 1.0 if state == current else 0.0)
             for (from_state, to_state), count in sorted(stats.transitions.items()):
                 add("sidecar_breaker_transitions_total", [up, from_state, to_state], count)
+            add("sidecar_breaker_health_recoveries_total", [up], stats.health_recoveries)
             add("sidecar_retries_total", [up], stats.retries)
             for reason, count in sorted(stats.rejected.items()):
                 add("sidecar_rejected_total", [up, reason], count)

@@ -15,7 +15,7 @@ import time
 from proxy.logs import Throttled
 from proxy.metrics import UpstreamStats, UpstreamView
 from proxy.policy.model import UpstreamPolicy
-from proxy.resilience.breaker import CircuitBreaker, Permit, State, Transition
+from proxy.resilience.breaker import CircuitBreaker, Event, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
@@ -30,6 +30,7 @@ health_log = logging.getLogger("seawall.health")
 _exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 RECENT_TRANSITIONS = 20
+HEALTH_PASSED = Event.HEALTH_PASSED.value
 
 
 class UpstreamRuntime:
@@ -90,6 +91,8 @@ class UpstreamRuntime:
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
+        # Checks passed in a row since the breaker last opened: ``healthy_threshold`` of them close it.
+        self.passes_since_open: int = previous.passes_since_open if previous is not None and same_breaker else 0
         self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
@@ -98,6 +101,10 @@ class UpstreamRuntime:
     def _on_transition(self, transition: Transition) -> None:
         if transition.from_state is transition.to_state:
             return  # a reset of a closed breaker changes nothing worth counting
+        if transition.to_state is State.OPEN:
+            self.passes_since_open = 0  # only checks after the opening speak for a recovery
+        elif transition.reason == HEALTH_PASSED:
+            self.stats.health_recoveries += 1
         self.stats.transition(transition.from_state.value, transition.to_state.value)
         self.recent_transitions.append(transition)
         log.warning(
@@ -142,6 +149,21 @@ class UpstreamRuntime:
                     "detail": result.detail,
                 },
             )
+        self._recover_on_health(result.passed, health.healthy_threshold)
+
+    def _recover_on_health(self, passed: bool, threshold: int) -> None:
+        """``healthy_threshold`` checks passed in a row since the breaker opened close it (Envoy's active
+        checks bring a host back the same way): recovery without waiting out open_duration, with or without
+        traffic. A failing check never opens a breaker: that stays the verdict of real calls."""
+        if not passed:
+            self.passes_since_open = 0
+            return
+        now = self.clock.monotonic()
+        if self.breaker.snapshot(now).state is State.CLOSED:
+            return
+        self.passes_since_open += 1
+        if self.passes_since_open >= threshold:
+            self.breaker.close_on_health(now)
 
     def report_target(
         self, state: TargetState, ok: bool, now: float, kind: str = "", logger: logging.Logger = log

@@ -45,6 +45,7 @@ class Event(enum.Enum):
     PROBE_SUCCEEDED = "probe_succeeded"
     PROBE_FAILED = "probe_failed"
     RESET = "reset"
+    HEALTH_PASSED = "health_check_passed"
 
 
 _TRANSITIONS: dict[tuple[State, Event], State] = {
@@ -55,6 +56,10 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.CLOSED, Event.RESET): State.CLOSED,
     (State.OPEN, Event.RESET): State.CLOSED,
     (State.HALF_OPEN, Event.RESET): State.CLOSED,
+    # Active checks passed (``healthy_threshold`` in a row since it opened): the upstream is back without
+    # waiting out open_duration or for a request to probe it.
+    (State.OPEN, Event.HEALTH_PASSED): State.CLOSED,
+    (State.HALF_OPEN, Event.HEALTH_PASSED): State.CLOSED,
 }
 
 
@@ -258,6 +263,18 @@ class CircuitBreaker:
         if permit.probe and permit.generation == self._generation:
             self._probes_in_flight -= 1
 
+    def close_on_health(self, now: float) -> bool:
+        """Active checks say the upstream is back: close an open or half-open breaker (True if it closed).
+
+        A force-open override is the operator's word and stays; so does the state beneath it. Probes admitted
+        before the close carry an older generation, so their late outcomes are ignored."""
+        if self._override is Override.FORCE_OPEN and not self._override_expired(now):
+            return False
+        if self._state is _CLOSED:
+            return False
+        self._fire(Event.HEALTH_PASSED, now, Event.HEALTH_PASSED.value)
+        return True
+
     # -- operator controls -----------------------------------------------------------------------------------
 
     def reset(self, now: float, reason: str = "manual_reset") -> None:
@@ -282,6 +299,12 @@ class CircuitBreaker:
 
     def snapshot(self, now: float) -> Snapshot:
         self._override_expired(now)
+        if self._state is _OPEN and self._opened_at is not None:
+            elapsed_at = self._opened_at + self.settings.open_duration
+            if now >= elapsed_at:
+                # Reported as it is: half-open (the next call is a probe), without waiting for a request to
+                # move it; the transition is dated when the interval elapsed, not when someone looked.
+                self._fire(Event.COOL_DOWN_ELAPSED, elapsed_at, Event.COOL_DOWN_ELAPSED.value)
         window_start = now - self.settings.window
         failures = sum(1 for t in self._recent_failures if t > window_start)
         calls = 0

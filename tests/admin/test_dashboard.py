@@ -47,7 +47,9 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                 "payments": {
                     "listen": f"127.0.0.1:{free_port()}",
                     "targets": [up.url],
-                    "health": check,
+                    # Its /health passes while /fail fails: passing checks would close the breaker this test
+                    # opens within one interval (health_check_passed); 100 in a row (20 s) keep it open here.
+                    "health": {**check, "healthy_threshold": 100},
                     "breaker": {"failure_threshold": 3, "open_duration": "45s"},
                     "retry": {"budget": {"ratio": 0.2, "min_per_second": 1}},
                 },
@@ -61,7 +63,7 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                 "recommendations": {
                     "listen": f"127.0.0.1:{free_port()}",
                     "targets": [up2.url],
-                    "health": {**check, "critical": False},
+                    "health": {**check, "path": "/fail/health", "critical": False},  # down: stays open
                     "breaker": {"failure_threshold": 2, "enforce": False},
                 },
             },

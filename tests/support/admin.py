@@ -120,3 +120,15 @@ def seconds_open(admin: str, name: str) -> float:
         return datetime.datetime.fromisoformat(at.replace("Z", "+00:00"))
 
     return (last("closed") - last("open")).total_seconds()
+
+
+def assert_recovered(admin: str, name: str) -> str:
+    """The breaker is closed again, by passing active checks (``health_check_passed``, as soon as the upstream
+    answers them) or by a probe after ``open_duration``, whichever came first; returns which."""
+    breaker = admin_json(admin, "/breakers")[name]
+    assert breaker["state"] == "closed", breaker
+    reason: str = breaker["last_transition"]["reason"]
+    assert reason in ("health_check_passed", "probe_succeeded"), reason
+    if reason == "probe_succeeded":
+        assert seconds_open(admin, name) >= 0.999  # open_duration, in whole ms
+    return reason

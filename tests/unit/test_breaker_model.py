@@ -60,9 +60,13 @@ class Model:
     def failures_in_window(self, now: float) -> int:
         return sum(1 for t in self.failures if now - t < self.window)
 
-    def acquire(self, now: float) -> ModelPermit | None:
+    def observe(self, now: float) -> None:
+        """A report looks: an open interval that has elapsed is half-open from then on, asked or not."""
         if self.state == OPEN and now - self.opened_at >= self.open_duration:
             self.move(HALF_OPEN, now)
+
+    def acquire(self, now: float) -> ModelPermit | None:
+        self.observe(now)
         if self.state == CLOSED:
             return ModelPermit(False, len(self.moves))
         if self.state == HALF_OPEN and self.probes < self.max_probes:
@@ -162,6 +166,13 @@ class BreakerVersusModel(RuleBasedStateMachine):
         self.now = oldest + self.model.window
 
     @rule()
+    def health_check_passed(self) -> None:
+        closes = self.model.state != CLOSED
+        if closes:
+            self.model.move(CLOSED, self.now)
+        assert self.breaker.close_on_health(self.now) is closes
+
+    @rule()
     def reset(self) -> None:
         self.model.move(CLOSED, self.now)
         self.breaker.reset(self.now)
@@ -169,6 +180,7 @@ class BreakerVersusModel(RuleBasedStateMachine):
     @invariant()
     def same_state_and_counts(self) -> None:
         snap = self.breaker.snapshot(self.now)
+        self.model.observe(self.now)
         assert snap.state.value == self.model.state
         assert snap.half_open_in_flight == self.model.probes
         assert snap.failures_in_window == self.model.failures_in_window(self.now)
