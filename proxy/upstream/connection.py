@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ssl
 import typing
 from collections.abc import Callable
 from typing import Protocol
 
 import httptools
 
-from proxy.upstream.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
+from proxy.upstream.errors import (
+    BadResponse,
+    ConnectionReset,
+    TlsFailed,
+    UpstreamError,
+    UpstreamTimedOut,
+    tls_detail,
+)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -168,7 +176,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not complete:
             detail = "before the response head" if head is None else "in the middle of the body"
-            self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
+            if head is None and isinstance(exc, ssl.SSLError):
+                # In TLS 1.3 a server judges the client's certificate after the handshake: its refusal (an
+                # alert) comes as the first answer, and is a TLS failure, not a reset.
+                self._fail(TlsFailed(f"upstream refused the TLS session: {tls_detail(exc)}"))
+            else:
+                self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionReset("upstream closed while receiving the body"))
 
