@@ -63,6 +63,14 @@ def tls_detail(exc: ssl.SSLError) -> str:
     return str(reason).replace("_", " ").lower() if exc.reason else str(reason)
 
 
+def tls_failure(exc: OSError, target: str) -> TlsFailed:
+    """An error of the TLS handshake (the TCP connection was open) as the failure it is."""
+    if isinstance(exc, ssl.SSLError):
+        return TlsFailed(f"TLS to {target} failed: {tls_detail(exc)}", sent_nothing=True)
+    detail = exc.strerror or type(exc).__name__
+    return TlsFailed(f"TLS to {target} failed: the connection was lost in the handshake ({detail})", sent_nothing=True)
+
+
 class UpstreamTimedOut(UpstreamError):
     kind = FailureKind.TIMEOUT
     reason = FailureKind.TIMEOUT.value

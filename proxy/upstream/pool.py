@@ -7,7 +7,7 @@ import asyncio
 from proxy.policy.values import Target
 from proxy.sockets import set_no_delay
 from proxy.upstream.connection import UpstreamConnection
-from proxy.upstream.errors import UpstreamError, map_connect_error
+from proxy.upstream.errors import TlsFailed, UpstreamError, map_connect_error, tls_failure
 from proxy.upstream.tls import ClientContext
 
 MAX_IDLE_PER_TARGET = 512
@@ -64,27 +64,30 @@ class TargetPool:
     async def connect(self, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         target = self.target
+        tls = self.tls
         try:
             async with asyncio.timeout(timeout):
-                if self.tls is None:
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self, self.max_head_bytes), target.host, target.port
-                    )
-                else:  # a hostname resolves here, on every connect, and each of its addresses is tried
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self, self.max_head_bytes),
-                        target.host,
-                        target.port,
-                        ssl=self.tls,
-                        server_hostname=self.server_hostname,
-                    )
+                # A hostname resolves here, on every connect, and each of its addresses is tried in turn.
+                transport, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, self.max_head_bytes), target.host, target.port
+                )
+                set_no_delay(transport)
+                if tls is not None:
+                    # The handshake as its own step, so that whatever fails in it is a TLS failure (a server
+                    # that drops a client without the certificate it wants may just close), never a refusal.
+                    try:
+                        secure = await loop.start_tls(transport, conn, tls, server_hostname=self.server_hostname)
+                    except OSError as exc:
+                        transport.abort()
+                        raise tls_failure(exc, f"{target.host}:{target.port}") from None
+                    if secure is None:  # (only when the connection was closed while it started)
+                        raise TlsFailed(f"TLS to {target} failed: connection closed", sent_nothing=True)
+                    conn.transport = secure
                     self._unsaved.add(conn)
         except (OSError, TimeoutError) as exc:
             raise map_connect_error(exc, f"{target.host}:{target.port}") from None
         except UpstreamError:
             raise
-        if conn.transport is not None:
-            set_no_delay(conn.transport)
         self._all.add(conn)
         return conn
 
