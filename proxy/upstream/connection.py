@@ -125,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_timeout = 0.0
         self._held_by_client = False  # reading paused because the client's buffer is full
         self._out_of_step = False
+        self.tls = False  # over TLS (set by the pool once the handshake is done)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -176,10 +177,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not complete:
             detail = "before the response head" if head is None else "in the middle of the body"
-            if head is None and isinstance(exc, ssl.SSLError):
+            if head is None and self.tls and (isinstance(exc, ssl.SSLError) or self._refused_tls()):
                 # In TLS 1.3 a server judges the client's certificate after the handshake: its refusal (an
-                # alert) comes as the first answer, and is a TLS failure, not a reset.
-                self._fail(TlsFailed(f"upstream refused the TLS session: {tls_detail(exc)}"))
+                # alert, or a reset that overtook it) comes as the first answer. A TLS failure, not a reset.
+                why = tls_detail(exc) if isinstance(exc, ssl.SSLError) else "closed before its first answer"
+                self._fail(TlsFailed(f"upstream refused the TLS session: {why}"))
             else:
                 self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -424,6 +426,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
 
     # -- internals -------------------------------------------------------------------------------------------
+
+    def _refused_tls(self) -> bool:
+        """A new TLS connection closed before a byte of answer and before the server sent a session ticket
+        (which a TLS 1.3 server does once it has accepted the handshake): the server refused it."""
+        if self.reused or self._received_any or self.transport is None:
+            return False
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
+            return False
+        session = ssl_object.session
+        return session is None or not session.has_ticket
 
     def _on_complete(self) -> None:
         self.phase = _COMPLETE

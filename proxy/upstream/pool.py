@@ -83,6 +83,7 @@ class TargetPool:
                     if secure is None:  # (only when the connection was closed while it started)
                         raise TlsFailed(f"TLS to {target} failed: connection closed", sent_nothing=True)
                     conn.transport = secure
+                    conn.tls = True
                     self._unsaved.add(conn)
         except (OSError, TimeoutError) as exc:
             raise map_connect_error(exc, f"{target.host}:{target.port}") from None

@@ -64,9 +64,11 @@ class ClientContext(ssl.SSLContext):
 
 
 class TlsFileError(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+    """What is wrong with a ``tls`` block's files: (key, message) for each bad one."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
 
 
 def _no_password() -> bytes:
@@ -74,8 +76,9 @@ def _no_password() -> bytes:
 
 
 def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
-    """The context for one upstream's policy; ``TlsFileError`` names the key whose file is wrong."""
+    """The context for one upstream's policy; ``TlsFileError`` names each key whose file is wrong."""
     files: dict[str, Path] = {}
+    problems: list[tuple[str, str]] = []
     digest = hashlib.sha256(repr(tls).encode())
     for key in ("ca_file", "cert_file", "key_file"):
         name = getattr(tls, key)
@@ -84,9 +87,9 @@ def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
         path = base / name
         try:
             digest.update(path.read_bytes())
+            files[key] = path
         except OSError as exc:
-            raise TlsFileError(key, f"cannot read {name}: {exc.strerror or exc}") from None
-        files[key] = path
+            problems.append((key, f"cannot read {name}: {exc.strerror or exc}"))
     ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.server_name = tls.server_name
     ctx.fingerprint = digest.hexdigest()
@@ -97,11 +100,11 @@ def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
         try:
             ctx.load_verify_locations(cafile=str(files["ca_file"]))  # replaces the system trust store
         except ssl.SSLError as exc:
-            raise TlsFileError("ca_file", f"{tls.ca_file} holds no PEM certificate: {exc.reason or exc}") from None
-    elif tls.verify:
+            problems.append(("ca_file", f"{tls.ca_file} holds no PEM certificate: {exc.reason or exc}"))
+    elif tls.verify and tls.ca_file is None:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if "cert_file" in files:
-        key_path = files.get("key_file")
+    key_path = files.get("key_file")
+    if "cert_file" in files and (tls.key_file is None or key_path is not None):
         try:
             ctx.load_cert_chain(str(files["cert_file"]), str(key_path) if key_path else None, password=_no_password)
         except ssl.SSLError as exc:
@@ -109,7 +112,9 @@ def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
             key = "key_file" if key_path is not None and mismatch else "cert_file"
             what = "does not match cert_file" if mismatch else "is not a PEM certificate and (unencrypted) key"
             written = tls.key_file if key == "key_file" else tls.cert_file
-            raise TlsFileError(key, f"{written} {what}: {exc.reason or exc}") from None
+            problems.append((key, f"{written} {what}: {exc.reason or exc}"))
+    if problems:
+        raise TlsFileError(problems)
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -137,12 +142,13 @@ def build_contexts(
             ctx = client_context(up.tls, base)
         except TlsFileError as exc:
             where = f"upstreams.{up.name}.tls"
-            line, column, path = config.positions.get(
-                f"{where}.{exc.key}", config.positions.get(where, (0, 0, f"{where}.{exc.key}"))
-            )
-            issue = ConfigIssue(config.source, line, column, path, str(exc))
-            if issue not in issues:
-                issues.append(issue)
+            for key, message in exc.problems:
+                line, column, path = config.positions.get(
+                    f"{where}.{key}", config.positions.get(where, (0, 0, f"{where}.{key}"))
+                )
+                issue = ConfigIssue(config.source, line, column, path, message)
+                if issue not in issues:  # a defaults' file shared by several upstreams: said once
+                    issues.append(issue)
             continue
         old = previous.get(up.name) if previous is not None else None
         contexts[up.name] = old if old is not None and old.fingerprint == ctx.fingerprint else ctx
