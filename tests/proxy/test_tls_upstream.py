@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -358,3 +359,23 @@ def test_the_policy_keeps_https_targets_and_their_tls_block(tmp_path: Path) -> N
     policy.write_text(yaml.safe_dump(bad))
     result = _check(policy)
     assert result.returncode == 1 and "must be one of TLSv1.2, TLSv1.3" in result.stdout
+
+
+def test_the_exchange_example_checks_once_its_certificate_files_exist(ca: trustme.CA, tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "examples" / "exchange-api-mtls.yaml"
+    client = leaf(ca, tmp_path, "client", "trader-7")
+    env = {
+        "EXCHANGE_CA_FILE": str(ca_file(ca, tmp_path / "ca.pem")),
+        "EXCHANGE_CLIENT_CERT": str(client.cert_file),
+        "EXCHANGE_CLIENT_KEY": str(client.key_file),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stdout
+    assert "OK (2 upstreams: exchange-orders, market-data)" in result.stdout
