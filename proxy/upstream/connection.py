@@ -177,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not complete:
             detail = "before the response head" if head is None else "in the middle of the body"
-            if head is None and self.tls and (isinstance(exc, ssl.SSLError) or self._refused_tls()):
+            if head is None and self.tls and not self.reused and (isinstance(exc, ssl.SSLError) or self._refused_tls()):
                 # In TLS 1.3 a server judges the client's certificate after the handshake: its refusal (an
                 # alert, or a reset that overtook it) comes as the first answer. A TLS failure, not a reset.
                 why = tls_detail(exc) if isinstance(exc, ssl.SSLError) else "closed before its first answer"
@@ -428,9 +428,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _refused_tls(self) -> bool:
-        """A new TLS connection closed before a byte of answer and before the server sent a session ticket
+        """The new TLS connection closed before a byte of answer and before the server sent a session ticket
         (which a TLS 1.3 server does once it has accepted the handshake): the server refused it."""
-        if self.reused or self._received_any or self.transport is None:
+        if self._received_any or self.transport is None:
             return False
         ssl_object = self.transport.get_extra_info("ssl_object")
         if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":

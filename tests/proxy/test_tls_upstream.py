@@ -379,3 +379,23 @@ def test_the_exchange_example_checks_once_its_certificate_files_exist(ca: trustm
     )
     assert result.returncode == 0, result.stdout
     assert "OK (2 upstreams: exchange-orders, market-data)" in result.stdout
+
+
+def test_a_tls_block_in_defaults_is_ignored_by_tcp_upstreams_and_key_file_needs_cert_file() -> None:
+    from proxy.policy.loader import load_text
+
+    text = (
+        "defaults:\n"
+        "  tls: {server_name: api.exchange.test}\n"
+        "upstreams:\n"
+        "  api: {listen: 127.0.0.1:19911, targets: [https://10.0.0.1]}\n"
+        "  db: {listen: 127.0.0.1:19912, protocol: tcp, targets: [10.0.0.2:5432]}\n"
+    )
+    config, issues = load_text(text)
+    assert config is not None and not issues, issues
+    assert config.upstream("api").tls.server_name == "api.exchange.test"
+    config, issues = load_text(text.replace("{server_name: api.exchange.test}", "{key_file: client.key}"))
+    assert config is None
+    assert [str(i) for i in issues] == [
+        "<string>:2:9: upstreams.api.tls.key_file: key_file needs cert_file (the certificate it signs)"
+    ]
