@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level)
     if args.command == "check":
         from proxy.policy.check import check_command
+        from proxy.upstream.tls import checked
 
-        return check_command(args.paths, sys.stdout)
+        return check_command(args.paths, sys.stdout, judge=lambda read: checked(read)[0])
     if args.command == "schema":
         from proxy.policy.schema import schema_command
 

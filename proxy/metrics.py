@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from proxy.resilience.failures import FAILED_ANSWER, FailureKind
+from proxy.upstream.errors import TLS_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ METRICS: dict[str, MetricSpec] = {
         "breaker_open_shadow (would have been rejected in shadow mode).",
     ),
     "sidecar_upstream_failures_total": MetricSpec(
-        "counter", ("upstream", "kind"), f"Failed attempts: {', '.join([*FailureKind, FAILED_ANSWER])}."
+        "counter", ("upstream", "kind"), f"Failed attempts: {', '.join([*FailureKind, TLS_ERROR, FAILED_ANSWER])}."
     ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
     "sidecar_upgraded_connections": MetricSpec(

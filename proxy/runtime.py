@@ -24,6 +24,7 @@ from proxy.upstream.balancer import Balancer, TargetState
 from proxy.upstream.errors import OutOfResources
 from proxy.upstream.health import CheckResult, HealthStatus
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES
+from proxy.upstream.tls import ClientContext
 
 log = logging.getLogger("seawall.breaker")
 health_log = logging.getLogger("seawall.health")
@@ -48,8 +49,10 @@ class UpstreamRuntime:
         previous: UpstreamRuntime | None = None,
         idle_timeout: float = 30.0,
         max_response_head: int = DEFAULT_MAX_HEAD_BYTES,
+        tls: ClientContext | None = None,
     ) -> None:
         self.policy = policy
+        self.tls = tls  # the client context of the https targets (and their health checks)
         self.name = policy.name
         self.clock = clock
         self.stats = previous.stats if previous is not None else UpstreamStats()
@@ -78,9 +81,15 @@ class UpstreamRuntime:
             self.balancer = previous.balancer
             for pool in self.balancer.pools():
                 pool.max_head_bytes = max_response_head  # new connections take the reloaded limit
+            self.balancer.set_tls(tls)
         else:
             self.balancer = Balancer(
-                policy.targets, policy.balance, policy.outlier, idle_timeout, max_head_bytes=max_response_head
+                policy.targets,
+                policy.balance,
+                policy.outlier,
+                idle_timeout,
+                max_head_bytes=max_response_head,
+                tls=tls,
             )
         if previous is not None:
             # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.

@@ -32,7 +32,7 @@ from proxy.resilience.clock import Clock, SystemClock
 from proxy.runtime import UpstreamRuntime
 from proxy.sockets import Drainable
 from proxy.tcp import TcpClient
-from proxy.upstream import health
+from proxy.upstream import health, tls
 
 log = logging.getLogger("seawall.server")
 
@@ -69,6 +69,7 @@ class Sidecar:
         self._admin_runner: Any = None
         self._stopping = False
         self._seen_digest = ""  # the file content the last load or reload attempt read
+        self.tls_contexts: dict[str, tls.ClientContext] = {}  # per upstream with https targets, built per load
         # Runtimes a listener may need that are not in ``runtimes``: staged ones (a listener bound before the
         # swap) and retired ones (a removed listener still draining its in-flight requests).
         self._spare_runtimes: dict[str, UpstreamRuntime] = {}
@@ -78,12 +79,13 @@ class Sidecar:
     async def start(self, policy: PolicyRead | None = None) -> None:
         """Load the policy (or take the one the caller already read) and start serving it."""
         read = policy if policy is not None else read_policy(self.config_path, self.environ)
+        read, contexts = tls.checked(read)
         if read.config is None:
             raise ConfigError(read.issues)
         config = read.config
         for warning in read.warnings:
             log.warning("%s", warning, extra={"event": "config_warning"})
-        await self._apply(config)
+        await self._apply(config, contexts)
         self._seen_digest = config.sha256
         self._admin_runner = await start_admin(self, config.admin.listen)
         self._spawn(self._sweep_pools())
@@ -100,7 +102,7 @@ class Sidecar:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, config: SidecarConfig) -> None:
+    async def _apply(self, config: SidecarConfig, contexts: dict[str, tls.ClientContext]) -> None:
         """Bring the running state to ``config``: bind first (so a bad address changes nothing), then swap."""
         old = self.config
         new_policies = {u.name: u for u in config.upstreams}
@@ -123,6 +125,7 @@ class Sidecar:
                 previous,
                 idle_timeout=config.http.upstream_idle_timeout,
                 max_response_head=config.http.max_response_header_bytes,
+                tls=contexts.get(name),
             )
         for policy in to_bind:
             self._spare_runtimes.setdefault(policy.name, runtimes[policy.name])
@@ -151,6 +154,7 @@ class Sidecar:
                 self._spawn(self._retire(replaced, config.http.drain_timeout))
         for name in [n for n in self.listeners if n not in new_policies]:
             self._spawn(self._retire(self.listeners.pop(name), config.http.drain_timeout, removed=True))
+        self.tls_contexts = contexts
         self._restart_checks(old, config)
         self.loaded = LoadedFile(config.source, config.sha256, time.time())
         self.process_stats.last_reload = self.loaded.loaded_at
@@ -228,6 +232,7 @@ class Sidecar:
                         lambda n=name: self.runtimes[n].policy,  # type: ignore[misc]
                         lambda result, n=name: self.runtimes[n].record_check(result),  # type: ignore[misc]
                         stop,
+                        lambda n=name: self.runtimes[n].tls,  # type: ignore[misc]
                     )
                 )
         for name in [n for n in self._stop_checks if n not in {u.name for u in new.upstreams}]:
@@ -255,7 +260,8 @@ class Sidecar:
         swaps policies, so a reload either happens completely or not at all.
         """
         async with self._reload_lock:
-            read = read_policy(self.config_path, self.environ)
+            # The TLS files are read again too: a reload picks up rotated certificates and keys.
+            read, contexts = tls.checked(read_policy(self.config_path, self.environ), self.tls_contexts)
             if read.digest is not None:
                 self._seen_digest = read.digest  # whatever the outcome, the watcher need not act on these bytes
             for warning in read.warnings:
@@ -271,7 +277,7 @@ class Sidecar:
                     extra={"event": "config_warning"},
                 )
             try:
-                await self._apply(config)
+                await self._apply(config, contexts)
             except OSError as exc:
                 self.process_stats.reloads["failure"] += 1
                 self.last_reload_error = [f"cannot bind: {exc}"]

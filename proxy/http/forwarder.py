@@ -193,7 +193,7 @@ class Exchange:
             if failed_kind is None:
                 await self._deliver(head, state)  # type: ignore[arg-type]
                 return
-            rt.stats.failed(failed_kind)
+            rt.stats.failed(error.reason if error is not None else failed_kind)  # tls_error: its own label
             if permit is not None:
                 breaker.record_failure(permit, now, now - self.started)
                 self.permit = None
@@ -443,8 +443,8 @@ class Exchange:
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         rt = self.rt
-        reason = error.kind if stopped_by != "retry_budget" else "retry_budget"
-        decision = f"upstream={rt.name} reason={error.kind} attempts={self.attempts}"
+        reason = error.reason if stopped_by != "retry_budget" else "retry_budget"
+        decision = f"upstream={rt.name} reason={error.reason} attempts={self.attempts}"
         if stopped_by:
             decision += f" retry_stopped_by={stopped_by}"
         self._local(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -18,9 +18,16 @@ from proxy.policy.loader import PolicyRead, read_policy
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
-def check_file(path: str, environ: Mapping[str, str] | None = None) -> PolicyRead:
-    """The policy file judged as the sidecar would judge it; an unreadable file is said in a few words."""
+Judge = Callable[[PolicyRead], PolicyRead]
+
+
+def check_file(path: str, environ: Mapping[str, str] | None = None, judge: Judge | None = None) -> PolicyRead:
+    """The policy file judged as the sidecar would judge it; an unreadable file is said in a few words.
+
+    ``judge`` adds what this I/O-free layer cannot check itself: the caller's reading of the TLS files."""
     read = read_policy(path, environ)
+    if judge is not None:
+        read = judge(read)
     if isinstance(read.os_error, FileNotFoundError | IsADirectoryError):
         message = "no such file" if isinstance(read.os_error, FileNotFoundError) else "is a directory"
         return dataclasses.replace(read, issues=[ConfigIssue(path, 0, 0, "", message)])
@@ -50,10 +57,12 @@ def summary(report: PolicyRead) -> str:
     return line
 
 
-def check_command(paths: list[str], out: IO[str], environ: Mapping[str, str] | None = None) -> int:
+def check_command(
+    paths: list[str], out: IO[str], environ: Mapping[str, str] | None = None, judge: Judge | None = None
+) -> int:
     failed = False
     for path in expand(paths):
-        report = check_file(path, environ)
+        report = check_file(path, environ, judge)
         for issue in report.issues:  # already in file order: errors and warnings where they occur
             out.write(f"{issue}\n")
         if report.config is not None:

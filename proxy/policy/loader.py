@@ -70,6 +70,7 @@ def load_text(
             reader.error(defaults.value[key], f"defaults.{key}", f"{key} is set per upstream, not in defaults")
 
     upstreams: list[UpstreamPolicy] = []
+    positions: dict[str, tuple[int, int, str]] = {}
     ups_node = top.get("upstreams")
     if ups_node is None or not ups_node.value:
         reader.error(ups_node or root, "upstreams", "at least one upstream is required")
@@ -90,6 +91,7 @@ def load_text(
             if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
                 check_upstream(builder, policy, merged)
                 upstreams.append(policy)
+                _tls_positions(merged, f"upstreams.{name}.tls", positions)
 
     if admin is not None:
         check_listens(builder, admin, top.get("admin"), upstreams, ups_node, allow_non_loopback)
@@ -105,8 +107,20 @@ def load_text(
         allow_non_loopback=allow_non_loopback,
         source=file,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
+        positions=positions,
     )
     return config, sorted(reader.issues, key=lambda i: (i.line, i.column))
+
+
+def _tls_positions(upstream: Sourced, where: str, out: dict[str, tuple[int, int, str]]) -> None:
+    """Where the TLS block and its file keys were written (an upstream's own, or inherited from defaults)."""
+    node = upstream.value.get("tls") if isinstance(upstream.value, dict) else None
+    if node is None:
+        return
+    out[where] = (node.line, node.column, node.path)
+    if isinstance(node.value, dict):
+        for key, child in node.value.items():
+            out[f"{where}.{key}"] = (child.line, child.column, child.path)
 
 
 @dataclass(frozen=True, slots=True)

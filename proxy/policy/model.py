@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +220,33 @@ class OutlierPolicy:
     )
 
 
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """How the sidecar speaks TLS to ``https://`` targets. Paths are relative to the policy file's directory."""
+
+    ca_file: str | None = meta(
+        "PEM file of the CAs trusted for the upstream's certificate. It replaces the system trust store (as "
+        "curl --cacert and Envoy's trusted_ca do). Absent: the system trust store.",
+        default=None,
+    )
+    cert_file: str | None = meta(
+        "PEM client certificate (chain) presented to upstreams that ask for one (mTLS).", default=None
+    )
+    key_file: str | None = meta("PEM private key of cert_file (absent: the key is in cert_file).", default=None)
+    server_name: str | None = meta(
+        "SNI and the name the certificate is verified against (absent: the target's host; an IP target's "
+        "certificate needs that IP among its subject alternative names).",
+        default=None,
+    )
+    verify: bool = meta(
+        "Verify the upstream's certificate and name. false accepts any certificate (warned at load).", default=True
+    )
+    min_version: str = meta("Lowest TLS version offered.", default="TLSv1.2", choices=TLS_VERSIONS)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamPolicy:
     name: str
@@ -227,7 +254,9 @@ class UpstreamPolicy:
         "Where this upstream's listener accepts connections.", default=Address("127.0.0.1", 0), parse=parse_address
     )
     targets: tuple[Target, ...] = meta(
-        "Where requests go: http://host:port (http) or host:port (tcp).", default=(), parse=parse_target
+        "Where requests go: http://host:port or https://host:port (http), or host:port (tcp).",
+        default=(),
+        parse=parse_target,
     )
     protocol: str = meta(
         "http: L7 proxy with retries; tcp: byte relay with a connection-level breaker.",
@@ -247,6 +276,7 @@ class UpstreamPolicy:
     outlier: OutlierPolicy | None = meta(
         "Per-target ejection for upstreams with several targets.", factory=OutlierPolicy
     )
+    tls: TlsPolicy = meta("TLS to https:// targets: trust, client certificate (mTLS), SNI.", factory=TlsPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +343,10 @@ class SidecarConfig:
     allow_non_loopback: bool = False
     source: str = "<string>"
     sha256: str = ""
+    # Where each upstream's TLS file keys were written: ``upstreams.NAME.tls.KEY`` → (line, column, key path as
+    # written, e.g. ``defaults.tls.cert_file``). The files are read when the sidecar builds its TLS contexts,
+    # outside this I/O-free layer, and a missing one must still be reported at its line.
+    positions: Mapping[str, tuple[int, int, str]] = field(default_factory=dict, compare=False)
 
     def upstream(self, name: str) -> UpstreamPolicy:
         for upstream in self.upstreams:

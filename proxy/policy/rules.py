@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from proxy.policy.build import ModelBuilder
 from proxy.policy.model import AdminPolicy, UpstreamPolicy
 from proxy.policy.source import Sourced
@@ -34,8 +36,8 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
         reader.error(node, f"{path}.targets", "at least one target is required")
     for target in up.targets if ok("protocol") else ():
         wanted = "tcp" if up.protocol == "tcp" else "http"
-        if target.scheme != wanted:
-            example = "host:port" if wanted == "tcp" else "http://host:port"
+        if target.scheme != wanted and not (wanted == "http" and target.scheme == "https"):
+            example = "host:port" if wanted == "tcp" else "http://host:port or https://host:port"
             reader.error(
                 at("targets"),
                 f"{path}.targets",
@@ -79,6 +81,43 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
         )
     if up.protocol == "tcp" and "fallback" in children:
         reader.error(at("fallback"), f"{path}.fallback", "a tcp upstream has no HTTP fallback answer")
+    _check_tls(builder, up, node, at("tls"))
+
+
+_SERVER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+")
+
+
+def _check_tls(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced, tls_node: Sourced) -> None:
+    """The ``tls`` block: only http upstreams originate TLS; some settings go together; verify: false is said."""
+    reader, path, tls = builder.reader, node.path, up.tls
+    children = node.value if isinstance(node.value, dict) else {}
+    if "tls" not in children or builder.broken(f"{path}.tls"):
+        return
+    if up.protocol == "tcp":
+        # Inherited from defaults (for the http upstreams) it is simply not used; written here it is a mistake.
+        if not tls_node.path.startswith("defaults"):
+            reader.error(
+                tls_node,
+                f"{path}.tls",
+                "a tcp upstream relays bytes and does not originate TLS (the client's own TLS passes through)",
+            )
+        return
+
+    def at(key: str) -> Sourced:
+        inner = tls_node.value.get(key) if isinstance(tls_node.value, dict) else None
+        return inner if inner is not None else tls_node
+
+    if tls.key_file is not None and tls.cert_file is None:
+        reader.error(at("key_file"), f"{path}.tls.key_file", "key_file needs cert_file (the certificate it signs)")
+    if tls.server_name is not None and not _SERVER_NAME.fullmatch(tls.server_name):
+        reader.error(at("server_name"), f"{path}.tls.server_name", f"not a host name: {tls.server_name!r}")
+    if not tls.verify and any(t.is_tls for t in up.targets):
+        reader.error(
+            at("verify"),
+            f"{path}.tls.verify",
+            "verify: false accepts any certificate: anyone on the path can read and change this traffic",
+            severity="warning",
+        )
 
 
 def check_listens(

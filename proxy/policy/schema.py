@@ -187,6 +187,7 @@ _SECTIONS: tuple[type, ...] = (
     model.FallbackPolicy,
     model.LimitsPolicy,
     model.OutlierPolicy,
+    model.TlsPolicy,
     model.AdminPolicy,
     model.HttpServerPolicy,
     model.LoggingPolicy,

@@ -15,7 +15,7 @@ from proxy.resilience.failures import FailureKind
 # stay within what both Python's re and ECMA-262 (JSON Schema's dialect) read alike.
 DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
 ADDRESS_PATTERN = r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})$"
-HTTP_TARGET_PATTERN = r"^http://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?/?$"
+HTTP_TARGET_PATTERN = r"^https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?/?$"
 METHOD_PATTERN = r"^[A-Za-z]+$"
 UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -81,9 +81,12 @@ def parse_address(value: object) -> Address:
     return Address(host, port)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One upstream endpoint. ``scheme`` is ``http`` or ``tcp``."""
+    """One upstream endpoint. ``scheme`` is ``http``, ``https`` or ``tcp``."""
 
     scheme: str
     host: str
@@ -92,29 +95,33 @@ class Target:
     @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.scheme == "http" and self.port == 80 else f"{host}:{self.port}"
+        return host if _DEFAULT_PORTS.get(self.scheme) == self.port else f"{host}:{self.port}"
+
+    @property
+    def is_tls(self) -> bool:
+        return self.scheme == "https"
 
     def __str__(self) -> str:
-        return f"http://{self.authority}" if self.scheme == "http" else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{self.authority}" if self.scheme != "tcp" else f"{self.host}:{self.port}"
 
 
 def parse_target(value: object) -> Target:
     if not isinstance(value, str):
-        raise ValueError(f"expected a target like http://host:port or host:port, got {value!r}")
+        raise ValueError(f"expected a target like http://host:port, https://host:port or host:port, got {value!r}")
     text = value.strip()
     if "://" in text:
         scheme, _, rest = text.partition("://")
-        if scheme == "https":
-            raise ValueError("https targets are not supported: TLS is terminated by the upstream's own proxy")
-        if scheme != "http":
-            raise ValueError(f"unsupported scheme {scheme!r} (use http://host:port, or host:port for tcp)")
+        if scheme not in _DEFAULT_PORTS:
+            raise ValueError(
+                f"unsupported scheme {scheme!r} (use http://host:port, https://host:port, or host:port for tcp)"
+            )
         rest = rest.rstrip("/")
         if "/" in rest or "?" in rest:
             raise ValueError(f"a target is scheme://host:port, without a path: {value!r}")
         if not re.search(r":\d+$", rest):
-            rest += ":80"
+            rest += f":{_DEFAULT_PORTS[scheme]}"
         address = parse_address(rest)
-        return Target("http", address.host, address.port)
+        return Target(scheme, address.host, address.port)
     address = parse_address(text)
     return Target("tcp", address.host, address.port)
 

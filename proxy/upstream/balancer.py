@@ -15,6 +15,7 @@ from proxy.policy.model import OutlierPolicy
 from proxy.policy.values import Target
 from proxy.resilience.outlier import EjectionRecord, OutlierDetector, max_ejected
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES, TargetPool
+from proxy.upstream.tls import ClientContext
 
 
 @dataclass(slots=True)
@@ -35,8 +36,11 @@ class Balancer:
         idle_timeout: float,
         rng: random.Random | None = None,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+        tls: ClientContext | None = None,
     ) -> None:
-        self.states = [TargetState(t, TargetPool(t, idle_timeout, max_head_bytes)) for t in targets]
+        self.states = [
+            TargetState(t, TargetPool(t, idle_timeout, max_head_bytes, tls if t.is_tls else None)) for t in targets
+        ]
         self.balance = balance
         self.outlier = outlier if len(targets) > 1 else None
         self.detector = OutlierDetector(self.outlier, self.states) if self.outlier is not None else None
@@ -69,6 +73,12 @@ class Balancer:
 
     def ejected_count(self, now: float) -> int:
         return sum(1 for s in self.states if s.ejected(now))
+
+    def set_tls(self, tls: ClientContext | None) -> None:
+        """The context the https targets' new connections use from now on (after a reload)."""
+        for state in self.states:
+            if state.target.is_tls:
+                state.pool.set_tls(tls)
 
     def pools(self) -> list[TargetPool]:
         return [s.pool for s in self.states]

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ssl
 import typing
 from collections.abc import Callable
 from typing import Protocol
 
 import httptools
 
-from proxy.upstream.errors import BadResponse, ConnectionReset, UpstreamError, UpstreamTimedOut
+from proxy.upstream.errors import (
+    BadResponse,
+    ConnectionReset,
+    TlsFailed,
+    UpstreamError,
+    UpstreamTimedOut,
+    tls_detail,
+)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -120,6 +128,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._out_of_step = False
         self.upgrade_asked = False  # the request asks to Upgrade: a 101 is an answer, and the connection not reused
         self.upgraded_tail = b""  # after a 101: what the upstream sent past its head, for the relay
+        self.tls = False  # over TLS (set by the pool once the handshake is done)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -178,7 +187,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not complete:
             detail = "before the response head" if head is None else "in the middle of the body"
-            self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
+            if head is None and self.tls and not self.reused and (isinstance(exc, ssl.SSLError) or self._refused_tls()):
+                # In TLS 1.3 a server judges the client's certificate after the handshake: its refusal (an
+                # alert, or a reset that overtook it) comes as the first answer. A TLS failure, not a reset.
+                why = tls_detail(exc) if isinstance(exc, ssl.SSLError) else "closed before its first answer"
+                self._fail(TlsFailed(f"upstream refused the TLS session: {why}"))
+            else:
+                self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionReset("upstream closed while receiving the body"))
 
@@ -431,6 +446,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
 
     # -- internals -------------------------------------------------------------------------------------------
+
+    def _refused_tls(self) -> bool:
+        """The new TLS connection closed before a byte of answer and before the server sent a session ticket
+        (which a TLS 1.3 server does once it has accepted the handshake): the server refused it."""
+        if self._received_any or self.transport is None:
+            return False
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
+            return False
+        session = ssl_object.session
+        return session is None or not session.has_ticket
 
     def _on_complete(self) -> None:
         self.phase = _COMPLETE

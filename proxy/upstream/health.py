@@ -3,8 +3,9 @@
 A check never counts against the breaker: it answers "is the upstream up?" for /health and the metrics, while
 the breaker answers "should this request go?" from real traffic.
 
-Probes: HTTP ``GET health.path`` (2xx/3xx passes); for tcp upstreams a TCP connect, Redis ``PING`` (expects
-``+PONG``) or a PostgreSQL ``SSLRequest`` (expects ``S`` or ``N``).
+Probes: HTTP ``GET health.path`` (2xx/3xx passes; over TLS to https targets, with the upstream's own client
+context: the same trust, client certificate and server name as its traffic); for tcp upstreams a TCP connect,
+Redis ``PING`` (expects ``+PONG``) or a PostgreSQL ``SSLRequest`` (expects ``S`` or ``N``).
 """
 
 from __future__ import annotations
@@ -12,20 +13,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.policy.model import HealthPolicy, UpstreamPolicy
 from proxy.policy.values import Target
+from proxy.upstream.errors import tls_detail
+from proxy.upstream.tls import ClientContext
 
 log = logging.getLogger("seawall.health")
 
 _POSTGRES_SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 
 
-async def _http_probe(target: Target, health: HealthPolicy) -> str | None:
-    reader, writer = await asyncio.open_connection(target.host, target.port)
+async def _http_probe(target: Target, health: HealthPolicy, tls: ClientContext | None = None) -> str | None:
+    if target.is_tls and tls is not None:
+        reader, writer = await asyncio.open_connection(
+            target.host, target.port, ssl=tls, server_hostname=tls.server_name or target.host
+        )
+    else:
+        reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
         writer.write(
             b"GET %s HTTP/1.1\r\nhost: %s\r\nuser-agent: seawall-health\r\nconnection: close\r\n\r\n"
@@ -97,19 +106,23 @@ class HealthStatus:
         return self.healthy != before
 
 
-async def check_once(policy: UpstreamPolicy) -> CheckResult:
+async def check_once(policy: UpstreamPolicy, tls: ClientContext | None = None) -> CheckResult:
     """Probe every target once; the upstream passes if any target passes."""
     health = policy.health
     assert health is not None
-    probe = _tcp_probe if policy.protocol == "tcp" else _http_probe
     started = time.monotonic()
     problems: list[str] = []
     for target in policy.targets:
         try:
             async with asyncio.timeout(health.timeout):
-                problem = await probe(target, health)
+                if policy.protocol == "tcp":
+                    problem = await _tcp_probe(target, health)
+                else:
+                    problem = await _http_probe(target, health, tls)
         except TimeoutError:
             problem = f"no answer within {health.timeout:g}s"
+        except ssl.SSLError as exc:
+            problem = f"TLS failed: {tls_detail(exc)}"
         except (OSError, asyncio.IncompleteReadError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem is None:
@@ -120,18 +133,22 @@ async def check_once(policy: UpstreamPolicy) -> CheckResult:
 
 
 async def run_checks(
-    get_policy: Callable[[], UpstreamPolicy], on_result: Callable[[CheckResult], None], stop: asyncio.Event
+    get_policy: Callable[[], UpstreamPolicy],
+    on_result: Callable[[CheckResult], None],
+    stop: asyncio.Event,
+    get_tls: Callable[[], ClientContext | None] | None = None,
 ) -> None:
     """Check forever (until ``stop``), at ``interval`` ±10% so many sidecars do not probe in lockstep.
 
-    ``get_policy`` is asked before every check, so a reload that keeps the checks running is seen at once."""
+    ``get_policy`` (and ``get_tls``, the client context for https targets) are asked before every check, so a
+    reload that keeps the checks running is seen at once."""
     while not stop.is_set():
         policy = get_policy()
         health = policy.health
         if health is None:
             return
         try:
-            on_result(await check_once(policy))
+            on_result(await check_once(policy, get_tls() if get_tls is not None else None))
         except Exception:
             log.exception("health check of %s failed unexpectedly", policy.name)
         delay = health.interval * random.uniform(0.9, 1.1)

@@ -275,33 +275,59 @@ http {{
 """
 
 
-def upstream_nginx_conf(prefix: Path, root: Path, port: int) -> str:
+def upstream_nginx_conf(prefix: Path, root: Path, port: int, tls: UpstreamTls | None = None) -> str:
+    locations = f"""        root {root};
+        location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+        location = /health {{ return 200 "ok\\n"; }}
+        location /files/ {{ }}
+"""
+    # The same server behind TLS (for the HTTPS-upstream rows): sessions resumable by ticket and by cache.
+    https = (
+        f"""    server {{
+        listen 127.0.0.1:{tls.port} ssl reuseport backlog=4096;
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
+{locations}    }}
+"""
+        if tls is not None
+        else ""
+    )
     return (
         nginx_common(prefix)
         + f"""    server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
-        root {root};
-        location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
-        location = /health {{ return 200 "ok\\n"; }}
-        location /files/ {{ }}
-    }}
-}}
+{locations}    }}
+{https}}}
 """
     )
 
 
-def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
-    # max_fails/fail_timeout is nginx's passive breaker; proxy_next_upstream is its retry policy.
+def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int, tls: UpstreamTls | None = None) -> str:
+    # max_fails/fail_timeout is nginx's passive breaker; proxy_next_upstream is its retry policy. With ``tls``:
+    # proxy_pass https:// to the upstream's TLS port, verified like the sidecar does, keep-alive, sessions reused.
+    https = (
+        f"""            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {tls.ca};
+            proxy_ssl_name {UPSTREAM_TLS_NAME};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+"""
+        if tls is not None
+        else ""
+    )
     return (
         nginx_common(prefix)
         + f"""    upstream app {{
-        server 127.0.0.1:{upstream_port} max_fails=5 fail_timeout=60s;
+        server 127.0.0.1:{tls.port if tls else upstream_port} max_fails=5 fail_timeout=60s;
         keepalive 64;
     }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
-            proxy_pass http://app;
+{https}            proxy_pass {"https" if tls else "http"}://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_next_upstream error timeout http_502 http_503 http_504;
@@ -358,7 +384,7 @@ http://127.0.0.1:{port} {{
 """
 
 
-def sidecar_policy(port: int, admin_port: int, upstream_port: int) -> str:
+def sidecar_policy(port: int, admin_port: int, upstream_port: int, tls: UpstreamTls | None = None) -> str:
     # The shipped default policy (config/sidecar.yaml): breaker, retries with budget, health checks, metrics
     # all on. Only the addresses differ, and logging stays at its default (no per-request lines).
     return f"""admin:
@@ -378,10 +404,38 @@ defaults:
 upstreams:
   {UPSTREAM_NAME}:
     listen: 127.0.0.1:{port}
-    targets: ["http://127.0.0.1:{upstream_port}"]
+    targets: ["{f"https://127.0.0.1:{tls.port}" if tls else f"http://127.0.0.1:{upstream_port}"}"]
     health: {{path: /health, interval: 5s, timeout: 1s, critical: true}}
     fallback: {{status: 503, body: '{{"cached": false}}', content_type: application/json}}
-"""
+""" + (f"    tls: {{ca_file: {tls.ca}, server_name: {UPSTREAM_TLS_NAME}}}\n" if tls else "")
+
+
+UPSTREAM_TLS_NAME = "localhost"  # the upstream certificate's name (verified, and sent as SNI)
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """The upstream nginx's TLS port and a throwaway CA's files (trustme, as in the TLS tests)."""
+
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> UpstreamTls:
+        import trustme
+
+        directory.mkdir(parents=True)
+        ca = trustme.CA()
+        leaf = ca.issue_cert(UPSTREAM_TLS_NAME, "127.0.0.1")
+        tls = cls(free_port(), directory / "upstream.crt", directory / "upstream.key", directory / "ca.pem")
+        tls.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(tls.key))
+        ca.cert_pem.write_to_path(str(tls.ca))
+        for path in (directory, tls.cert, tls.key, tls.ca):  # nginx workers run unprivileged
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return tls
 
 
 # ------------------------------------------------------------------------------------------- systems ----
@@ -405,6 +459,7 @@ class Bench:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     baseline: Path | None = None  # a checkout of earlier sidecar code, run as "sidecar-baseline"
     baseline_rev: str = ""
+    tls: UpstreamTls | None = None  # the upstream's TLS side, for the *-https systems
 
     def _nginx(self, name: str, conf: str, cpus: str | None) -> Proc:
         prefix = self.workdir / name
@@ -424,7 +479,9 @@ class Bench:
         for path in (self.workdir, root, root / "files"):
             path.chmod(0o755)
         self.upstream_port = free_port()
-        proc = self._nginx("upstream", upstream_nginx_conf(self.workdir / "upstream", root, self.upstream_port), None)
+        self.tls = UpstreamTls.make(self.workdir / "tls")
+        conf = upstream_nginx_conf(self.workdir / "upstream", root, self.upstream_port, self.tls)
+        proc = self._nginx("upstream", conf, None)
         wait_ready(proc, f"http://127.0.0.1:{self.upstream_port}/")
         return proc
 
@@ -435,6 +492,10 @@ class Bench:
         if key == "nginx":
             proc = self._nginx("nginx-proxy", nginx_proxy_conf(self.workdir / "nginx-proxy", port, up), PROXY_CPU)
             run = Running(key, "nginx proxy", "1 worker, core 1", proc, port)
+        elif key == "nginx-https":
+            conf = nginx_proxy_conf(self.workdir / key, port, up, self.tls)
+            proc = self._nginx(key, conf, PROXY_CPU)
+            run = Running(key, "nginx proxy → https upstream", "1 worker, core 1", proc, port)
         elif key == "haproxy":
             cfg = self.workdir / "haproxy.cfg"
             cfg.write_text(haproxy_conf(port, up))
@@ -458,18 +519,20 @@ class Bench:
             cmd = [sys.executable, str(HERE / "naive_proxy.py"), str(port), f"http://127.0.0.1:{up}"]
             proc = spawn("naive", t.pinned(cmd, PROXY_CPU), self.workdir)
             run = Running(key, "naive aiohttp", "1 process, core 1", proc, port)
-        elif key in ("sidecar", "sidecar-baseline"):
+        elif key in ("sidecar", "sidecar-baseline", "sidecar-https"):
             admin = free_port()
             policy = self.workdir / f"{key}.yaml"
-            policy.write_text(sidecar_policy(port, admin, up))
+            policy.write_text(sidecar_policy(port, admin, up, self.tls if key == "sidecar-https" else None))
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(policy), "--no-watch"]
             # cwd and PYTHONPATH name the checkout, so `-m proxy` runs that code whatever is installed.
-            code = REPO if key == "sidecar" else self.baseline
+            code = self.baseline if key == "sidecar-baseline" else REPO
             if code is None:
                 raise BenchError("sidecar-baseline needs --baseline REV")
             env = {TOKEN_ENV: self.token, "PYTHONPATH": str(code)}
             proc = spawn(key, t.pinned(cmd, PROXY_CPU), self.workdir, env=env, cwd=code)
-            name = "seawall sidecar" if key == "sidecar" else f"seawall sidecar @ {self.baseline_rev}"
+            name = {"sidecar": "seawall sidecar", "sidecar-https": "seawall sidecar → https upstream"}.get(
+                key, f"seawall sidecar @ {self.baseline_rev}"
+            )
             run = Running(key, name, "1 process, core 1", proc, port, admin)
         else:
             raise BenchError(f"unknown system {key!r}")
@@ -486,7 +549,19 @@ class Bench:
             raise BenchError(f"sidecar admin {action} answered {status}: {body[:200]!r}")
 
 
-ALL_SYSTEMS = ("direct", "nginx", "haproxy", "caddy", "caddy-default", "naive", "sidecar")
+ALL_SYSTEMS = (
+    "direct",
+    "nginx",
+    "haproxy",
+    "caddy",
+    "caddy-default",
+    "naive",
+    "sidecar",
+    "nginx-https",
+    "sidecar-https",
+)
+# The HTTPS-upstream rows: each system with an https upstream, against itself with the plain one.
+HTTPS_PAIRS = (("sidecar-https", "sidecar"), ("nginx-https", "nginx"))
 
 
 # ----------------------------------------------------------------------------------------------- wrk ----
@@ -858,6 +933,23 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
         lines.append(
             f"| {r['label']} | {fmt_n(r['rps'])} | {fmt_n(r['bodies']['1k'])} | {fmt_n(mib)} | {mib / 1024:.2f} GiB/s |"
         )
+    if pairs := [(by[h], by[p]) for h, p in HTTPS_PAIRS if h in by and p in by]:
+        lines += [
+            "",
+            "## HTTPS upstream (50 connections)",
+            "",
+            "The same upstream nginx behind TLS (TLS 1.3, a trustme CA; verified, SNI, keep-alive, sessions "
+            "resumable): the sidecar with an `https://` target and nginx with `proxy_pass https://` "
+            "(`keepalive 64`, `proxy_ssl_session_reuse on`), each against its own plain-HTTP throughput.",
+            "",
+            "| system | plain-HTTP rps | HTTPS-upstream rps | HTTPS ÷ plain | CPU s / 10k req (HTTPS) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for https, plain in pairs:
+            lines.append(
+                f"| {https['label']} | {fmt_n(plain['rps'])} | {fmt_n(https['rps'])} | "
+                f"{https['rps'] / plain['rps']:.0%} | {https['cpu_s_per_10k']:.3f} |"
+            )
     if side:
         lines += ["", "## Sidecar specifics", ""]
         if ff := extra.get("failfast"):
@@ -931,6 +1023,9 @@ def targets(by: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[tuple[
     if ff := extra.get("failfast"):
         x = ff["rps"] / ff["proxied_rps"]
         check("fail-fast ≥ 2× proxied", f"{x:.2f}×", x >= 2)
+    if "sidecar-https" in by:
+        x = by["sidecar-https"]["rps"] / side["rps"]
+        check("HTTPS upstream ≥ 50% of plain-HTTP throughput", f"{x:.0%}", x >= 0.5)
     check("idle RSS ≤ 60 MB", f"{side['rss_idle_mb']:.1f} MiB", side["rss_idle_mb"] * 1.048576 <= 60)
     if lg := extra.get("long"):
         check(

@@ -124,7 +124,9 @@ def test_command_on_a_broken_file_prints_the_errors(tmp_path: Path) -> None:
     assert out.getvalue().startswith(f"{path}:5:15: upstreams.api.breaker.failure_threshold: must be ≥ 1")
 
 
-@pytest.mark.parametrize("name", ["minimal.yaml", "risk-manager-strict.yaml", "training-orchestrator-shadow.yaml"])
+@pytest.mark.parametrize(
+    "name", ["minimal.yaml", "risk-manager-strict.yaml", "training-orchestrator-shadow.yaml", "exchange-api-mtls.yaml"]
+)
 def test_the_examples_explain_without_contradictions(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "config" / "examples" / name
     out = io.StringIO()

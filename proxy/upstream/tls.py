@@ -1,0 +1,172 @@
+"""TLS to ``https://`` targets: one client context per upstream per (re)load, built from its ``tls`` policy.
+
+The policy layer does no I/O, so the files a ``tls`` block names (``ca_file``, ``cert_file``, ``key_file``) are
+read here, when the sidecar starts, when it reloads and when ``sidecar check`` runs. A file that is missing,
+unreadable or not PEM is a config error at the line the key was written on (the loader keeps those positions),
+and a reload with such an error keeps the running policy, as any other broken reload does.
+
+Every (re)load reads the files again, so a reload picks up rotated certificates. When neither the policy nor
+the bytes of its files changed, the running context is kept (with its pooled connections and TLS sessions).
+
+Session resumption: asyncio's ``create_connection`` takes no ``ssl.SSLSession``, but both asyncio's and
+uvloop's SSL transports create their ``SSLObject`` through ``SSLContext.wrap_bio``, which does. ``ClientContext``
+offers each new client connection the session the pool last saved for that server name (TLS 1.3 tickets or a
+TLS 1.2 session), so a new pooled connection resumes instead of paying for a full handshake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from proxy.policy.issues import ConfigIssue
+from proxy.policy.loader import PolicyRead
+from proxy.policy.model import SidecarConfig, TlsPolicy, UpstreamPolicy
+
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+_MAX_SESSIONS = 64  # server names remembered per context
+
+
+class ClientContext(ssl.SSLContext):
+    """A client ``SSLContext`` that resumes sessions; it also carries the policy's ``server_name``."""
+
+    server_name: str | None
+    fingerprint: str
+    sessions: dict[str, ssl.SSLSession]
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side and isinstance(server_hostname, str):
+            session = self.sessions.get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def save_session(self, server_hostname: str, ssl_object: Any) -> None:
+        """Keep a connection's session for the next connection to that name (once it holds something to resume
+        with: in TLS 1.3 the tickets come after the handshake, with the first answer)."""
+        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.context is not self:
+            return  # (a session only resumes with the context it was made with)
+        session = ssl_object.session
+        if session is None or not (session.has_ticket or session.id):
+            return
+        if len(self.sessions) >= _MAX_SESSIONS and server_hostname not in self.sessions:
+            self.sessions.pop(next(iter(self.sessions)))
+        self.sessions[server_hostname] = session
+
+
+class TlsFileError(Exception):
+    """What is wrong with a ``tls`` block's files: (key, message) for each bad one."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails to load (never an interactive prompt)
+
+
+def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
+    """The context for one upstream's policy; ``TlsFileError`` names each key whose file is wrong."""
+    files: dict[str, Path] = {}
+    problems: list[tuple[str, str]] = []
+    digest = hashlib.sha256(repr(tls).encode())
+    for key in ("ca_file", "cert_file", "key_file"):
+        name = getattr(tls, key)
+        if name is None:
+            continue
+        path = base / name
+        try:
+            digest.update(path.read_bytes())
+            files[key] = path
+        except OSError as exc:
+            problems.append((key, f"cannot read {name}: {exc.strerror or exc}"))
+    ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.server_name = tls.server_name
+    ctx.fingerprint = digest.hexdigest()
+    ctx.sessions = {}
+    ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.set_alpn_protocols(["http/1.1"])
+    if "ca_file" in files:
+        try:
+            ctx.load_verify_locations(cafile=str(files["ca_file"]))  # replaces the system trust store
+        except ssl.SSLError as exc:
+            problems.append(("ca_file", f"{tls.ca_file} holds no PEM certificate: {exc.reason or exc}"))
+    elif tls.verify and tls.ca_file is None:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    key_path = files.get("key_file")
+    if "cert_file" in files and (tls.key_file is None or key_path is not None):
+        try:
+            ctx.load_cert_chain(str(files["cert_file"]), str(key_path) if key_path else None, password=_no_password)
+        except ssl.SSLError as exc:
+            mismatch = "KEY_VALUES_MISMATCH" in str(exc.reason)
+            key = "key_file" if key_path is not None and mismatch else "cert_file"
+            what = "does not match cert_file" if mismatch else "is not a PEM certificate and (unencrypted) key"
+            written = tls.key_file if key == "key_file" else tls.cert_file
+            problems.append((key, f"{written} {what}: {exc.reason or exc}"))
+    if problems:
+        raise TlsFileError(problems)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _base(config: SidecarConfig) -> Path:
+    source = Path(config.source)
+    return source.parent if config.source != "<string>" else Path()
+
+
+def build_contexts(
+    config: SidecarConfig, previous: Mapping[str, ClientContext] | None = None
+) -> tuple[dict[str, ClientContext], list[ConfigIssue]]:
+    """A context for every upstream with an https target, and the problems with their files.
+
+    A context whose policy and files are unchanged since ``previous`` is kept as it was."""
+    contexts: dict[str, ClientContext] = {}
+    issues: list[ConfigIssue] = []
+    base = _base(config)
+    for up in config.upstreams:
+        if not _uses_tls(up):
+            continue
+        try:
+            ctx = client_context(up.tls, base)
+        except TlsFileError as exc:
+            where = f"upstreams.{up.name}.tls"
+            for key, message in exc.problems:
+                line, column, path = config.positions.get(
+                    f"{where}.{key}", config.positions.get(where, (0, 0, f"{where}.{key}"))
+                )
+                issue = ConfigIssue(config.source, line, column, path, message)
+                if issue not in issues:  # a defaults' file shared by several upstreams: said once
+                    issues.append(issue)
+            continue
+        old = previous.get(up.name) if previous is not None else None
+        contexts[up.name] = old if old is not None and old.fingerprint == ctx.fingerprint else ctx
+    return contexts, issues
+
+
+def _uses_tls(up: UpstreamPolicy) -> bool:
+    return up.protocol == "http" and any(t.is_tls for t in up.targets)
+
+
+def checked(
+    read: PolicyRead, previous: Mapping[str, ClientContext] | None = None
+) -> tuple[PolicyRead, dict[str, ClientContext]]:
+    """A policy read with its TLS files judged too: a bad file makes it an error like any other."""
+    if read.config is None:
+        return read, {}
+    contexts, issues = build_contexts(read.config, previous)
+    if not issues:
+        return read, contexts
+    everything = sorted([*read.issues, *issues], key=lambda i: (i.line, i.column))
+    return replace(read, config=None, issues=everything), {}
