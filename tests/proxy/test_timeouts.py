@@ -26,11 +26,11 @@ CHUNK = 8 * 1024
 FAST = {"connect": "200ms", "per_try": "300ms", "total": "600ms", "idle": "2s"}
 
 
-async def _trickle(chunks: int, gap: float) -> AsyncIterator[bytes]:
-    """A client uploading slowly: ``chunks`` pieces of 8 KiB, ``gap`` seconds apart."""
+async def _trickle(chunks: int, gap: float, pause: float = 0.0) -> AsyncIterator[bytes]:
+    """A client uploading slowly: ``chunks`` pieces of 8 KiB, ``gap`` seconds apart, ``pause`` once halfway."""
     for index in range(chunks):
         if index:
-            await asyncio.sleep(gap)
+            await asyncio.sleep(pause if pause and index == chunks // 2 else gap)
         yield bytes([index % 251]) * CHUNK
 
 
@@ -55,9 +55,12 @@ async def _breaker_samples(session: aiohttp.ClientSession, sidecar: Sidecar) -> 
     return {key: value for key, value in samples.items() if key[0].startswith("sidecar_breaker_")}
 
 
-async def _upload(session: aiohttp.ClientSession, url: str, chunks: int, gap: float) -> tuple[int, object, float]:
+async def _upload(
+    session: aiohttp.ClientSession, url: str, chunks: int, gap: float, pause: float = 0.0
+) -> tuple[int, object, float]:
     started = time.monotonic()
-    async with session.put(url, data=_trickle(chunks, gap), headers={"content-length": str(chunks * CHUNK)}) as r:
+    body = _trickle(chunks, gap, pause)
+    async with session.put(url, data=body, headers={"content-length": str(chunks * CHUNK)}) as r:
         body = await r.json() if r.status == 200 else await r.text()
         return r.status, body, time.monotonic() - started
 
@@ -65,7 +68,8 @@ async def _upload(session: aiohttp.ClientSession, url: str, chunks: int, gap: fl
 async def test_a_slow_upload_longer_than_per_try_and_total_succeeds_and_the_breaker_is_untouched(
     tmp_path: Path,
 ) -> None:
-    """~1.4 s of upload against per_try 300 ms and total 600 ms: answered at once after the last byte → 200."""
+    """~1.6 s of upload, one pause of 500 ms in it, against per_try 300 ms and total 600 ms: the pause is within
+    idle, and the upstream answers at once after the last byte → 200."""
     async with scripted_upstream(default=_hash_upload) as upstream:
         policy = write_policy(
             tmp_path / "p.yaml",
@@ -75,8 +79,8 @@ async def test_a_slow_upload_longer_than_per_try_and_total_succeeds_and_the_brea
         )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
             before = await _breaker_samples(session, sidecar)
-            direct = await _upload(session, upstream.url + "/up", 8, 0.2)
-            through = await _upload(session, listener_url(sidecar, "svc") + "/up", 8, 0.2)
+            direct = await _upload(session, upstream.url + "/up", 8, 0.15, pause=0.5)
+            through = await _upload(session, listener_url(sidecar, "svc") + "/up", 8, 0.15, pause=0.5)
             assert direct[:2] == through[:2] == (200, {"sha256": _expected_digest(8), "size": 8 * CHUNK})
             assert through[2] > 1.2, "the upload outlived per_try and total"
             rt = sidecar.runtimes["svc"]
