@@ -66,7 +66,8 @@ class Timeouts:
         exclusive_minimum=0,
     )
     total: float = meta(
-        "Bound on all attempts and backoff together, until the response headers reach the client.",
+        "Bound on all attempts and backoff together, until a response head is chosen. The time a client takes to "
+        "send its body is not counted, and bodies are not bounded by it (idle is).",
         default=15.0,
         duration=True,
         exclusive_minimum=0,
