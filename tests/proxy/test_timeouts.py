@@ -221,3 +221,43 @@ async def test_a_client_silent_mid_upload_longer_than_idle_gets_408_and_the_brea
             assert rt.stats.failures == {} and rt.effective_state().value == "closed"
             assert await _breaker_samples(session, sidecar) == before
             assert upstream.hits == 1, "the streamed one reached the upstream, the small one never did"
+
+
+async def test_an_upstream_held_back_by_a_client_that_does_not_read_is_never_charged(tmp_path: Path) -> None:
+    """The client stops reading for 3 × idle: the sidecar stops reading the upstream (back-pressure), and that
+    stillness is the client's, not an upstream silence. Then it reads on and gets every byte."""
+    size = 32 << 20
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-length": str(size)})
+        await response.prepare(request)
+        block = b"y" * (1 << 20)
+        for _ in range(size >> 20):
+            await response.write(block)
+        return response
+
+    async with scripted_upstream(default=big) as upstream:
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {"svc": {"targets": [upstream.url]}},
+            defaults={"timeouts": {**FAST, "idle": "400ms"}},
+            http={"keepalive_timeout": "10s"},
+        )
+        async with running_sidecar(policy) as sidecar:
+            _, port = policy_listen(policy, "svc")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+            try:
+                writer.write(b"GET /big HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(1.2)  # not reading: buffers fill, everything stands still
+                assert sidecar.runtimes["svc"].stats.failures == {}
+                received = 0
+                async with asyncio.timeout(20):
+                    while chunk := await reader.read(1 << 20):
+                        received += len(chunk)
+            finally:
+                writer.close()
+            assert received == size
+            rt = sidecar.runtimes["svc"]
+            assert rt.stats.failures == {} and rt.effective_state().value == "closed"
