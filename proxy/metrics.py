@@ -48,7 +48,7 @@ METRICS: dict[str, MetricSpec] = {
         ("upstream", "reason"),
         "Requests answered or cut short by the sidecar itself: breaker_open, overload, retry_budget, "
         "bad_request (refused before forwarding: 400, 405, 408, 414, 431, 501), client_timeout (the client's "
-        "body stalled mid-stream: 408), internal_error, "
+        "request body fell silent for timeouts.idle: 408), internal_error, "
         "breaker_open_shadow (would have been rejected in shadow mode).",
     ),
     "sidecar_upstream_failures_total": MetricSpec(

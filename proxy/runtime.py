@@ -14,7 +14,7 @@ import time
 
 from proxy.logs import Throttled
 from proxy.metrics import UpstreamStats, UpstreamView
-from proxy.policy.model import UpstreamPolicy
+from proxy.policy.model import RetryPolicy, RoutePolicy, Timeouts, UpstreamPolicy
 from proxy.resilience.breaker import CircuitBreaker, Event, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -32,6 +32,35 @@ _exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 RECENT_TRANSITIONS = 20
 HEALTH_PASSED = Event.HEALTH_PASSED.value
+
+
+def _rules(retry: RetryPolicy) -> RetryRules:
+    return RetryRules(retry.max_retries, retry.retry_kinds(), retry.retry_statuses(), frozenset(retry.methods))
+
+
+class Route:
+    """What one exchange takes from its route: timeouts, retry settings and rules, precomputed. The upstream's
+    own policy is the route (``name`` None) of every request no ``routes:`` entry matches."""
+
+    __slots__ = ("_exact", "_methods", "_prefix", "name", "retry", "rules", "timeouts")
+
+    def __init__(self, name: str | None, timeouts: Timeouts, retry: RetryPolicy, policy: RoutePolicy | None = None):
+        self.name = name
+        self.timeouts = timeouts
+        self.retry = retry
+        self.rules = _rules(retry)
+        match = policy.match if policy is not None else None
+        self._exact = match.path.encode() if match is not None and match.path is not None else None
+        self._prefix = match.path_prefix.encode() if match is not None and match.path_prefix is not None else b""
+        self._methods = frozenset(match.methods) if match is not None and match.methods is not None else None
+
+    def matches(self, path: bytes, method: str) -> bool:
+        """``path`` without its query string."""
+        if self._methods is not None and method not in self._methods:
+            return False
+        if self._exact is not None:
+            return path == self._exact
+        return path.startswith(self._prefix)
 
 
 class UpstreamRuntime:
@@ -66,9 +95,9 @@ class UpstreamRuntime:
         else:
             self.breaker = CircuitBreaker(policy.name, policy.breaker.settings(), self._on_transition)
         retry = policy.retry
-        self.rules = RetryRules(
-            retry.max_retries, retry.retry_kinds(), retry.retry_statuses(), frozenset(retry.methods)
-        )
+        self.default_route = Route(None, policy.timeouts, retry)
+        # Empty for an upstream without routes: the forwarder then never looks (no cost per request).
+        self.routes = tuple(Route(r.name, r.timeouts, r.retry, r) for r in policy.routes)
         if previous is not None and previous.policy.retry.budget == retry.budget:
             self.budget = previous.budget
         else:
@@ -106,6 +135,16 @@ class UpstreamRuntime:
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
         self.fallback = policy.fallback
+
+    def route_for(self, path: bytes, method: str) -> Route:
+        """The first route matching the request (its path without the query string), else the upstream's own."""
+        query = path.find(b"?")
+        if query >= 0:
+            path = path[:query]
+        for route in self.routes:
+            if route.matches(path, method):
+                return route
+        return self.default_route
 
     def _on_transition(self, transition: Transition) -> None:
         if transition.from_state is transition.to_state:

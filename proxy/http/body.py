@@ -69,11 +69,13 @@ class RequestBody:
         self._error = error
         self._wake()
 
-    async def wait_ready(self) -> None:
-        """Until the body is complete, or too large to keep (then it streams), or broken (BodyAborted)."""
+    async def wait_ready(self, idle: float) -> None:
+        """Until the body is complete, or too large to keep (then it streams), or broken (BodyAborted).
+        TimeoutError when the client sends nothing for ``idle`` (a silence, however long the body takes)."""
         while not self.complete and self.replayable and self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            async with asyncio.timeout(idle):
+                await waiter
         if self._error is not None:
             raise BodyAborted(str(self._error))
 

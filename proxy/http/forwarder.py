@@ -50,10 +50,12 @@ class Exchange:
         "attempts",
         "client",
         "client_fault",
+        "client_time",
         "conn",
         "permit",
         "pump",
         "req",
+        "route",
         "rt",
         "started",
     )
@@ -62,11 +64,14 @@ class Exchange:
         self.rt = rt
         self.req = req
         self.client = client
+        # First match wins; an upstream without routes pays one test for them.
+        self.route = rt.route_for(req.path, req.method) if rt.routes else rt.default_route
         self.attempts = 0
         self.permit: Permit | None = None
         self.conn: UpstreamConnection | None = None
         self.pump: asyncio.Task[None] | None = None
         self.started = rt.clock.monotonic()
+        self.client_time = 0.0  # spent waiting for the client's body: neither total's nor the upstream's latency
         self._last_error: UpstreamError | None = None
         self.client_fault: str | None = None  # body_timeout | body_aborted: the client, not the upstream, failed
 
@@ -82,7 +87,7 @@ class Exchange:
                 503,
                 "overload",
                 "too many requests in flight to this upstream",
-                decision=f"upstream={rt.name} reason=overload max_concurrent={limit}",
+                decision=self._decision(f"overload max_concurrent={limit}"),
             )
             return
         try:
@@ -96,29 +101,26 @@ class Exchange:
                 if self.req.expect_continue:
                     self.req.expect_continue = False
                     self.client.send_continue()
+                waited_from = rt.clock.monotonic()
                 try:
-                    async with asyncio.timeout(rt.policy.timeouts.per_try):
-                        await body.wait_ready()
+                    await body.wait_ready(self.route.timeouts.idle)
                 except TimeoutError:
-                    self._local(
-                        408,
-                        "bad_request",
-                        "request body not received in time",
-                        decision=f"upstream={rt.name} reason=body_timeout",
-                    )
+                    self.client_fault = "body_timeout"
+                    self._client_failed()
                     return
                 except BodyAborted:
                     return  # the listener has answered 400 and is closing
+                self.client_time += rt.clock.monotonic() - waited_from
             await self._attempts()
         finally:
             rt.bulkhead.leave()
             self._release(abort=True)
 
     async def _attempts(self) -> None:
-        rt, req = self.rt, self.req
-        clock, breaker, policy = rt.clock, rt.breaker, rt.policy
-        timeouts = policy.timeouts
-        deadline = self.started + timeouts.total
+        rt, req, route = self.rt, self.req, self.route
+        clock, breaker = rt.clock, rt.breaker
+        timeouts = route.timeouts
+        deadline = self.started + self.client_time + timeouts.total
         if rt.budget is not None:
             rt.budget.record_request(self.started)
         delays = None
@@ -195,17 +197,17 @@ class Exchange:
                 return
             rt.stats.failed(error.reason if error is not None else failed_kind)  # tls_error: its own label
             if permit is not None:
-                breaker.record_failure(permit, now, now - self.started)
+                breaker.record_failure(permit, now, now - self.started - self.client_time)
                 self.permit = None
             rt.report_target(state, ok=False, now=now, kind=failed_kind, logger=log)
             self._last_error = error
             # Should we go again?
+            retry = route.retry
             if delays is None:
-                retry = policy.retry
                 delays = backoff_delays(retry.base_delay, retry.max_delay, retry.jitter, rt.rng)
             budget = rt.budget
             decision = decide_retry(
-                rt.rules,
+                route.rules,
                 attempts=self.attempts,
                 method=req.method,
                 kind=error.kind if error is not None else None,
@@ -213,7 +215,7 @@ class Exchange:
                 body_replayable=self._body_replayable(),
                 backoff=delays,
                 retry_after=parse_retry_after(head.header(b"retry-after"), time.time()) if head else None,
-                max_delay=policy.retry.max_delay,
+                max_delay=retry.max_delay,
                 now=now,
                 deadline=deadline,
                 budget_allows=budget is None or budget.allows(now),
@@ -247,18 +249,18 @@ class Exchange:
             503,
             "overload",
             "the sidecar is out of resources (file descriptors, buffers or memory)",
-            decision=f"upstream={self.rt.name} reason=out_of_resources",
+            decision=self._decision("out_of_resources"),
         )
 
     def _client_failed(self) -> None:
         if self.client_fault == "body_timeout":
             self.rt.stats.reject("client_timeout")
-            limit = self.rt.policy.timeouts.per_try
+            limit = self.route.timeouts.idle
             self._local(
                 408,
                 "bad_request",
-                f"request body stalled for {limit:g}s",
-                decision=f"upstream={self.rt.name} reason=client_body_timeout",
+                f"request body stalled for {limit:g}s (timeouts.idle)",
+                decision=self._decision("client_body_timeout"),
             )
         # body_aborted: the listener has answered 400 (malformed body) or the client is gone
 
@@ -303,12 +305,15 @@ class Exchange:
         return await waiter
 
     async def _pump_body(self, conn: UpstreamConnection, chunked: bool) -> None:
-        """Stream the client's body on. Its silences are the client's (per_try each → 408, nothing charged to
-        the upstream); an upstream that stops taking it for per_try is the upstream's timeout."""
+        """Stream the client's body on, however long it takes. A silence of the client's longer than
+        ``timeouts.idle`` is the client's (408, nothing charged to the upstream); an upstream that takes none of
+        it for ``idle`` is the upstream's timeout. The response head's per_try starts at the last byte sent."""
         body = self.req.body
         assert body is not None
-        limit = self.rt.policy.timeouts.per_try
+        limit = self.route.timeouts.idle
         loop = asyncio.get_running_loop()
+        clock = self.rt.clock
+        sending_since = clock.monotonic()
         try:
             async with asyncio.timeout(limit) as client_silence:
                 async for chunk in body.stream():
@@ -324,6 +329,7 @@ class Exchange:
                     client_silence.reschedule(loop.time() + limit)
             if chunked:
                 conn.write_body(b"0\r\n\r\n")
+            self.client_time += clock.monotonic() - sending_since
             conn.request_sent()
         except TimeoutError:
             self.client_fault = "body_timeout"
@@ -354,13 +360,13 @@ class Exchange:
                 client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
             else:
                 client.start_response(client_head, client_chunked, keep_alive, conn)
-                await conn.deliver(client.write_body, rt.policy.timeouts.per_try)
+                await conn.deliver(client.write_body, self.route.timeouts.idle)
         except UpstreamError as exc:
             # Too late for a clean answer: the client sees the body cut short, never a second status line.
             now = rt.clock.monotonic()
             rt.stats.failed(exc.kind)
             if permit is not None:
-                rt.breaker.record_failure(permit, now, now - self.started)
+                rt.breaker.record_failure(permit, now, now - self.started - self.client_time)
             rt.report_target(state, ok=False, now=now, kind=exc.kind, logger=log)
             rt.stats.answered(status, now - self.started)
             client.abort()
@@ -375,11 +381,12 @@ class Exchange:
         duration = now - self.started
         if not failed:
             if permit is not None:
-                rt.breaker.record_success(permit, now, duration)
+                rt.breaker.record_success(permit, now, duration - self.client_time)
             if rt.balancer.detector is not None:  # in shadow mode too: a success clears the target's count
                 rt.report_target(state, ok=True, now=now)
         rt.stats.answered(status, duration)
         if client.log_requests:
+            route = self.route.name
             log.info(
                 "%s %s -> %d",
                 self.req.method,
@@ -388,6 +395,7 @@ class Exchange:
                 extra={
                     "event": "request",
                     "upstream": rt.name,
+                    **({"route": route} if route is not None else {}),
                     "status": status,
                     "attempts": self.attempts,
                     "duration_ms": round(duration * 1000, 3),
@@ -415,7 +423,7 @@ class Exchange:
             )
         state.outstanding += 1  # an open relay is an active request to its target (least_request)
         try:
-            await relay(rt, self.client, conn, head, self.attempts)
+            await relay(rt, self.client, conn, head, self.attempts, self.route.timeouts.idle)
         finally:
             state.outstanding -= 1
 
@@ -442,9 +450,8 @@ class Exchange:
         self.client.send_raw(refuse_breaker_open(self.rt, now, self.client.keep_alive, self.client.http11))
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
-        rt = self.rt
         reason = error.reason if stopped_by != "retry_budget" else "retry_budget"
-        decision = f"upstream={rt.name} reason={error.reason} attempts={self.attempts}"
+        decision = self._decision(f"{error.reason} attempts={self.attempts}")
         if stopped_by:
             decision += f" retry_stopped_by={stopped_by}"
         self._local(
@@ -454,6 +461,13 @@ class Exchange:
             decision=decision,
             extra=[(b"x-sidecar-attempts", b"%d" % self.attempts)] if self.attempts > 1 else [],
         )
+
+    def _decision(self, reason: str) -> str:
+        """``x-sidecar-decision`` of an answer the sidecar makes: the upstream, the route if one matched, why."""
+        route = self.route.name
+        if route is None:
+            return f"upstream={self.rt.name} reason={reason}"
+        return f"upstream={self.rt.name} route={route} reason={reason}"
 
     def _local(
         self, status: int, reason: str, detail: str, decision: str, extra: list[tuple[bytes, bytes]] | None = None

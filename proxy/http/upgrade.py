@@ -147,19 +147,24 @@ class Relay:
 
 
 async def relay(
-    rt: UpstreamRuntime, client: ResponseSink, conn: UpstreamConnection, head: ResponseHead, attempts: int
+    rt: UpstreamRuntime,
+    client: ResponseSink,
+    conn: UpstreamConnection,
+    head: ResponseHead,
+    attempts: int,
+    idle: float,
 ) -> None:
     """Serve an upgraded connection until it ends; it owns ``conn`` from here on. It is counted open
     (``sidecar_upgraded_connections``) meanwhile, and the caller's bulkhead slot stays held. Either side going
     away ends it (the other is closed once what is buffered for it is sent); a drain that runs out of time
-    aborts the client side, which ends it the same way."""
+    aborts the client side, which ends it the same way. ``idle``: the longest silence both ways."""
     taken = client.switch_protocols()
     upstream_transport = conn.transport
     if taken is None or upstream_transport is None:
         conn.abort()
         return  # the client is gone (the upstream's 101 is counted, and that is all)
     # An upstream already gone still has its 101 (and what followed it) delivered, then the close: as directly.
-    link = Relay(rt.policy.timeouts.idle)
+    link = Relay(idle)  # the matched route's timeouts.idle
     stats = rt.stats
     stats.upgraded += 1
     try:

@@ -11,6 +11,7 @@ contradictions: settings that quietly cancel each other out.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import textwrap
@@ -21,7 +22,7 @@ from typing import IO
 import yaml
 
 from proxy.policy.check import check_file
-from proxy.policy.model import UpstreamPolicy
+from proxy.policy.model import RoutePolicy, UpstreamPolicy
 from proxy.policy.schema import to_plain
 from proxy.policy.values import format_duration
 from proxy.resilience.failures import FAILED_ANSWER, FailureKind
@@ -54,6 +55,7 @@ class Explanation:
     amplification: float  # worst-case upstream requests per client request, without the budget
     consequences: list[str] = field(default_factory=list)
     contradictions: list[str] = field(default_factory=list)
+    routes: list[tuple[RoutePolicy, Explanation]] = field(default_factory=list)
 
 
 def _backoffs(policy: UpstreamPolicy) -> list[float]:
@@ -138,8 +140,11 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
                 "(that wait counts against total); beyond that they are answered 503 overload at once."
             )
         say(
-            f"Once headers arrive the body streams without the total bound; a gap longer than "
-            f"{_d(t.per_try)} between chunks cuts it off."
+            f"Timeouts: per_try {_d(t.per_try)} runs from the request's last byte sent to the response head (a slow "
+            f"upload is not cut by it); total {_d(t.total)} bounds all attempts and backoff until a head is chosen; "
+            f"then bodies stream without either, and only a silence longer than idle {_d(t.idle)} in either "
+            "direction cuts one off: an upstream's silence is a timeout the breaker counts, a client's is answered "
+            "408 (or its body cut) and never counted."
         )
     else:
         say(
@@ -279,7 +284,17 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             f"health.timeout ({_d(policy.health.timeout)}) is not shorter than health.interval "
             f"({_d(policy.health.interval)}): checks pile up on a hanging upstream."
         )
+    for route in policy.routes:
+        # A route is the upstream with its own timeouts and retry: the same arithmetic, the same flags.
+        as_upstream = dataclasses.replace(policy, timeouts=route.timeouts, retry=route.retry, routes=())
+        ex.routes.append((route, explain_upstream(as_upstream, replay_buffer_bytes)))
     return ex
+
+
+def describe_match(route: RoutePolicy) -> str:
+    m = route.match
+    where = f"path {m.path}" if m.path is not None else f"path_prefix {m.path_prefix}"
+    return f"{', '.join(m.methods)} {where}" if m.methods is not None else f"any method, {where}"
 
 
 def render(policy: UpstreamPolicy, ex: Explanation) -> str:
@@ -288,16 +303,36 @@ def render(policy: UpstreamPolicy, ex: Explanation) -> str:
     effective = to_plain(policy)
     effective.pop("listen", None)
     effective.pop("targets", None)
-    body = yaml.safe_dump(effective, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
-    lines += ["    " + line for line in body.rstrip().splitlines()]
-    lines += ["", "  what it means:"]
-    for text in ex.consequences:
-        lines += textwrap.wrap(text, _WIDTH, initial_indent="    - ", subsequent_indent="      ")
-    if ex.contradictions:
-        lines += ["", "  contradictions:"]
-        for text in ex.contradictions:
-            lines += textwrap.wrap(text, _WIDTH, initial_indent="    ! ", subsequent_indent="      ")
+    effective.pop("routes", None)
+    lines += _yaml(effective, "    ")
+    lines += _meaning(ex, "  ")
+    if ex.routes:
+        lines += ["", "  routes (first match wins; a request no route matches gets the policy above):"]
+    for route, route_ex in ex.routes:
+        lines += ["", f"    route {route.name}: {describe_match(route)}", "", "      effective policy:"]
+        retry = to_plain(route.retry)
+        retry.pop("budget", None)  # the upstream's, shared
+        lines += _yaml({"timeouts": to_plain(route.timeouts), "retry": retry}, "        ")
+        # What differs from the upstream's own: the waiting and the retrying (the breaker is the upstream's).
+        differs = [c for c in route_ex.consequences if c not in ex.consequences and not c.startswith("Counted")]
+        lines += _meaning(dataclasses.replace(route_ex, consequences=differs), "      ")
     return "\n".join(lines) + "\n"
+
+
+def _yaml(value: object, indent: str) -> list[str]:
+    body = yaml.safe_dump(value, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    return [indent + line for line in body.rstrip().splitlines()]
+
+
+def _meaning(ex: Explanation, indent: str) -> list[str]:
+    lines = ["", f"{indent}what it means:"]
+    for text in ex.consequences:
+        lines += textwrap.wrap(text, _WIDTH, initial_indent=f"{indent}  - ", subsequent_indent=f"{indent}    ")
+    if ex.contradictions:
+        lines += ["", f"{indent}contradictions:"]
+        for text in ex.contradictions:
+            lines += textwrap.wrap(text, _WIDTH, initial_indent=f"{indent}  ! ", subsequent_indent=f"{indent}    ")
+    return lines
 
 
 def explain_command(path: str, upstream: str | None, out: IO[str], environ: Mapping[str, str] | None = None) -> int:

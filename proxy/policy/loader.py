@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from proxy.policy.model import (
     SidecarConfig,
     UpstreamPolicy,
 )
+from proxy.policy.routes import build_routes
 from proxy.policy.rules import check_listens, check_upstream
 from proxy.policy.source import UNRESOLVED, Sourced, SourceReader, merge
 from proxy.policy.values import UPSTREAM_NAME, did_you_mean
@@ -87,10 +89,15 @@ def load_text(
             inherited = {k: v for k, v in defaults.value.items() if k not in UPSTREAM_ONLY}
             merged = merge(Sourced(inherited, defaults.line, defaults.column, "defaults"), up_node)
             merged.path = up_node.path
-            policy = builder.build(UpstreamPolicy, merged, name=name)
+            # Routes are built apart: each merges over the upstream's own timeouts and retry.
+            without_routes = {k: v for k, v in merged.value.items() if k != "routes"}
+            policy = builder.build(
+                UpstreamPolicy, Sourced(without_routes, merged.line, merged.column, merged.path), name=name
+            )
             if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
                 check_upstream(builder, policy, merged)
-                upstreams.append(policy)
+                routes = build_routes(builder, merged, policy)
+                upstreams.append(dataclasses.replace(policy, routes=routes) if routes else policy)
                 _tls_positions(merged, f"upstreams.{name}.tls", positions)
 
     if admin is not None:

@@ -17,6 +17,8 @@ from proxy.policy.values import (
     parse_address,
     parse_method,
     parse_retry_on,
+    parse_route_name,
+    parse_route_path,
     parse_target,
 )
 from proxy.resilience.breaker import BreakerSettings
@@ -64,7 +66,8 @@ class Timeouts:
         exclusive_minimum=0,
     )
     total: float = meta(
-        "Bound on all attempts and backoff together, until the response headers reach the client.",
+        "Bound on all attempts and backoff together, until a response head is chosen. The time a client takes to "
+        "send its body is not counted, and bodies are not bounded by it (idle is).",
         default=15.0,
         duration=True,
         exclusive_minimum=0,
@@ -248,6 +251,45 @@ class TlsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """Which requests a route takes: exactly one of path and path_prefix, optionally only some methods."""
+
+    path_prefix: str | None = meta(
+        "Requests whose path (without the query string) starts with this. A plain string prefix, like Envoy's "
+        "`prefix`: /api matches /apiary too; end it with / to match whole segments.",
+        default=None,
+        parse=parse_route_path,
+    )
+    path: str | None = meta(
+        "Requests for exactly this path (without the query string).", default=None, parse=parse_route_path
+    )
+    methods: tuple[str, ...] | None = meta(
+        "Only requests with one of these methods; any method when absent.", default=None, parse=parse_method
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """One entry of an upstream's ``routes``: the requests it matches get its timeouts and retry.
+
+    ``timeouts`` and ``retry`` hold the effective values: the route's keys over the upstream's, merged key by key
+    as an upstream's keys are over ``defaults``. The breaker, the retry budget and the limits stay the upstream's.
+    """
+
+    match: RouteMatch = meta("Which requests this route takes (required).", factory=RouteMatch)
+    name: str | None = meta(
+        "Shown by explain, in x-sidecar-decision and in request logs; routes[N] (its position) when absent.",
+        default=None,
+        parse=parse_route_name,
+    )
+    timeouts: Timeouts = meta("Overrides the upstream's timeouts key by key, for these requests.", factory=Timeouts)
+    retry: RetryPolicy = meta(
+        "Overrides the upstream's retry key by key, for these requests (the retry budget stays the upstream's).",
+        factory=RetryPolicy,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamPolicy:
     name: str
     listen: Address = meta(
@@ -277,6 +319,12 @@ class UpstreamPolicy:
         "Per-target ejection for upstreams with several targets.", factory=OutlierPolicy
     )
     tls: TlsPolicy = meta("TLS to https:// targets: trust, client certificate (mTLS), SNI.", factory=TlsPolicy)
+    routes: tuple[RoutePolicy, ...] = meta(
+        "Per-path timeouts and retry, first match wins; a request no route matches gets the upstream's own. "
+        "Set per upstream (like Envoy's routes per virtual host), not in defaults.",
+        default=(),
+        schema={"$ref": "#/$defs/Route"},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +413,7 @@ TOP_LEVEL: dict[str, str] = {
     "allow_non_loopback": "Allow listen addresses off loopback without a warning (containers, pods).",
 }
 # Keys an upstream may have that ``defaults`` may not.
-UPSTREAM_ONLY = ("name", "listen", "targets")
+UPSTREAM_ONLY = ("name", "listen", "targets", "routes")
 
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from proxy.policy.build import ModelBuilder
-from proxy.policy.model import AdminPolicy, UpstreamPolicy
-from proxy.policy.source import Sourced
+from proxy.policy.model import AdminPolicy, RetryPolicy, Timeouts, UpstreamPolicy
+from proxy.policy.source import Sourced, SourceReader
 from proxy.policy.values import Address, format_duration
 
 
@@ -45,27 +46,7 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
             )
     if "listen" not in children:
         reader.error(node, f"{path}.listen", "a listen address is required")
-    retry = up.retry
-    if ok("retry.max_delay", "retry.base_delay") and retry.max_delay < retry.base_delay:
-        reader.error(
-            at("retry", "max_delay"),
-            f"{path}.retry.max_delay",
-            f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
-            f"({format_duration(retry.base_delay)})",
-        )
-    t = up.timeouts
-    if ok("timeouts.per_try", "timeouts.total") and t.per_try > t.total:
-        reader.error(
-            at("timeouts", "per_try"),
-            f"{path}.timeouts.per_try",
-            f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})",
-        )
-    if ok("timeouts.connect", "timeouts.per_try") and t.connect > t.per_try:
-        reader.error(
-            at("timeouts", "connect"),
-            f"{path}.timeouts.connect",
-            f"connect ({format_duration(t.connect)}) is longer than per_try ({format_duration(t.per_try)})",
-        )
+    check_timing(reader, path, up.timeouts, up.retry, ok, lambda *keys: at(*keys[0].split(".")))
     b = up.breaker
     if ok("breaker.slow_call_rate_threshold", "breaker.slow_call_duration") and (
         (b.slow_call_rate_threshold is None) != (b.slow_call_duration is None)
@@ -117,6 +98,40 @@ def _check_tls(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced, tls_nod
             f"{path}.tls.verify",
             "verify: false accepts any certificate: anyone on the path can read and change this traffic",
             severity="warning",
+        )
+
+
+def check_timing(
+    reader: SourceReader,
+    path: str,
+    t: Timeouts,
+    retry: RetryPolicy,
+    ok: Callable[..., bool],
+    at: Callable[..., Sourced],
+) -> None:
+    """The timeout and backoff rules, for an upstream or for one of its routes (effective values).
+
+    ``ok(*keys)``: whether the rule on these keys (``timeouts.per_try``…) is to be judged here; ``at(*keys)``: the
+    node an error points at, given the keys in order of preference (the one named first is the one at fault).
+    """
+    if ok("retry.max_delay", "retry.base_delay") and retry.max_delay < retry.base_delay:
+        reader.error(
+            at("retry.max_delay", "retry.base_delay"),
+            f"{path}.retry.max_delay",
+            f"max_delay ({format_duration(retry.max_delay)}) is shorter than base_delay "
+            f"({format_duration(retry.base_delay)})",
+        )
+    if ok("timeouts.per_try", "timeouts.total") and t.per_try > t.total:
+        reader.error(
+            at("timeouts.per_try", "timeouts.total"),
+            f"{path}.timeouts.per_try",
+            f"per_try ({format_duration(t.per_try)}) is longer than total ({format_duration(t.total)})",
+        )
+    if ok("timeouts.connect", "timeouts.per_try") and t.connect > t.per_try:
+        reader.error(
+            at("timeouts.connect", "timeouts.per_try"),
+            f"{path}.timeouts.connect",
+            f"connect ({format_duration(t.connect)}) is longer than per_try ({format_duration(t.per_try)})",
         )
 
 

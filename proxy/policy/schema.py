@@ -26,6 +26,7 @@ from proxy.policy.values import (
     HTTP_TARGET_PATTERN,
     METHOD_PATTERN,
     RETRY_KINDS,
+    ROUTE_PATH_PATTERN,
     STATUS_GROUPS,
     UPSTREAM_NAME_PATTERN,
     Address,
@@ -34,6 +35,8 @@ from proxy.policy.values import (
     parse_address,
     parse_method,
     parse_retry_on,
+    parse_route_name,
+    parse_route_path,
     parse_target,
 )
 
@@ -76,6 +79,8 @@ _PARSED: dict[Callable[[object], Any], Callable[[], dict[str, Any]]] = {
     ),
     parse_method: lambda: {"type": "string", "pattern": METHOD_PATTERN},
     parse_retry_on: _retry_on_item,
+    parse_route_path: lambda: {"type": "string", "pattern": ROUTE_PATH_PATTERN},
+    parse_route_name: lambda: {"type": "string", "pattern": UPSTREAM_NAME_PATTERN},
 }
 
 
@@ -188,6 +193,7 @@ _SECTIONS: tuple[type, ...] = (
     model.LimitsPolicy,
     model.OutlierPolicy,
     model.TlsPolicy,
+    model.RouteMatch,
     model.AdminPolicy,
     model.HttpServerPolicy,
     model.LoggingPolicy,
@@ -202,6 +208,18 @@ def build_schema() -> dict[str, Any]:
     defs["Upstream"]["description"] = "One dependency: a listener on 127.0.0.1 and the targets it forwards to."
     defs["Defaults"] = object_schema(model.UpstreamPolicy, refs, skip=UPSTREAM_ONLY)
     defs["Defaults"]["description"] = TOP_LEVEL["defaults"]
+    # A route: its match, and the timeouts and retry keys it overrides (the retry budget stays the upstream's).
+    defs["RouteMatch"]["oneOf"] = [
+        {"required": [key], "properties": {key: {"type": "string"}}} for key in ("path", "path_prefix")
+    ]
+    defs["RouteMatch"]["properties"]["methods"]["anyOf"][0]["minItems"] = 1
+    defs["Route"] = object_schema(model.RoutePolicy, refs, required=("match",))
+    defs["Route"]["description"] = "One entry of an upstream's routes: first match wins."
+    defs["Route"]["properties"]["retry"]["$ref"] = "#/$defs/RouteRetry"
+    for key in ("timeouts", "retry"):
+        defs["Route"]["properties"][key]["default"] = {}  # nothing overridden: the upstream's own values
+    defs["RouteRetry"] = object_schema(model.RetryPolicy, refs, skip=("budget",))
+    defs["RouteRetry"]["description"] = "A route's retry overrides (no budget: that is the upstream's)."
 
     default_admin = model.AdminPolicy()
     properties: dict[str, Any] = {

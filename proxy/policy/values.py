@@ -18,11 +18,13 @@ ADDRESS_PATTERN = r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})$"
 HTTP_TARGET_PATTERN = r"^https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?/?$"
 METHOD_PATTERN = r"^[A-Za-z]+$"
 UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+ROUTE_PATH_PATTERN = r'^/[!-"$->@-~]*$'  # visible ASCII but '?' and '#': matching ignores the query string
 
 _DURATION = re.compile(DURATION_PATTERN)
 _ADDRESS = re.compile(ADDRESS_PATTERN)
 _METHOD = re.compile(METHOD_PATTERN)
 UPSTREAM_NAME = re.compile(UPSTREAM_NAME_PATTERN)
+_ROUTE_PATH = re.compile(ROUTE_PATH_PATTERN)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -151,6 +153,25 @@ def parse_method(value: object) -> str:
     if not isinstance(value, str) or not _METHOD.match(value):
         raise ValueError(f"expected an HTTP method name, got {value!r}")
     return value.upper()
+
+
+def parse_route_path(value: object) -> str:
+    """A route's path or path prefix: starts with '/', visible ASCII, no query string."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path starting with '/', got {value!r}")
+    if not value.startswith("/"):
+        raise ValueError(f"a path starts with '/', got {value!r}")
+    if "?" in value or "#" in value:
+        raise ValueError(f"routes match the path without its query string: {value!r} has '?' or '#'")
+    if not _ROUTE_PATH.match(value):
+        raise ValueError(f"a path is visible ASCII without spaces (percent-encode the rest), got {value!r}")
+    return value
+
+
+def parse_route_name(value: object) -> str:
+    if not isinstance(value, str) or not UPSTREAM_NAME.match(value):
+        raise ValueError(f"route names are letters, digits, '-', '_' and '.' (≤ 63), got {value!r}")
+    return value
 
 
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:

@@ -35,7 +35,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             tmp_path_factory.mktemp(request.param) / "abuse.yaml",
             {"svc": {"targets": [upstream.url]}, "evil": {"targets": [evil.url]}},
             defaults={
-                "timeouts": {"connect": "500ms", "per_try": "1s", "total": "3s"},
+                "timeouts": {"connect": "500ms", "per_try": "1s", "total": "3s", "idle": "1s"},
                 "breaker": {"failure_threshold": 1000},
             },
             admin_port=admin_port,

@@ -36,7 +36,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
             tmp_path_factory.mktemp("client-faults") / "p.yaml",
             {"svc": {"targets": [upstream.url]}},
             defaults={
-                "timeouts": {"connect": "500ms", "per_try": "600ms", "total": "5s"},
+                "timeouts": {"connect": "500ms", "per_try": "600ms", "total": "5s", "idle": "600ms"},
                 "breaker": {"failure_threshold": 2},
             },
             http={"replay_buffer_bytes": 1024},

@@ -205,7 +205,9 @@ async def test_slow_headers_time_out_per_try_but_merely_slow_ones_pass(tmp_path:
 
 async def test_stalled_body_is_cut_off_but_a_slow_steady_one_completes(tmp_path: Path) -> None:
     async with scripted_upstream(serve_big) as upstream, fault_proxy(upstream.port) as faults:
-        policy = policy_for(tmp_path, faults.url, timeouts={"connect": "200ms", "per_try": "300ms", "total": "5s"})
+        policy = policy_for(
+            tmp_path, faults.url, timeouts={"connect": "200ms", "per_try": "300ms", "total": "5s", "idle": "300ms"}
+        )
         async with running_sidecar(policy) as sidecar:
             _, port = policy_listen(policy, "svc")
             # Holds everything after the first 32 KiB of the connection (a fresh one: the pool is empty).
@@ -216,7 +218,7 @@ async def test_stalled_body_is_cut_off_but_a_slow_steady_one_completes(tmp_path:
             assert 0.3 <= answer.elapsed < 1.0, answer.elapsed
             assert sidecar.runtimes["svc"].stats.failures == {"timeout": 1}
             faults.remove(stall)
-            # 400 KB/s: the 256 KiB body takes ~0.65 s, longer than per_try, but never pauses 300 ms.
+            # 400 KB/s: the 256 KiB body takes ~0.65 s, longer than idle, but never pauses 300 ms.
             faults.add(Bandwidth(rate=400_000))
             answer = await raw_request(port, get())
             assert answer.complete and answer.body == big_body(None)  # type: ignore[arg-type]

@@ -50,10 +50,10 @@ def test_every_field_has_a_description_and_a_default_unless_required() -> None:
             assert "default" in prop or name in required, f"{where}.{name} has no default"
 
 
-def test_defaults_are_the_upstream_schema_without_listen_and_targets() -> None:
+def test_defaults_are_the_upstream_schema_without_listen_targets_and_routes() -> None:
     defs = build_schema()["$defs"]
     upstream, defaults = defs["Upstream"]["properties"], defs["Defaults"]["properties"]
-    assert set(upstream) - set(defaults) == {"listen", "targets"}
+    assert set(upstream) - set(defaults) == {"listen", "targets", "routes"}
     assert defs["Upstream"]["required"] == ["listen", "targets"]
 
 
