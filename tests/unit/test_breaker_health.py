@@ -121,3 +121,65 @@ def test_healthy_threshold_checks_passed_after_the_opening_close_it() -> None:
     rt.record_check(check(False))
     rt.record_check(check(False))
     assert rt.breaker.state is State.CLOSED, "failing checks never open a breaker"
+
+
+def test_probes_admitted_before_the_health_close_that_end_late_change_nothing() -> None:
+    seen: list[Transition] = []
+    breaker = CircuitBreaker(
+        "db",
+        BreakerSettings(failure_threshold=1, open_duration=OPEN_FOR, half_open_max_calls=2),
+        on_transition=seen.append,
+    )
+    first = breaker.try_acquire(0.0)
+    assert first is not None
+    breaker.record_failure(first, 0.0)
+    probes = [breaker.try_acquire(OPEN_FOR), breaker.try_acquire(OPEN_FOR)]
+    assert all(p is not None and p.probe for p in probes) and breaker.state is State.HALF_OPEN
+    assert breaker.close_on_health(OPEN_FOR + 1) is True
+    moves = len(seen)
+    ok, gave_up = probes
+    assert ok is not None and gave_up is not None
+    breaker.record_success(ok, OPEN_FOR + 2)  # from the older generation: no second close
+    breaker.record_ignored(gave_up)  # nor does freeing its slot touch the new generation's probe count
+    assert breaker.state is State.CLOSED and len(seen) == moves
+    snap = breaker.snapshot(OPEN_FOR + 2)
+    assert (snap.half_open_in_flight, snap.failures_in_window) == (0, 0), "the window starts afresh"
+
+
+def test_health_close_from_half_open_reported_after_the_interval() -> None:
+    seen: list[Transition] = []
+    breaker = opened(seen)
+    assert breaker.snapshot(OPEN_FOR).state is State.HALF_OPEN  # reported half-open, no request yet
+    assert breaker.close_on_health(OPEN_FOR + 0.5) is True
+    assert [(t.from_state, t.to_state) for t in seen[-2:]] == [
+        (State.OPEN, State.HALF_OPEN),
+        (State.HALF_OPEN, State.CLOSED),
+    ]
+    assert seen[-1].reason == "health_check_passed"
+
+
+def test_a_forced_open_breaker_whose_interval_elapsed_still_reads_open() -> None:
+    breaker = opened()
+    breaker.set_override(Override.FORCE_OPEN, 1.0)
+    snap = breaker.snapshot(OPEN_FOR * 2)
+    assert snap.effective_state is State.OPEN, "the override, not the elapsed interval, decides what is reported"
+    assert breaker.try_acquire(OPEN_FOR * 2) is None
+    assert breaker.close_on_health(OPEN_FOR * 2) is False
+
+
+def test_checks_never_undo_a_force_open_and_close_the_breaker_beneath_once_it_ends() -> None:
+    clock = ManualClock(100.0)
+    config, issues = load_text(POLICY)
+    assert config is not None, issues
+    rt = UpstreamRuntime(config.upstream("db"), clock)
+    permit = rt.breaker.try_acquire(clock.monotonic())
+    assert permit is not None
+    rt.breaker.record_failure(permit, clock.monotonic())
+    rt.breaker.set_override(Override.FORCE_OPEN, clock.monotonic(), ttl=10.0)
+    for _ in range(4):
+        rt.record_check(check(True))
+    assert rt.effective_state() is State.OPEN and rt.stats.health_recoveries == 0, "the operator's word stays"
+    clock.advance(10.0)  # the ttl ends: the open breaker beneath it is back in charge
+    assert rt.effective_state() is State.OPEN
+    rt.record_check(check(True))  # the passes counted meanwhile already make healthy_threshold
+    assert rt.effective_state() is State.CLOSED and rt.stats.health_recoveries == 1
