@@ -116,3 +116,49 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                     assert errors == []
                 finally:
                     await browser.close()
+
+
+async def test_dashboard_shows_a_breaker_closed_by_passing_checks(tmp_path: Path) -> None:
+    from playwright import async_api as playwright_api
+
+    if not Path(CHROMIUM).exists():
+        missing("chromium is not installed (Debian package `chromium`)")
+    up_now = {"payments": False}
+
+    async def switched(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok") if up_now["payments"] else web.Response(status=503, text="down")
+
+    async with scripted_upstream(switched) as up:
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "payments": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "health": {"path": "/health", "interval": "200ms", "timeout": "300ms", "healthy_threshold": 2},
+                    "breaker": {"failure_threshold": 2, "open_duration": "60s"},
+                }
+            },
+        )
+        async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.get(listener_url(sidecar, "payments") + "/") as response:
+                    assert response.status == 503
+            assert sidecar.runtimes["payments"].effective_state().value == "open"
+            async with playwright_api.async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    page = await browser.new_page()
+                    errors: list[str] = []
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    await page.goto(f"{admin_url(sidecar)}/dashboard")
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
+                    up_now["payments"] = True  # back; no client request from here on
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="closed"]', timeout=5000)
+                    card = await page.locator('[data-upstream="payments"]').inner_text()
+                    assert "(health_check_passed)" in card, card  # the card's "Closed since … (reason)"
+                    rows = await page.locator('[data-upstream="payments"] td.reason').all_inner_texts()
+                    assert rows[0] == "health_check_passed", rows  # newest transition first
+                    assert errors == []
+                finally:
+                    await browser.close()
