@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import trustme
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support.admin import admin_json, metric
@@ -23,6 +24,7 @@ from tests.support.eventually import eventually
 from tests.support.raw import recording_upstream, status_and_reason
 from tests.support.servers import tcp_server
 from tests.support.sidecar import SidecarProcess, policy_listen, sidecar_process, write_policy
+from tests.support.tls import ca_file, client_context, leaf, server_context
 from tests.support.websocket import (
     REFUSED_BODY,
     client,
@@ -331,3 +333,27 @@ async def test_a_handshake_pipelined_behind_a_request_is_answered_in_turn(tmp_pa
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1 ") == 2
         switched = answer.split(b"ok", 1)[1]
         assert switched.startswith(b"HTTP/1.1 101 ") and switched.endswith(b"\r\n\r\nEARLY BYTES")
+
+
+async def test_a_conversation_with_a_wss_upstream_is_the_one_had_directly(tmp_path: Path) -> None:
+    """The relay over an https:// target: the sidecar's TLS connection to the upstream carries the WebSocket."""
+    ca = trustme.CA()
+    cert = leaf(ca, tmp_path, "ws", "127.0.0.1")
+    async with websocket_server(server_context(cert)) as server:
+        direct = await conversation(f"wss://127.0.0.1:{server.port}", server, ssl=client_context(ca))
+        policy = write_policy(
+            tmp_path / "wss.yaml",
+            {
+                "svc": {
+                    "targets": [f"https://127.0.0.1:{server.port}"],
+                    "tls": {"ca_file": str(ca_file(ca, tmp_path / "ca.pem"))},
+                }
+            },
+            http={"drain_timeout": "1s"},
+        )
+        port = policy_listen(policy, "svc")[1]
+        with sidecar_process(policy) as process:
+            proxied = await conversation(f"ws://127.0.0.1:{port}", server)
+            assert metric(process.admin, "sidecar_requests_total", upstream="svc", code="101") == 1
+    assert direct["binary"] == (256 * 1024, True) and direct["client_close"] == (4000, "done here")
+    assert proxied == direct

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -37,7 +38,8 @@ class WsServer:
 
 
 @contextlib.asynccontextmanager
-async def websocket_server() -> AsyncIterator[WsServer]:
+async def websocket_server(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[WsServer]:
+    """With ``ssl_context``: a wss:// server (TLS on the same port)."""
     record = WsServer(port=0)
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -63,7 +65,9 @@ async def websocket_server() -> AsyncIterator[WsServer]:
             record.open -= 1
             record.closes.append((ws.close_code, ws.close_reason))
 
-    async with serve(handler, "127.0.0.1", 0, process_request=process_request, ping_interval=None) as server:
+    async with serve(
+        handler, "127.0.0.1", 0, process_request=process_request, ping_interval=None, ssl=ssl_context
+    ) as server:
         record.port = int(next(iter(server.sockets)).getsockname()[1])
         yield record
 
@@ -73,23 +77,24 @@ def client(url: str, **kw: Any) -> connect:
     return connect(url, ping_interval=None, open_timeout=5, close_timeout=5, **kw)
 
 
-async def handshake_refused(url: str) -> tuple[int, bytes]:
+async def handshake_refused(url: str, **kw: Any) -> tuple[int, bytes]:
     """The status and body of a refused handshake."""
     try:
-        async with client(url):
+        async with client(url, **kw):
             pass
     except InvalidStatus as exc:
         return exc.response.status_code, exc.response.body or b""
     raise AssertionError(f"{url}: the handshake was accepted")
 
 
-async def conversation(base: str, server: WsServer) -> dict[str, Any]:
+async def conversation(base: str, server: WsServer, **kw: Any) -> dict[str, Any]:
     """The scenarios the sidecar must not change: text, a 256 KiB binary frame, ping/pong, a clean close with
-    code and reason (seen by both ends), and a refused handshake. ``base`` is ``ws://host:port``."""
+    code and reason (seen by both ends), and a refused handshake. ``base`` is ``ws://host:port`` (or wss://,
+    with the client's ``ssl`` context in ``kw``)."""
     seen: dict[str, Any] = {}
     payload = os.urandom(256 * 1024)
     closes_before = len(server.closes)
-    async with client(base + "/echo") as ws:
+    async with client(base + "/echo", **kw) as ws:
         await ws.send("hello, relay")
         seen["text"] = await asyncio.wait_for(ws.recv(), 5)
         await ws.send(payload)
@@ -105,7 +110,7 @@ async def conversation(base: str, server: WsServer) -> dict[str, Any]:
             break
         await asyncio.sleep(0.01)
     seen["server_close"] = server.closes[closes_before:]
-    seen["refused"] = await handshake_refused(base + "/refuse")
+    seen["refused"] = await handshake_refused(base + "/refuse", **kw)
     return seen
 
 
