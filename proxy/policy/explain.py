@@ -236,6 +236,12 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
         say(
             f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
             + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
+            + (
+                " A passing check after the breaker opened closes it"
+                if h.healthy_threshold == 1
+                else f" {h.healthy_threshold} passing checks in a row after the breaker opened close it"
+            )
+            + " (health_check_passed), without waiting out open_duration or for a request."
         )
 
     # -- contradictions --------------------------------------------------------------------------------------
