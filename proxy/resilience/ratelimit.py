@@ -43,6 +43,8 @@ class LimitSpec:
     per: float  # the window, in seconds
     fixed: bool = False  # True: calendar windows aligned to the epoch; False: sliding
     scope: str | None = None  # a route's name: only that route's requests count here; None: every request
+    margin: float = 0.0  # sliding: a send counts for per + margin, so jitter on the way cannot put two sends
+    # that left ``per`` apart into one of the upstream's windows
 
 
 @dataclass(frozen=True, slots=True)
