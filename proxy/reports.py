@@ -125,6 +125,7 @@ def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[st
             "retries": retries,
             "allowance": round(rt.budget.allowance(now), 1),
         }
+    body["rate_limit"] = rt.rate.describe() if rt.rate is not None else None
     return body
 
 
@@ -165,6 +166,9 @@ def health_report(sidecar: SidecarState) -> tuple[int, dict[str, Any]]:
             status = "unhealthy" if critical else ("degraded" if status == "healthy" else status)
         elif breaker["state"] != State.CLOSED.value and status == "healthy":
             status = "degraded"  # half-open, or open in shadow mode
+        rate = breaker["rate_limit"]
+        if rate is not None and rate["counted"] == "fallback" and status == "healthy":
+            status = "degraded"  # the shared budget's Redis is unreachable: a local share of the limits in use
     loaded = sidecar.loaded
     body = {
         "status": status,

@@ -13,7 +13,8 @@ import random
 import time
 
 from proxy.logs import Throttled
-from proxy.metrics import UpstreamStats, UpstreamView
+from proxy.metrics import RateView, UpstreamStats, UpstreamView
+from proxy.ratelimits import UpstreamRateLimit, limit_label
 from proxy.policy.model import RetryPolicy, RoutePolicy, Timeouts, UpstreamPolicy
 from proxy.resilience.breaker import CircuitBreaker, Event, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
@@ -42,13 +43,16 @@ class Route:
     """What one exchange takes from its route: timeouts, retry settings and rules, precomputed. The upstream's
     own policy is the route (``name`` None) of every request no ``routes:`` entry matches."""
 
-    __slots__ = ("_exact", "_methods", "_prefix", "name", "retry", "rules", "timeouts")
+    __slots__ = ("_exact", "_methods", "_prefix", "name", "rate_max_wait", "retry", "rules", "timeouts", "weight")
 
     def __init__(self, name: str | None, timeouts: Timeouts, retry: RetryPolicy, policy: RoutePolicy | None = None):
         self.name = name
         self.timeouts = timeouts
         self.retry = retry
         self.rules = _rules(retry)
+        self.weight = policy.weight if policy is not None else 1  # tokens one request costs (rate_limit)
+        own = policy.rate_limit if policy is not None else None
+        self.rate_max_wait = own.max_wait if own is not None else None  # None: the upstream's max_wait
         match = policy.match if policy is not None else None
         self._exact = match.path.encode() if match is not None and match.path is not None else None
         self._prefix = match.path_prefix.encode() if match is not None and match.path_prefix is not None else b""
@@ -134,7 +138,22 @@ class UpstreamRuntime:
         self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
+        self.rate = self._rate_limit(policy, previous)
         self.fallback = policy.fallback
+
+    def _rate_limit(self, policy: UpstreamPolicy, previous: UpstreamRuntime | None) -> UpstreamRateLimit | None:
+        """The outbound rate limit; kept across a reload that leaves it (and the routes' weights and limits)
+        unchanged, so its windows, line and cool-down carry on. A changed one starts counting afresh."""
+        if policy.rate_limit is None or policy.protocol != "http":
+            return None
+        if (
+            previous is not None
+            and previous.rate is not None
+            and previous.policy.rate_limit == policy.rate_limit
+            and previous.rate.specs == policy.rate_limit_specs()
+        ):
+            return previous.rate
+        return UpstreamRateLimit(policy, self.clock)
 
     def route_for(self, path: bytes, method: str) -> Route:
         """The first route matching the request (its path without the query string), else the upstream's own."""
@@ -255,7 +274,25 @@ class UpstreamRuntime:
             _, retries = self.budget.totals(now)
             return max(0.0, self.budget.allowance(now) - retries)
 
+        def rate_limit() -> RateView | None:
+            rate = self.rate
+            if rate is None:
+                return None
+            snap = rate.snapshot()
+            return RateView(
+                refused=dict(rate.counts.refused),
+                cooldowns=rate.counts.cooldowns,
+                tokens=[
+                    (limit_label(s.spec.requests, s.spec.per, s.spec.fixed, s.spec.scope), s.left)
+                    for s in snap.limits
+                ],
+                waiting=snap.waiting,
+                cooldown_left=snap.cooldown_left,
+                counted=snap.shared.value,
+            )
+
         return UpstreamView(
+            rate_limit=rate_limit,
             name=self.name,
             stats=self.stats,
             breaker_state=lambda: self.effective_state().value,
