@@ -8,6 +8,7 @@ Requests already in flight keep the runtime they started with.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import random
 import time
@@ -33,6 +34,14 @@ _exhausted = Throttled(logging.getLogger("seawall.resources"))
 
 RECENT_TRANSITIONS = 20
 HEALTH_PASSED = Event.HEALTH_PASSED.value
+
+
+class Outcome(enum.Enum):
+    """What one attempt tells about the upstream (``UpstreamRuntime.settle``)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    IGNORED = "ignored"  # no verdict: a stale pooled connection, the client's fault, a cool-down answer
 
 
 def _rules(retry: RetryPolicy) -> RetryRules:
@@ -189,6 +198,35 @@ class UpstreamRuntime:
                 "wall_time": time.time(),
             },
         )
+
+    def settle(
+        self,
+        permit: Permit | None,
+        target: TargetState | None,
+        outcome: Outcome,
+        now: float,
+        duration: float = 0.0,
+        kind: str = "",
+        label: str | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        """The one place an attempt's outcome is recorded, for HTTP and TCP alike: the breaker (its permit), the
+        target's outlier count, the failure counter. ``kind`` is the failure kind (or ``5xx``), ``label`` the
+        failures metric's label where it is finer (``tls_error``); ``duration`` is what the breaker's slow-call
+        rule sees. Ignored outcomes (stale reuse, a client's fault, a cool-down answer) only free the permit."""
+        if outcome is Outcome.FAILURE:
+            self.stats.failed(label or kind)
+            if permit is not None:
+                self.breaker.record_failure(permit, now, duration)
+            if target is not None:
+                self.report_target(target, ok=False, now=now, kind=kind, logger=logger)
+        elif outcome is Outcome.SUCCESS:
+            if permit is not None:
+                self.breaker.record_success(permit, now, duration)
+            if target is not None and self.balancer.detector is not None:  # a success clears the target's count
+                self.report_target(target, ok=True, now=now)
+        elif permit is not None:
+            self.breaker.record_ignored(permit)
 
     def out_of_resources(self, permit: Permit | None, exc: OutOfResources) -> None:
         """The sidecar could not connect for want of its own resources: an overload, nobody's failure.

@@ -32,6 +32,8 @@ from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
 
+from proxy.runtime import Outcome
+
 if TYPE_CHECKING:
     from proxy.http.request import Request
     from proxy.http.sink import ResponseSink
@@ -41,8 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seawall.request")
 
-# What the breaker hears of a delivered answer.
-_SUCCESS, _FAILED, _IGNORED = "success", "failed", "ignored"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _JSON = b"application/json"
 
@@ -208,33 +208,26 @@ class Exchange:
                 # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
                 stale_retried = replaying = True  # the same send again: no new tokens
                 self.attempts -= 1
+                self._settle(None, Outcome.IGNORED)
                 self._release(abort=True)
-                if permit is not None:
-                    breaker.record_ignored(permit)
-                self.permit = None
                 continue
             if error is not None and self.client_fault is not None:
                 # The client stalled or broke off its body: nothing the upstream did, nothing to record.
-                if permit is not None:
-                    breaker.record_ignored(permit)
-                self.permit = None
+                self._settle(None, Outcome.IGNORED)
                 self._client_failed()
                 return
             if head is not None and rt.rate is not None and rt.rate.settle_answer(head.status, head.header):
                 # The upstream said to pause (429/418 + Retry-After): delivered as it came, never retried, and
                 # no verdict on the upstream's health either way.
-                await self._deliver(head, state, outcome=_IGNORED)
+                await self._deliver(head, state, Outcome.IGNORED)
                 return
             failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
-            now = clock.monotonic()
             if failed_kind is None:
-                await self._deliver(head, state)  # type: ignore[arg-type]
+                await self._deliver(head, state, Outcome.SUCCESS)  # type: ignore[arg-type]
                 return
-            rt.stats.failed(error.reason if error is not None else failed_kind)  # tls_error: its own label
-            if permit is not None:
-                breaker.record_failure(permit, now, now - self.started - self.client_time)
-                self.permit = None
-            rt.report_target(state, ok=False, now=now, kind=failed_kind, logger=log)
+            # tls_error: its own label in the failures metric
+            self._settle(state, Outcome.FAILURE, failed_kind, error.reason if error is not None else None)
+            now = clock.monotonic()
             self._last_error = error
             # Should we go again?
             retry = route.retry
@@ -262,7 +255,7 @@ class Exchange:
                 rt.stats.reject("retry_budget")
             if why_not is not None:
                 if head is not None:
-                    await self._deliver(head, state, outcome=_FAILED)
+                    await self._deliver(head, state, None)
                 else:
                     assert error is not None
                     stopped_by = why_not if why_not in (NoRetry.RETRY_BUDGET, NoRetry.BREAKER_OPEN) else None
@@ -384,9 +377,9 @@ class Exchange:
 
     # -- answers ---------------------------------------------------------------------------------------------
 
-    async def _deliver(self, head: ResponseHead, state: TargetState, outcome: str = _SUCCESS) -> None:
-        """Stream an upstream answer to the client. ``outcome``: what the breaker hears once it is delivered
-        (a failed answer was recorded when it came; a cool-down answer is no verdict)."""
+    async def _deliver(self, head: ResponseHead, state: TargetState, outcome: Outcome | None) -> None:
+        """Stream an upstream answer to the client, then settle ``outcome`` (None: a failed answer, settled
+        when it came; a body that breaks on the way is a failure whatever the head said)."""
         rt, client, conn = self.rt, self.client, self.conn
         assert conn is not None
         if head.status == 101:
@@ -397,7 +390,6 @@ class Exchange:
         keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
         client_head = response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
         status = head.status
-        permit, self.permit = self.permit, None
         whole = conn.complete_body()
         try:
             if whole is not None:
@@ -407,47 +399,24 @@ class Exchange:
                 await conn.deliver(client.write_body, self.route.timeouts.idle)
         except UpstreamError as exc:
             # Too late for a clean answer: the client sees the body cut short, never a second status line.
-            now = rt.clock.monotonic()
-            rt.stats.failed(exc.kind)
-            if permit is not None:
-                rt.breaker.record_failure(permit, now, now - self.started - self.client_time)
-            rt.report_target(state, ok=False, now=now, kind=exc.kind, logger=log)
-            rt.stats.answered(status, now - self.started)
+            self._settle(state, Outcome.FAILURE, exc.kind)
+            self._answered(status, exc.kind)
             client.abort()
             return
-        except BaseException:
-            if permit is not None:
-                rt.breaker.record_ignored(permit)
-            raise
         if whole is None:
             client.end_response(conn.trailers)
-        now = rt.clock.monotonic()
-        duration = now - self.started
-        if outcome is _SUCCESS:
-            if permit is not None:
-                rt.breaker.record_success(permit, now, duration - self.client_time)
-            if rt.balancer.detector is not None:  # in shadow mode too: a success clears the target's count
-                rt.report_target(state, ok=True, now=now)
-        elif outcome is _IGNORED and permit is not None:
-            rt.breaker.record_ignored(permit)
-        rt.stats.answered(status, duration)
-        if client.log_requests:
-            self._log_answer(status, None, duration)
+        if outcome is not None:
+            self._settle(state, outcome)
+        self._answered(status, None)
         self._release(abort=False)
 
     async def _switch(self, head: ResponseHead, state: TargetState, conn: UpstreamConnection) -> None:
         """A 101: the handshake succeeded (recorded now, not when the relay ends); then relay until either side
         closes, holding the bulkhead slot (proxy.http.upgrade). Never retried, never pooled."""
         rt = self.rt
-        permit, self.permit, self.conn = self.permit, None, None
-        now = rt.clock.monotonic()
-        if permit is not None:
-            rt.breaker.record_success(permit, now, now - self.started)
-        if rt.balancer.detector is not None:
-            rt.report_target(state, ok=True, now=now)
-        rt.stats.answered(101, now - self.started)
-        if self.client.log_requests:
-            self._log_answer(101, None, now - self.started)
+        self.conn = None
+        self._settle(state, Outcome.SUCCESS)
+        self._answered(101, None)
         state.outstanding += 1  # an open relay is an active request to its target (least_request)
         try:
             await relay(rt, self.client, conn, head, self.attempts, self.route.timeouts.idle)
@@ -476,11 +445,22 @@ class Exchange:
     def _breaker_open(self, now: float) -> None:
         rt = self.rt
         self.client.send_raw(refuse_breaker_open(rt, now, self.client.keep_alive, self.client.http11))
-        if self.client.log_requests:
-            self._log_answer(rt.fallback.status if rt.fallback else 503, "breaker_open", now - self.started)
+        if self.client.log_requests:  # counted by refuse_breaker_open (shared with the listener's fail-fast)
+            status = rt.fallback.status if rt.fallback else 503
+            log_answer(rt, self.req, self.route.name, status, "breaker_open", self.attempts, now - self.started)
 
-    def _log_answer(self, status: int, reason: str | None, duration: float) -> None:
-        log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)quest log's one line for this exchange's answer, proxied (``reason`` None) or the sidecar's own."""
+    def _settle(self, target: TargetState | None, outcome: Outcome, kind: str = "", label: str | None = None) -> None:
+        """Record this attempt's outcome (``UpstreamRuntime.settle``) and let its permit go."""
+        permit, self.permit = self.permit, None
+        now = self.rt.clock.monotonic()
+        self.rt.settle(permit, target, outcome, now, now - self.started - self.client_time, kind, label, log)
+
+    def _answered(self, status: int, reason: str | None) -> None:
+        """Count the answer this exchange gave, proxied (``reason`` None) or its own, and log its one line."""
+        duration = self.rt.clock.monotonic() - self.started
+        self.rt.stats.answered(status, duration)
+        if self.client.log_requests:
+            log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)quest log's one line for this exchange's answer, proxied (``reason`` None) or the sidecar's own."""
         route = self.route.name
         extra: dict[str, object] = {
             "event": "request",
@@ -522,10 +502,7 @@ class Exchange:
         if extra:
             headers += extra
         self.client.send_local(status, wire.error_body(reason, self.rt.name, detail), _JSON, headers)
-        duration = self.rt.clock.monotonic() - self.started
-        self.rt.stats.answered(status, duration)
-        if self.client.log_requests:
-            self._log_answer(status, reason, duration)
+        self._answered(status, reason)
 
 
 def log_answer(
