@@ -52,6 +52,8 @@ def parse_duration(value: object) -> float:
 def format_duration(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
     if seconds >= 120 and seconds % 60 == 0:
         return f"{seconds / 60:g}m"
     return f"{seconds:g}s"
