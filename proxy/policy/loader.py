@@ -21,6 +21,7 @@ from proxy.policy.model import (
     SidecarConfig,
     UpstreamPolicy,
 )
+from proxy.policy.rates import without_unused_rate_limit
 from proxy.policy.routes import build_routes
 from proxy.policy.rules import check_listens, check_upstream
 from proxy.policy.source import UNRESOLVED, Sourced, SourceReader, merge
@@ -97,6 +98,7 @@ def load_text(
             if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
                 check_upstream(builder, policy, merged)
                 routes = build_routes(builder, merged, policy)
+                policy = without_unused_rate_limit(policy)
                 upstreams.append(dataclasses.replace(policy, routes=routes) if routes else policy)
                 _tls_positions(merged, f"upstreams.{name}.tls", positions)
 
