@@ -22,7 +22,7 @@ from proxy.policy.rate_model import (
     RouteRateLimit,
     SharedRateLimit,
 )
-from proxy.policy.schema import build_schema
+from proxy.policy.schema import build_schema, to_plain
 from proxy.resilience.ratelimit import LimitSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,6 +291,35 @@ def test_inherited_by_a_tcp_upstream_it_is_no_error_but_written_there_it_is() ->
     ]
 
 
+SHARED = """\
+defaults:
+  rate_limit:
+    limits: [{requests: 1200, per: 1m, window: fixed}]
+    shared: {redis: "redis://redis:6379/0", key: exchange-ip-1}
+upstreams:
+  spot:
+    listen: 127.0.0.1:15001
+    targets: [https://api.exchange.example]
+  futures:
+    listen: 127.0.0.1:15002
+    targets: [https://fapi.exchange.example]
+"""
+
+
+def test_upstreams_of_one_file_on_one_key_must_count_it_alike() -> None:
+    """One exchange, one IP: its APIs may share a budget, but not count it differently."""
+    config = load(SHARED)
+    assert config.upstream("spot").rate_limit == config.upstream("futures").rate_limit
+    differs = SHARED + "    rate_limit: {margin: 50ms}\n"
+    assert issues_of(differs) == [
+        "p.yaml:4:45: upstreams.futures.rate_limit.shared.key: 'exchange-ip-1' is also upstreams.spot's budget, "
+        "counted with other limits or margin: every sidecar and upstream on a key must count the same limits"
+    ]
+    assert issues_of(SHARED + "    rate_limit: {margin: 50ms, shared: {key: futures-ip-1}}\n") == []
+    other_redis = SHARED + "    rate_limit: {limits: [], shared: {redis: 'redis://other:6379/0'}}\n"
+    assert issues_of(other_redis) == []
+
+
 # -- the schema --------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +400,15 @@ def test_schema_and_loader_reject_the_same_rate_limits(case: tuple[Any, ...], va
     assert list(validator.iter_errors(doc)), "the schema accepted it"
     config, _ = load_text(yaml.safe_dump(doc), "p.yaml", environ={})
     assert config is None, "the loader accepted it"
+
+
+def test_the_effective_rate_limit_explain_prints_reads_back_the_same(validator: Any) -> None:
+    """What explain shows (to_plain) is a policy an operator could paste: the schema and the loader take it as is."""
+    up = load(FULL).upstream("ex")
+    doc = _doc(to_plain(up.rate_limit), [{"match": {"path": "/a"}, "weight": 10}])
+    assert list(validator.iter_errors(doc)) == []
+    again = load(yaml.safe_dump(doc)).upstream("a")
+    assert again.rate_limit == up.rate_limit
 
 
 def test_the_example_is_valid_for_the_schema(validator: Any) -> None:
