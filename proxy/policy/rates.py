@@ -125,8 +125,10 @@ def check_shared_keys(builder: ModelBuilder, upstreams: list[UpstreamPolicy], no
     for up in upstreams:
         rate = up.rate_limit
         judged = ("limits", "margin", "shared")
-        if rate is None or rate.shared is None or any(
-            builder.broken(f"upstreams.{up.name}.rate_limit.{key}") for key in judged
+        if (
+            rate is None
+            or rate.shared is None
+            or any(builder.broken(f"upstreams.{up.name}.rate_limit.{key}") for key in judged)
         ):
             continue
         where = (rate.shared.redis, rate.shared.key)
