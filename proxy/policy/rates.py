@@ -116,3 +116,30 @@ def without_unused_rate_limit(up: UpstreamPolicy) -> UpstreamPolicy:
     if up.protocol == "tcp" and up.rate_limit is not None:
         return dataclasses.replace(up, rate_limit=None)
     return up
+
+
+def check_shared_keys(builder: ModelBuilder, upstreams: list[UpstreamPolicy], nodes: dict[str, Sourced]) -> None:
+    """Upstreams of one file on the same Redis key count one budget (an exchange's limit per IP, whichever of its
+    APIs is called), so they must count it alike: the same limits and margin."""
+    first: dict[tuple[str, str], UpstreamPolicy] = {}
+    for up in upstreams:
+        rate = up.rate_limit
+        judged = ("limits", "margin", "shared")
+        if (
+            rate is None
+            or rate.shared is None
+            or any(builder.broken(f"upstreams.{up.name}.rate_limit.{key}") for key in judged)
+        ):
+            continue
+        where = (rate.shared.redis, rate.shared.key)
+        other = first.setdefault(where, up)
+        if other is up or other.rate_limit is None:
+            continue
+        if (other.rate_limit.limits, other.rate_limit.margin) != (rate.limits, rate.margin):
+            node = child(nodes.get(up.name), "rate_limit", "shared", "key") or nodes.get(up.name)
+            builder.reader.error(
+                node,
+                f"upstreams.{up.name}.rate_limit.shared.key",
+                f"{rate.shared.key!r} is also upstreams.{other.name}'s budget, counted with other limits or margin: "
+                "every sidecar and upstream on a key must count the same limits",
+            )

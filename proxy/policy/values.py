@@ -202,11 +202,11 @@ def parse_header_name(value: object) -> str:
 
 def parse_redis_url(value: object) -> str:
     """redis://[user:password@]host[:port][/db], rediss:// (TLS) or unix:///path/to/socket."""
-    if not isinstance(value, str) or not _REDIS_URL.match(value.strip()):
-        raise ValueError(f"expected a Redis URL (redis://host:6379/0, rediss://… or unix:///path), got {value!r}")
-    text = value.strip()
+    text = value.strip() if isinstance(value, str) else ""
     if text.startswith("unix://") and not text.startswith("unix:///"):
         raise ValueError(f"a unix:// URL names an absolute socket path (unix:///run/redis.sock), got {value!r}")
+    if not _REDIS_URL.match(text):
+        raise ValueError(f"expected a Redis URL (redis://host:6379/0, rediss://… or unix:///path), got {value!r}")
     host = text.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
     if not text.startswith("unix://") and not re.fullmatch(
         r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?", host

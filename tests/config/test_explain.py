@@ -125,7 +125,14 @@ def test_command_on_a_broken_file_prints_the_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["minimal.yaml", "risk-manager-strict.yaml", "training-orchestrator-shadow.yaml", "exchange-api-mtls.yaml"]
+    "name",
+    [
+        "minimal.yaml",
+        "risk-manager-strict.yaml",
+        "training-orchestrator-shadow.yaml",
+        "exchange-api-mtls.yaml",
+        "exchange-api.yaml",
+    ],
 )
 def test_the_examples_explain_without_contradictions(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "config" / "examples" / name
