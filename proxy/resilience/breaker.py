@@ -278,9 +278,9 @@ class CircuitBreaker:
         """Active checks say the upstream is back: end the open interval early, so that the next calls probe it
         (True if the breaker moved to HALF_OPEN).
 
-        Only from OPEN: half-open, the probes decide; closed, there is nothing to end. Not after a probe that a
-        check let through failed since the last trip (``health_armed``). A force-open override is the
-        operator's word and stays; so does the state beneath it."""
+        Only from OPEN: half-open, the probes decide; closed, there is nothing to end. Not once a probe that a
+        check let through has failed, until the breaker closes again (``health_armed``). A force-open override
+        is the operator's word and stays; so does the state beneath it."""
         if self._override is Override.FORCE_OPEN and not self._override_expired(now):
             return False
         self._elapse(now)  # an interval that ended by itself ended by open_duration, whatever the checks say
