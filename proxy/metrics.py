@@ -40,7 +40,10 @@ METRICS: dict[str, MetricSpec] = {
         "counter", ("upstream", "from_state", "to_state"), "Breaker state changes."
     ),
     "sidecar_breaker_health_recoveries_total": MetricSpec(
-        "counter", ("upstream",), "Open or half-open breakers closed by passing active checks (health_check_passed)."
+        "counter",
+        ("upstream",),
+        "Open intervals ended early by passing active checks (open -> half_open, health_check_passed); "
+        "the next real calls then close the breaker or re-open it.",
     ),
     "sidecar_retries_total": MetricSpec("counter", ("upstream",), "Retries sent (attempts after the first)."),
     "sidecar_rejected_total": MetricSpec(

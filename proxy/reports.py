@@ -76,6 +76,9 @@ def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[st
         "slow_call_rate": snap.slow_call_rate,
         "retry_in": round(snap.retry_in, 3),
         "half_open_in_flight": snap.half_open_in_flight,
+        # False once a probe that passing checks let through failed: until the breaker closes, only
+        # open_duration ends its open intervals (None: the upstream has no active checks).
+        "health_may_half_open": snap.health_armed if rt.policy.health is not None else None,
         "last_transition": None
         if last is None
         else {

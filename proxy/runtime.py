@@ -142,7 +142,7 @@ class UpstreamRuntime:
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
-        # Checks passed in a row since the breaker last opened: ``healthy_threshold`` of them close it.
+        # Checks passed in a row since the breaker last opened: ``healthy_threshold`` of them half-open it.
         self.passes_since_open: int = previous.passes_since_open if previous is not None and same_breaker else 0
         self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
@@ -257,18 +257,21 @@ class UpstreamRuntime:
         self._recover_on_health(result.passed, health.healthy_threshold)
 
     def _recover_on_health(self, passed: bool, threshold: int) -> None:
-        """``healthy_threshold`` checks passed in a row since the breaker opened close it (Envoy's active
-        checks bring a host back the same way): recovery without waiting out open_duration, with or without
-        traffic. A failing check never opens a breaker: that stays the verdict of real calls."""
+        """``healthy_threshold`` checks passed in a row since the breaker opened end the open interval early:
+        the breaker turns half-open and the next real calls, as probes, close it or re-open it (Envoy's active
+        checks bring a host back the same way, but a check is not a call: a shallow /health passes while the
+        calls fail). Recovery without waiting out open_duration, for an upstream that was down and came back
+        with no traffic to probe it. A failing check never opens a breaker: that stays the verdict of real calls.
+        """
         if not passed:
             self.passes_since_open = 0
             return
         now = self.clock.monotonic()
-        if self.breaker.snapshot(now).state is State.CLOSED:
-            return
+        if self.breaker.snapshot(now).state is not State.OPEN:
+            return  # closed: nothing to end; half-open: the probes decide
         self.passes_since_open += 1
         if self.passes_since_open >= threshold:
-            self.breaker.close_on_health(now)
+            self.breaker.half_open_on_health(now)
 
     def report_target(
         self, state: TargetState, ok: bool, now: float, kind: str = "", logger: logging.Logger = log

@@ -238,11 +238,15 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
             + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
             + (
-                " A passing check after the breaker opened closes it"
+                " A passing check after the breaker opened ends the open interval early"
                 if h.healthy_threshold == 1
-                else f" {h.healthy_threshold} passing checks in a row after the breaker opened close it"
+                else f" {h.healthy_threshold} passing checks in a row after the breaker opened end the open "
+                "interval early"
             )
-            + " (health_check_passed), without waiting out open_duration or for a request."
+            + f" (half-open, health_check_passed) instead of after {_d(breaker.open_duration)}: the next "
+            + ("connection" if not http else "request")
+            + " is the probe that closes or re-opens it. Once such a probe fails (a check that passes while the "
+            "calls fail), only open_duration ends the breaker's open intervals until it closes."
         )
 
     # -- the rate limit -------------------------------------------------------------------------------------

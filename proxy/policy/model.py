@@ -153,7 +153,10 @@ class HealthPolicy:
     timeout: float = meta("Time allowed for one check.", default=2.0, duration=True, exclusive_minimum=0)
     critical: bool = meta("A failing critical upstream makes /health answer 503 (unhealthy).", default=True)
     healthy_threshold: int = meta(
-        "Consecutive passes before a failing upstream counts as healthy.", default=1, minimum=1
+        "Consecutive passes before a failing upstream counts as healthy; after a breaker opened, before its open "
+        "interval ends early (half-open: real calls then close or re-open it).",
+        default=1,
+        minimum=1,
     )
     unhealthy_threshold: int = meta(
         "Consecutive failures before a healthy upstream counts as unhealthy.", default=2, minimum=1
