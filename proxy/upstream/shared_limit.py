@@ -1,0 +1,545 @@
+"""One outbound rate-limit budget for every sidecar on a key: the windows and the cool-down counted in Redis.
+
+``RedisBackend`` is a ``proxy.resilience.ratelimit.Backend``: N sidecars (processes, possibly on different hosts)
+that name the same ``key`` stay together under one limit, as the upstream counts it::
+
+    take(weight, route)   cool-down running here? ── refused at once, no I/O
+                          Redis in use ── one EVALSHA (≤ timeout): granted on every limit, or (wait, reason)
+                          Redis failed ── the local fallback (a share of the limits) for retry_interval,
+                                          then the next call tries Redis again
+    cool_down / observe   applied to the local fallback at once, written to Redis by a task
+
+One Lua script decides, atomically, on Redis' own clock (``TIME``), so sidecars on hosts whose clocks differ
+agree on every window: it checks the cool-down key and every limit that applies to the route (scope None or the
+route), spends the weight on all of them or on none, and answers granted or (wait, reason) with each limit's
+count. Why a script of our own rather than the ``limits`` library: ``limits`` tests one limit per call (a request
+must fit several, all or none, or an exchange counts the weight it was refused on), spends weight as repeated
+entries, has no cool-down, and reports the time until a window has room through a second, non-atomic call.
+
+Keys (a hash tag, so a Redis Cluster keeps one budget's keys on one slot; a ``key`` must not contain ``}``)::
+
+    seawall:rl:{<key>}:cool                       the cool-down's end, µs of Redis time; only ever extended
+    seawall:rl:{<key>}:s:<per>+<margin>:<scope>   sliding: a sorted set, one member per send (score: its time in
+                                                  µs, member: "<nonce>:<weight>") ...
+    seawall:rl:{<key>}:s:<per>+<margin>:<scope>:n ... and the weight it holds, kept beside it
+    seawall:rl:{<key>}:f:<per>:<scope>            fixed: a hash {w: calendar window number, n: weight in it}
+    <a limit's key>:caps                          what an upstream's remaining + reset said: a hash {end µs:
+                                                  weight left until then}, as ``LocalBackend.observe`` keeps them
+
+A limit's key names its window and scope, not its ``requests``: sidecars that configure the same window share its
+count, and each holds it to its own number.
+
+Why a sorted set for a sliding limit: it is exact (the guarantee is "no interval of length per+margin holds more
+than ``requests``", which a token bucket or bucketed counters cannot keep), and it costs little: a send adds one
+member (O(log n)); each call removes only the members that left the window (O(log n + removed), amortised O(1)
+per send, their weight subtracted from the kept sum instead of re-adding the set); a refusal reads only the
+oldest members until enough weight would have left (at most ``sum + weight - requests`` members, one for a
+burst of weight-1 sends). Memory is bounded: each member carries ≥ 1 of weight, so a limit holds at most
+``requests`` members (plus one per ``observe`` correction), and every key has a PEXPIRE of its window, so a
+budget nobody uses vanishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from proxy.resilience.clock import Clock
+from proxy.resilience.ratelimit import (
+    Backend,
+    LimitSpec,
+    LimitState,
+    RateSnapshot,
+    Refusal,
+    SharedState,
+    Verdict,
+)
+
+log = logging.getLogger("seawall.ratelimit")
+
+_US = 1_000_000  # Redis time is counted in µs
+
+# KEYS[1]: the cool-down; then per limit: sliding: its sorted set, its sum, its caps; fixed: its hash, its caps.
+# ARGV[1]: the mode.
+#   take: weight, nonce, then per limit: kind ('s'|'f'), requests, span (µs: per + margin if sliding, per if fixed)
+#   cool: µs from now
+#   observe (one limit): nonce, kind, requests, span, used (-1: not said), cap's weight left (-1: none), cap's µs
+# A take answers {reason (0 granted, 1 rate_limited, 2 upstream_cooldown), wait µs, Redis time µs, then per limit
+# the weight it has room for after the take}; the other modes answer {0, 0, Redis time µs}.
+SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local mode = ARGV[1]
+local MAX_CAPS = 8
+
+-- Lua's tostring keeps 14 digits: times in µs need 16
+local function fmt(x) return string.format('%.0f', x) end
+local function weight_of(member) return tonumber(string.match(member, '(%d+)$')) end
+
+-- A sliding limit's weight still in its window (a send counts while now < its time + span).
+local function sliding_sum(z, s, span)
+  local cutoff = fmt(now - span)
+  local gone = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
+  local sum = tonumber(redis.call('GET', s) or '0')
+  if #gone > 0 then
+    for _, m in ipairs(gone) do sum = sum - weight_of(m) end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+  end
+  -- the set gone (evicted, deleted) while its sum stayed: the set is the truth
+  if sum < 0 or (sum > 0 and redis.call('EXISTS', z) == 0) then sum = 0 end
+  if #gone > 0 then redis.call('SET', s, sum, 'KEEPTTL') end
+  return sum
+end
+
+-- µs until `need` weight has left a sliding window: the oldest members, each worth >= 1, until enough.
+local function sliding_wait(z, need, span)
+  local oldest = redis.call('ZRANGE', z, 0, need - 1, 'WITHSCORES')
+  local freed = 0
+  for j = 1, #oldest, 2 do
+    freed = freed + weight_of(oldest[j])
+    if freed >= need then return tonumber(oldest[j + 1]) + span - now end
+  end
+  return span
+end
+
+local function sliding_add(z, s, member, weight, span)
+  local ttl = math.ceil(span / 1000) + 1
+  redis.call('ZADD', z, now, member)
+  redis.call('INCRBY', s, weight)
+  redis.call('PEXPIRE', z, ttl)
+  redis.call('PEXPIRE', s, ttl)
+end
+
+-- A fixed limit's calendar window (aligned to the epoch) and its weight so far.
+local function fixed_count(h, span)
+  local window = math.floor(now / span)
+  local seen = redis.call('HMGET', h, 'w', 'n')
+  if seen[1] == fmt(window) then return window, tonumber(seen[2]) end
+  return window, 0
+end
+
+local function fixed_set(h, window, count, span)
+  redis.call('HSET', h, 'w', fmt(window), 'n', count)
+  redis.call('PEXPIRE', h, math.ceil(((window + 1) * span - now) / 1000) + 1000)
+end
+
+-- Caps (from an upstream's remaining + reset): a hash {end µs: weight left until then}. The live ones, sorted.
+local function live_caps(c)
+  local flat = redis.call('HGETALL', c)
+  local caps = {}
+  for j = 1, #flat, 2 do
+    local ends = tonumber(flat[j])
+    if ends <= now then redis.call('HDEL', c, flat[j]) else caps[#caps + 1] = {ends, tonumber(flat[j + 1]), flat[j]} end
+  end
+  table.sort(caps, function(a, b) return a[1] < b[1] end)
+  return caps
+end
+
+-- At most `left` more until `ends`, beside every cap already known (each is something the upstream said).
+local function add_cap(c, left, ends)
+  local caps = live_caps(c)
+  for _, cap in ipairs(caps) do
+    if cap[1] >= ends and cap[2] <= left then return end
+  end
+  local kept = {}
+  for _, cap in ipairs(caps) do
+    if cap[1] <= ends and cap[2] >= left then redis.call('HDEL', c, cap[3]) else kept[#kept + 1] = cap end
+  end
+  redis.call('HSET', c, fmt(ends), left)
+  kept[#kept + 1] = {ends, left, fmt(ends)}
+  table.sort(kept, function(a, b) return a[1] < b[1] end)
+  if #kept > MAX_CAPS then
+    -- the two soonest merged into one stricter than both: the smaller left, the later end
+    redis.call('HDEL', c, kept[1][3])
+    redis.call('HSET', c, kept[2][3], math.min(kept[1][2], kept[2][2]))
+  end
+  redis.call('PEXPIRE', c, math.ceil((kept[#kept][1] - now) / 1000) + 1)
+end
+
+if mode == 'cool' then
+  local ends = now + tonumber(ARGV[2])
+  local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if ends > current then
+    redis.call('SET', KEYS[1], fmt(ends), 'PX', math.ceil((ends - now) / 1000))
+  end
+  return {0, 0, now}
+end
+
+if mode == 'observe' then
+  local kind, limit, span = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local used, cap_left, cap_in = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local caps
+  if kind == 's' then
+    caps = KEYS[4]
+    local sum = sliding_sum(KEYS[2], KEYS[3], span)
+    if used >= limit then
+      -- full for a whole span from now: one entry says as much as the old ones plus the difference, and keeps
+      -- the set within `limit` members
+      redis.call('DEL', KEYS[2], KEYS[3])
+      sliding_add(KEYS[2], KEYS[3], ARGV[2] .. ':' .. limit, limit, span)
+    elseif used > sum then
+      sliding_add(KEYS[2], KEYS[3], ARGV[2] .. ':' .. fmt(used - sum), used - sum, span)
+    end
+  else
+    caps = KEYS[3]
+    local window, count = fixed_count(KEYS[2], span)
+    if used > count then fixed_set(KEYS[2], window, used, span) end
+  end
+  if cap_left >= 0 then add_cap(caps, cap_left, now + cap_in) end
+  return {0, 0, now}
+end
+
+-- take
+local weight = tonumber(ARGV[2])
+local member = ARGV[3] .. ':' .. ARGV[2]
+local cooling, cool_wait, wait = false, 0, 0
+local cool = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cool > now then cooling, cool_wait = true, cool - now end
+
+local counts, windows, lefts, caps = {}, {}, {}, {}
+local k = 2
+local n = (#ARGV - 3) / 3
+for i = 1, n do
+  local kind, limit, span = ARGV[1 + 3 * i], tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
+  local count
+  if kind == 's' then
+    count = sliding_sum(KEYS[k], KEYS[k + 1], span)
+    if count + weight > limit then wait = math.max(wait, sliding_wait(KEYS[k], count + weight - limit, span)) end
+    k = k + 2
+  else
+    local window
+    window, count = fixed_count(KEYS[k], span)
+    windows[i] = window
+    if count + weight > limit then wait = math.max(wait, (window + 1) * span - now) end
+    k = k + 1
+  end
+  counts[i] = count
+  lefts[i] = limit - count
+  caps[i] = live_caps(KEYS[k])
+  for _, cap in ipairs(caps[i]) do
+    if weight > cap[2] then wait = math.max(wait, cap[1] - now) end
+    lefts[i] = math.min(lefts[i], cap[2])
+  end
+  k = k + 1
+end
+
+if not cooling and wait == 0 then
+  k = 2
+  for i = 1, n do
+    local kind, span = ARGV[1 + 3 * i], tonumber(ARGV[3 + 3 * i])
+    if kind == 's' then
+      sliding_add(KEYS[k], KEYS[k + 1], member, weight, span)
+      k = k + 2
+    else
+      fixed_set(KEYS[k], windows[i], counts[i] + weight, span)
+      k = k + 1
+    end
+    for _, cap in ipairs(caps[i]) do redis.call('HINCRBY', KEYS[k], cap[3], -weight) end
+    lefts[i] = lefts[i] - weight
+    k = k + 1
+  end
+end
+
+local answer = {0, wait, now}
+if cooling then answer[1], answer[2] = 2, cool_wait elseif wait > 0 then answer[1] = 1 end
+for i = 1, n do answer[3 + i] = math.max(0, lefts[i]) end
+return answer
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+_REASONS = (None, Refusal.RATE_LIMITED, Refusal.UPSTREAM_COOLDOWN)
+_FAILURES = (RedisError, OSError, TimeoutError)  # redis-py's errors, a socket's, asyncio.timeout's
+
+
+def _limit_keys(prefix: str, spec: LimitSpec) -> tuple[str, ...]:
+    """A sliding limit's sorted set, its sum and its caps; a fixed limit's hash and its caps."""
+    scope = "*" if spec.scope is None else spec.scope
+    if spec.fixed:
+        name = f"{prefix}:f:{spec.per:g}:{scope}"
+        return name, f"{name}:caps"
+    name = f"{prefix}:s:{spec.per:g}+{spec.margin:g}:{scope}"
+    return name, f"{name}:n", f"{name}:caps"
+
+
+def _kind(spec: LimitSpec) -> str:
+    return "f" if spec.fixed else "s"
+
+
+def _span_us(spec: LimitSpec) -> int:
+    return round((spec.per if spec.fixed else spec.per + spec.margin) * _US)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one route's takes send: the limits that apply to it, their keys and their arguments."""
+
+    limits: tuple[int, ...]  # indexes into specs
+    keys: tuple[str, ...]  # the cool-down key first
+    args: tuple[str | int, ...]  # per limit: kind, requests, span µs
+    largest: float  # the heaviest request every limit could ever grant (inf: no limit applies)
+
+
+class RedisBackend:
+    """The windows and the cool-down in Redis, shared by every sidecar on ``key``; a local fallback while
+    Redis cannot answer within ``timeout``.
+
+    ``fallback`` is counted all along: while Redis is in use, every send Redis granted is spent on it too (as far
+    as the local share has room), so a switch to it starts from what this process really sent, not from an empty
+    window; cool-downs and observed usage go to it at once.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[LimitSpec],
+        *,
+        url: str,
+        key: str,
+        fallback: Backend,
+        clock: Clock,
+        timeout: float = 0.01,
+        retry_interval: float = 1.0,
+        on_change: Callable[[SharedState], None] | None = None,
+        upstream: str | None = None,
+    ) -> None:
+        if "}" in key or "{" in key:
+            raise ValueError(f"shared rate-limit key {key!r}: braces would break the Redis Cluster hash tag")
+        self.specs = tuple(specs)
+        self.key = key
+        self._fallback = fallback
+        self._clock = clock
+        self._timeout = timeout
+        self._retry_interval = retry_interval
+        self._on_change = on_change
+        self._upstream = upstream
+        # Socket timeouts as well as asyncio's: a half-open connection fails on its own, and no retries inside
+        # redis-py (its default retries three times), since the fallback is the retry.
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        # redis-py leaves execute_command untyped: one typed handle on it
+        self._command = cast(Callable[..., Awaitable[Any]], self._redis.execute_command)
+        self._prefix = f"seawall:rl:{{{key}}}"
+        self._cool_key = f"{self._prefix}:cool"
+        self._keys = tuple(_limit_keys(self._prefix, spec) for spec in self.specs)
+        self._plans: dict[str | None, _Plan] = {}
+        self._nonce = os.urandom(6).hex()
+        self._sends = itertools.count()
+        self.state = SharedState.SHARED
+        self._retry_at = 0.0  # FALLBACK: when the next call tries Redis again (clock time)
+        self._probing = False  # one call at a time tries Redis again; the others stay on the fallback
+        self._cool_until = 0.0  # clock time; a cool-down this process knows of, its own or one Redis reported
+        self._left = [spec.requests for spec in self.specs]  # each limit's room, as Redis last said
+        self._writes: set[asyncio.Task[None]] = set()
+        self.redis_time = 0.0  # Redis' clock (epoch seconds) at its last answer: grants are timestamped with it
+
+    # -- the Backend protocol --------------------------------------------------------------------------------
+
+    def take_now(self, weight: int, route: str | None, now: float) -> Verdict | None:
+        if now < self._cool_until:
+            return Verdict(self._cool_until - now, Refusal.UPSTREAM_COOLDOWN)
+        if weight > self._plan(route).largest:
+            return Verdict(math.inf, Refusal.RATE_LIMITED)
+        if self.state is SharedState.FALLBACK and (now < self._retry_at or self._probing):
+            return self._fallback.take_now(weight, route, now)
+        return None
+
+    async def take(self, weight: int, route: str | None, now: float) -> Verdict:
+        verdict = self.take_now(weight, route, now)
+        probe = verdict is None and self.state is SharedState.FALLBACK
+        self._probing = self._probing or probe
+        try:
+            if verdict is None:
+                verdict = await self._take_shared(weight, route, now)
+            if verdict is None:
+                verdict = self._fallback.take_now(weight, route, self._clock.monotonic())
+            if verdict is None:
+                verdict = await self._fallback.take(weight, route, self._clock.monotonic())
+            return verdict
+        finally:
+            if probe:
+                self._probing = False
+
+    def cool_down(self, seconds: float, now: float) -> None:
+        self._fallback.cool_down(seconds, now)
+        self._cool_until = max(self._cool_until, now + seconds)
+        if self.state is SharedState.SHARED:
+            self._write(self._send_cool_down())
+
+    def observe(
+        self,
+        limit: int,
+        now: float,
+        *,
+        used: int | None = None,
+        remaining: int | None = None,
+        reset: float | None = None,
+    ) -> None:
+        """As ``LocalBackend.observe`` reads the numbers (``used`` above the count: phantom usage; ``remaining``
+        with ``reset``: a cap until then; ``remaining`` alone: ``used = requests - remaining``), applied to the
+        local fallback at once and to the shared windows by a write no request waits for."""
+        self._fallback.observe(limit, now, used=used, remaining=remaining, reset=reset)
+        if not 0 <= limit < len(self.specs):
+            return
+        requests = self.specs[limit].requests
+        cap: tuple[int, float] | None = None
+        if remaining is not None and remaining >= 0:
+            if reset is None:
+                used = max(used or 0, requests - remaining)
+            elif reset > 0:
+                cap = (remaining, now + reset)
+                self._left[limit] = min(self._left[limit], remaining)
+        if used is not None and used > 0:
+            self._left[limit] = min(self._left[limit], max(0, requests - used))
+        elif cap is None:
+            return
+        if self.state is SharedState.SHARED:
+            self._write(self._send_observed(limit, used if used is not None and used > 0 else -1, cap))
+
+    def snapshot(self, now: float) -> RateSnapshot:
+        if self.state is SharedState.FALLBACK:
+            return replace(self._fallback.snapshot(now), shared=SharedState.FALLBACK)
+        limits = tuple(LimitState(spec, left) for spec, left in zip(self.specs, self._left, strict=True))
+        return RateSnapshot(limits, max(0.0, self._cool_until - now), 0, SharedState.SHARED)
+
+    # -- life --------------------------------------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 1.0) -> bool:
+        """Optional warm-up before traffic: open a connection and load the script, with a start-up ``timeout``
+        instead of the per-request one. False (and FALLBACK, logged) when Redis cannot be reached."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._command("SCRIPT", "LOAD", SCRIPT)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return False
+        self._succeeded()
+        return True
+
+    async def close(self) -> None:
+        """Let the writes in flight finish (each bounded by ``timeout``), then close the connections."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._redis.aclose()
+
+    # -- Redis -------------------------------------------------------------------------------------------------
+
+    def _plan(self, route: str | None) -> _Plan:
+        plan = self._plans.get(route)
+        if plan is None:
+            limits = tuple(i for i, spec in enumerate(self.specs) if spec.scope is None or spec.scope == route)
+            keys: list[str] = [self._cool_key]
+            args: list[str | int] = []
+            for i in limits:
+                spec = self.specs[i]
+                keys += self._keys[i]
+                args += [_kind(spec), spec.requests, _span_us(spec)]
+            largest = min((self.specs[i].requests for i in limits), default=math.inf)
+            plan = self._plans[route] = _Plan(limits, tuple(keys), tuple(args), largest)
+        return plan
+
+    async def _run(self, keys: Sequence[str], *args: str | int) -> list[int]:
+        """The script, loaded once: EVALSHA, and EVAL (which also caches it) when Redis does not know it, as
+        after a restart. A failure or ``timeout`` raises."""
+        async with asyncio.timeout(self._timeout):
+            try:
+                answer: Any = await self._command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            except NoScriptError:
+                answer = await self._command("EVAL", SCRIPT, len(keys), *keys, *args)
+        self.redis_time = answer[2] / _US
+        return [int(value) for value in answer]
+
+    async def _take_shared(self, weight: int, route: str | None, now: float) -> Verdict | None:
+        """Redis' verdict, or None when Redis failed (the caller asks the fallback)."""
+        plan = self._plan(route)
+        try:
+            answer = await self._run(plan.keys, "take", weight, f"{self._nonce}:{next(self._sends)}", *plan.args)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return None
+        self._succeeded()
+        status, wait = answer[0], answer[1] / _US
+        for i, left in zip(plan.limits, answer[3:], strict=True):
+            self._left[i] = left
+        reason = _REASONS[status]
+        if reason is None:
+            # The same send on the local count, so a switch to the fallback starts from what this process sent.
+            self._fallback.take_now(weight, route, now)
+            return Verdict(0.0)
+        if reason is Refusal.UPSTREAM_COOLDOWN:
+            # Another sidecar's cool-down: known here too, so the next requests wait without asking Redis and a
+            # Redis that fails meanwhile does not end it.
+            self._cool_until = max(self._cool_until, now + wait)
+            self._fallback.cool_down(wait, now)
+        return Verdict(wait, reason)
+
+    def _write(self, write: Any) -> None:
+        """A write that no request waits for; its task is kept until done (the loop holds tasks weakly)."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _send_cool_down(self) -> None:
+        left = self._cool_until - self._clock.monotonic()
+        if left <= 0:
+            return
+        try:
+            await self._run((self._cool_key,), "cool", math.ceil(left * _US))
+        except _FAILURES as exc:
+            self._failed(exc)
+
+    async def _send_observed(self, limit: int, used: int, cap: tuple[int, float] | None) -> None:
+        spec = self.specs[limit]
+        cap_left, cap_us = -1, 0
+        if cap is not None:
+            cap_left, cap_us = cap[0], math.ceil((cap[1] - self._clock.monotonic()) * _US)
+            if cap_us <= 0:
+                cap_left = -1  # over before it reached Redis
+        nonce = f"{self._nonce}:{next(self._sends)}"
+        args = (nonce, _kind(spec), spec.requests, _span_us(spec), used, cap_left, cap_us)
+        try:
+            await self._run((self._cool_key, *self._keys[limit]), "observe", *args)
+        except _FAILURES as exc:
+            self._failed(exc)
+
+    # -- the circuit ---------------------------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        self._retry_at = self._clock.monotonic() + self._retry_interval
+        if self.state is SharedState.SHARED:
+            self._change(SharedState.FALLBACK, f"Redis failed ({type(exc).__name__}: {exc}); counting locally")
+
+    def _succeeded(self) -> None:
+        if self.state is SharedState.FALLBACK:
+            self._change(SharedState.SHARED, "Redis answers again; counting in Redis")
+            if self._cool_until > self._clock.monotonic():
+                self._write(self._send_cool_down())  # a cool-down that started while Redis was away
+
+    def _change(self, state: SharedState, why: str) -> None:
+        self.state = state
+        log.log(
+            logging.WARNING if state is SharedState.FALLBACK else logging.INFO,
+            "shared rate limit %s: %s: %s",
+            self.key,
+            state.value,
+            why,
+            extra={"event": "rate_limit_shared", "upstream": self._upstream, "key": self.key, "state": state.value},
+        )
+        if self._on_change is not None:
+            self._on_change(state)
