@@ -25,12 +25,16 @@ time minus monotonic, taken once), so tests can stand on a window's edge with a 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
 import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from proxy.resilience.clock import Clock
 
 
 class Refusal(enum.StrEnum):
@@ -121,6 +125,7 @@ class Backend(Protocol):
 # ---------------------------------------------------------------------------------------------------------------
 # The local counter: exact windows in this process (and the fallback of the Redis-shared one).
 
+MIN_WAIT = 1e-9  # the least wait a refusal says: 0 means granted
 MAX_CAPS = 8  # ``remaining``/``reset`` caps kept per limit; more are merged into a stricter one
 
 
@@ -267,7 +272,7 @@ class _Fixed(_Limit):
         if self.counted + weight <= self.capacity:
             return 0.0
         edge = (self.window + 1) * self.spec.per - self.offset
-        return max(edge - now, 1e-9)  # rounding must never turn "not yet" into a wait of 0 (granted)
+        return max(edge - now, MIN_WAIT)  # rounding must never turn "not yet" into a wait of 0 (granted)
 
     def count(self, weight: int, now: float) -> None:
         self.counted += weight  # _roll ran in room_wait, just before
@@ -360,3 +365,110 @@ class LocalBackend:
             waiting=0,
             shared=SharedState.LOCAL,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate: the admission stage's front, a FIFO line in front of a backend.
+
+
+class RateGate:
+    """Admits requests through ``backend`` in arrival order, waiting up to ``max_wait`` for their tokens.
+
+    Only the first caller in line takes from the backend (sleeping on the clock until its tokens could be there);
+    the others wait for their turn, so a newcomer never jumps a waiter, and a light request cannot starve a
+    heavy one by taking the room it is waiting for. A caller that leaves the line (refused, granted, cancelled)
+    hands the turn to the next. Like the bulkhead, one gate per upstream kept across reloads."""
+
+    def __init__(self, backend: Backend, clock: Clock) -> None:
+        self.backend = backend
+        self.clock = clock
+        self._line: deque[asyncio.Future[None]] = deque()
+        # When the first in line takes again, and why it waits: a hint for callers refused behind it.
+        self._retry_at = -math.inf
+        self._retry_reason = Refusal.RATE_LIMITED
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def try_acquire(self, weight: int, route: str | None, max_wait: float = 0.0) -> Verdict | None:
+        """The hot path: the backend's answer if it is final, else None: then await ``acquire``.
+
+        Final: granted, or refused with a wait longer than ``max_wait``. None when somebody waits in line, when
+        the backend needs I/O to answer, or when the caller may wait for its tokens."""
+        if self._line:
+            return None
+        verdict = self.backend.take_now(weight, route, self.clock.monotonic())
+        if verdict is None or verdict.reason is None or verdict.wait > max_wait:
+            return verdict
+        return None  # refused, but the caller would wait that long: in line
+
+    async def acquire(self, weight: int, route: str | None, max_wait: float) -> Verdict:
+        """Granted (the weight is spent), or refused with the time until it could go (for ``Retry-After``)."""
+        now = self.clock.monotonic()
+        first: Verdict | None = None
+        if not self._line:
+            first = self.backend.take_now(weight, route, now)
+            if first is None:
+                first = await self.backend.take(weight, route, now)
+            if first.granted or first.wait > max_wait:
+                return first
+        deadline = now + max_wait
+        if self._retry_at > deadline:  # the first in line goes later than this caller would wait: no use queueing
+            return Verdict(self._retry_at - now, self._retry_reason)
+        return await self._wait_in_line(weight, route, deadline, first)
+
+    async def _wait_in_line(self, weight: int, route: str | None, deadline: float, first: Verdict | None) -> Verdict:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        if self._line[0] is turn:
+            turn.set_result(None)
+        else:
+            first = None  # someone came first: the earlier answer is stale by the time it is our turn
+        try:
+            if not await self._my_turn(turn, deadline):
+                now = self.clock.monotonic()
+                return Verdict(max(self._retry_at - now, MIN_WAIT), self._retry_reason)
+            verdict = first
+            while True:
+                now = self.clock.monotonic()
+                if verdict is None:
+                    verdict = await self._take(weight, route, now)
+                if verdict.granted or verdict.wait > deadline - now:
+                    return verdict
+                self._retry_at, self._retry_reason = now + verdict.wait, verdict.reason or Refusal.RATE_LIMITED
+                await self.clock.sleep(verdict.wait)
+                verdict = None
+        finally:
+            self._leave(turn)
+
+    async def _my_turn(self, turn: asyncio.Future[None], deadline: float) -> bool:
+        """Wait until ``turn`` is handed over, at most until ``deadline``; False: time ran out first."""
+        if turn.done():
+            return True
+        timeout = deadline - self.clock.monotonic()
+        if timeout <= 0:
+            return False
+        timer = asyncio.get_running_loop().create_task(self.clock.sleep(timeout))
+        try:
+            await asyncio.wait((turn, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        return turn.done()  # handed over, possibly just as time ran out: take it
+
+    async def _take(self, weight: int, route: str | None, now: float) -> Verdict:
+        verdict = self.backend.take_now(weight, route, now)
+        return verdict if verdict is not None else await self.backend.take(weight, route, now)
+
+    def _leave(self, turn: asyncio.Future[None]) -> None:
+        line = self._line
+        if line[0] is turn:
+            line.popleft()
+            self._retry_at = -math.inf
+            if line:
+                line[0].set_result(None)  # the next one's turn
+        else:
+            line.remove(turn)
+
+    def snapshot(self, now: float) -> RateSnapshot:
+        return dataclasses.replace(self.backend.snapshot(now), waiting=len(self._line))

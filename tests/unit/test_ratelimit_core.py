@@ -5,14 +5,17 @@ Times are binary fractions of a second (or exact sums of them) where an assertio
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 
+from proxy.resilience.clock import ManualClock
 from proxy.resilience.ratelimit import (
     GRANTED,
     LimitSpec,
     LocalBackend,
+    RateGate,
     Refusal,
     SharedState,
     Verdict,
@@ -236,3 +239,145 @@ async def test_take_answers_as_take_now() -> None:
     backend = LocalBackend([LimitSpec(1, 1.0)])
     assert await backend.take(1, None, T0) is GRANTED
     assert await backend.take(1, None, T0) == refused(1.0)
+
+
+# -- the gate --------------------------------------------------------------------------------------------------------
+
+
+def gate_on(*specs: LimitSpec, clock: ManualClock | None = None) -> tuple[RateGate, ManualClock]:
+    clock = clock or ManualClock(T0)
+    return RateGate(LocalBackend(specs), clock), clock
+
+
+async def settle() -> None:
+    """Let every ready task run until it blocks again (on the clock or on its turn)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_try_acquire_answers_at_once_while_nobody_waits() -> None:
+    gate, _ = gate_on(LimitSpec(1, 1.0))
+    assert gate.try_acquire(1, None) is GRANTED
+    assert gate.try_acquire(1, None) == refused(1.0)  # would not wait: final
+    assert gate.try_acquire(1, None, max_wait=1.0) is None  # would wait: in line, through acquire
+    assert gate.try_acquire(1, None, max_wait=0.5) == refused(1.0)
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    gate, clock = gate_on(LimitSpec(2, 1.0))
+    assert gate.try_acquire(2, None) is GRANTED
+    done: list[str] = []
+
+    async def caller(name: str, weight: int) -> Verdict:
+        verdict = await gate.acquire(weight, None, max_wait=5.0)
+        done.append(name)
+        return verdict
+
+    heavy = asyncio.create_task(caller("heavy", 2))
+    await settle()
+    light = [asyncio.create_task(caller(f"light{i}", 1)) for i in range(3)]
+    await settle()
+    assert gate.waiting == 4
+    assert gate.try_acquire(1, None) is None  # a newcomer never jumps the line
+    clock.advance(1.0)
+    await settle()
+    assert done == ["heavy"]  # the two light ones could have fitted first, had they jumped the heavy one
+    clock.advance(1.0)
+    await settle()
+    assert done == ["heavy", "light0", "light1"]
+    clock.advance(1.0)
+    await settle()
+    assert done == ["heavy", "light0", "light1", "light2"]
+    assert all(task.result() is GRANTED for task in [heavy, *light])
+    assert gate.waiting == 0
+    assert gate.try_acquire(1, None) is GRANTED  # the line is empty: the room light2 left is anyone's
+    assert gate.try_acquire(1, None) == refused(1.0)
+
+
+async def test_a_wait_beyond_max_wait_is_refused_at_once_with_the_time_until_it_could_go() -> None:
+    gate, clock = gate_on(LimitSpec(2, 1.0))
+    assert gate.try_acquire(2, None) is GRANTED
+    clock.advance(0.25)
+    assert await gate.acquire(1, None, max_wait=0.5) == refused(0.75)
+    assert await gate.acquire(1, None, max_wait=0.0) == refused(0.75)
+    assert await gate.acquire(3, None, max_wait=10.0) == refused(math.inf)
+    assert clock.slept == []  # nobody waited on the clock
+
+
+async def test_a_waiter_behind_someone_who_goes_too_late_is_refused_at_once() -> None:
+    gate, clock = gate_on(LimitSpec(1, 1.0))
+    assert gate.try_acquire(1, None) is GRANTED
+    first = asyncio.create_task(gate.acquire(1, None, max_wait=2.0))
+    await settle()
+    clock.advance(0.5)
+    assert await gate.acquire(1, None, max_wait=0.25) == refused(0.5)  # the first goes at T0 + 1
+    assert await gate.acquire(1, None, max_wait=0.0) == refused(0.5)
+    # One that would wait long enough for the first, but not for its own tokens after it: refused at its deadline.
+    second = asyncio.create_task(gate.acquire(1, None, max_wait=0.75))
+    await settle()
+    clock.advance(0.5)
+    await settle()
+    assert await first is GRANTED
+    assert await second == refused(1.0)  # its turn came at T0 + 1; the next room is at T0 + 2, past T0 + 1.25
+    assert gate.waiting == 0
+
+
+async def test_a_waiter_whose_turn_never_comes_in_time_is_refused_at_its_deadline() -> None:
+    gate, clock = gate_on(LimitSpec(1, 1.0))
+    assert gate.try_acquire(1, None) is GRANTED
+    first = asyncio.create_task(gate.acquire(1, None, max_wait=1.0))
+    await settle()
+    gate.backend.cool_down(5.0, clock.monotonic())  # the upstream says wait; the first is still asleep
+    second = asyncio.create_task(gate.acquire(1, None, max_wait=0.5))
+    await settle()
+    clock.advance(0.5)
+    await settle()
+    verdict = await second
+    assert verdict.reason is Refusal.RATE_LIMITED and verdict.wait > 0  # refused behind the first, in time
+    clock.advance(0.5)
+    assert await first == refused(4.0, Refusal.UPSTREAM_COOLDOWN)
+
+
+async def test_a_cancelled_waiter_spends_nothing_and_the_next_goes() -> None:
+    gate, clock = gate_on(LimitSpec(2, 1.0))
+    assert gate.try_acquire(2, None) is GRANTED
+    first = asyncio.create_task(gate.acquire(2, None, max_wait=5.0))
+    second = asyncio.create_task(gate.acquire(2, None, max_wait=5.0))
+    await settle()
+    assert gate.waiting == 2
+    first.cancel()
+    await settle()
+    assert first.cancelled() and gate.waiting == 1
+    clock.advance(1.0)
+    assert await second is GRANTED  # the tokens the first waited for
+    assert gate.waiting == 0
+
+
+async def test_a_cancelled_waiter_behind_the_first_just_leaves() -> None:
+    gate, clock = gate_on(LimitSpec(1, 1.0))
+    assert gate.try_acquire(1, None) is GRANTED
+    first = asyncio.create_task(gate.acquire(1, None, max_wait=5.0))
+    second = asyncio.create_task(gate.acquire(1, None, max_wait=5.0))
+    third = asyncio.create_task(gate.acquire(1, None, max_wait=5.0))
+    await settle()
+    second.cancel()
+    await settle()
+    assert gate.waiting == 2
+    clock.advance(1.0)
+    assert await first is GRANTED
+    clock.advance(1.0)
+    assert await third is GRANTED
+    assert gate.backend.snapshot(clock.monotonic()).limits[0].left == 0
+
+
+async def test_the_gate_waits_out_a_cool_down_that_max_wait_covers() -> None:
+    gate, clock = gate_on(LimitSpec(10, 1.0))
+    gate.backend.cool_down(0.5, T0)
+    assert gate.try_acquire(1, None) == refused(0.5, Refusal.UPSTREAM_COOLDOWN)
+    waiter = asyncio.create_task(gate.acquire(1, None, max_wait=1.0))
+    await settle()
+    snapshot = gate.snapshot(clock.monotonic())
+    assert (snapshot.waiting, snapshot.cooldown_left) == (1, 0.5)
+    clock.advance(0.5)
+    assert await waiter is GRANTED
+    assert clock.slept == [0.5]
