@@ -47,7 +47,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -489,9 +489,15 @@ class RedisBackend:
             self._fallback.cool_down(wait, now)
         return Verdict(wait, reason)
 
-    def _write(self, write: Any) -> None:
-        """A write that no request waits for; its task is kept until done (the loop holds tasks weakly)."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(write)
+    def _write(self, write: Coroutine[Any, Any, None]) -> None:
+        """A write that no request waits for; its task is kept until done (the loop holds tasks weakly). Outside
+        the event loop's thread (no running loop) there is nobody to send it: only the fallback has it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            write.close()
+            return
+        task = loop.create_task(write)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

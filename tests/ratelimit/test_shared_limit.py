@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.resilience.clock import SystemClock
-from proxy.resilience.ratelimit import LimitSpec, LocalBackend, Refusal, SharedState
+from proxy.resilience.ratelimit import LimitSpec, LocalBackend, RateGate, Refusal, SharedState
 from proxy.upstream.shared_limit import SCRIPT_SHA, RedisBackend
 from tests.ratelimit import burst_worker
 from tests.support.eventually import eventually
@@ -307,6 +307,38 @@ def test_several_processes_with_several_backends_stay_under_one_limit(redis_serv
     assert 100 <= total <= 300
     sliding = burst_worker.SPECS[0]
     assert total <= sliding.requests * math.ceil(duration / sliding.per + 1)
+
+
+async def test_two_gates_on_the_key_let_a_burst_of_twice_the_limit_through_in_time(redis_server: RedisServer) -> None:
+    """The admission stage as the data plane will use it: a RateGate per sidecar in front of its RedisBackend."""
+    spec = LimitSpec(10, 0.25)
+    async with backends(redis_server, [spec], n=2) as made:
+        gates = [RateGate(backend, SystemClock()) for backend in made]
+        grants: list[tuple[int, int]] = []
+
+        async def request(gate: RateGate) -> bool:
+            verdict = await gate.acquire(1, None, max_wait=1.0)
+            if verdict.granted:
+                grants.append((round(gate.backend.redis_time * 1e6), 1))  # type: ignore[attr-defined]
+            return verdict.granted
+
+        began = time.monotonic()
+        results = await asyncio.gather(*(request(gates[i % 2]) for i in range(40)))
+        took = time.monotonic() - began
+        assert all(results)  # 40 = 4 windows' worth, within max_wait
+        assert windows_over(grants, spec) == []
+        assert 0.25 * 3 <= took < 1.5  # the fourth window's sends could not go before 3 windows had passed
+        assert [gate.snapshot(time.monotonic()).waiting for gate in gates] == [0, 0]
+
+
+def test_a_cool_down_outside_the_event_loop_reaches_the_fallback_only(redis_server: RedisServer) -> None:
+    backend = make(redis_server, [LimitSpec(5, 1.0)])
+    now = time.monotonic()
+    backend.cool_down(1.0, now)  # e.g. from a thread: nothing to run the write on, and no error
+    verdict = backend.take_now(1, None, now + 0.5)
+    assert verdict is not None and verdict.reason is Refusal.UPSTREAM_COOLDOWN
+    assert backend._fallback.take_now(1, None, now + 0.5).reason is Refusal.UPSTREAM_COOLDOWN  # type: ignore[union-attr]
+    asyncio.run(backend.close())
 
 
 # -- Redis gone: the fallback share, at once; Redis back: shared again --------------------------------------------
