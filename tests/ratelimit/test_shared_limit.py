@@ -238,28 +238,25 @@ async def test_idle_keys_expire(redis_server: RedisServer) -> None:
 # -- many backends, many processes: what Redis granted never exceeds a window --------------------------------------
 
 
-def windows_over(grants: Sequence[tuple[int, int]], spec: LimitSpec) -> list[tuple[int, int]]:
-    """Every window of ``spec`` that holds more than its ``requests``, as (start µs, weight); [] when none does.
-    ``grants`` are (time in µs, weight), counted exactly in integers."""
+def busiest(grants: Sequence[tuple[int, int]], spec: LimitSpec) -> int:
+    """The most weight any one window of ``spec`` holds. ``grants`` are (time in µs, weight): exact integers."""
     grants = sorted(grants)
     if spec.fixed:
         per = round(spec.per * 1e6)
         per_window: dict[int, int] = {}
         for at, weight in grants:
             per_window[at // per] = per_window.get(at // per, 0) + weight
-        return [(w * per, n) for w, n in per_window.items() if n > spec.requests]
+        return max(per_window.values(), default=0)
     span = round((spec.per + spec.margin) * 1e6)
-    over = []
-    end = held = 0
-    # the busiest half-open windows [t, t + span) are those that start at a grant
+    most = held = end = 0
+    # the busiest half-open windows [t, t + span) are among those that start at a grant
     for start, (at, _) in enumerate(grants):
         while end < len(grants) and grants[end][0] < at + span:
             held += grants[end][1]
             end += 1
-        if held > spec.requests:
-            over.append((at, held))
+        most = max(most, held)
         held -= grants[start][1]
-    return over
+    return most
 
 
 def test_several_processes_with_several_backends_stay_under_one_limit(redis_server: RedisServer) -> None:
@@ -300,13 +297,14 @@ def test_several_processes_with_several_backends_stay_under_one_limit(redis_serv
     grants = [(at, weight) for r in reports for at, weight in r["grants"]]
     assert all(state == "shared" for r in reports for state in r["states"])
     assert all(len(r["grants"]) > 0 for r in reports)  # every process got a share
-    for spec in burst_worker.SPECS:
-        assert windows_over(grants, spec) == []  # exact: not one weight over in any window
-    # and the budget was used, not starved: the fixed limit (100 per 2 s) over 2.5 s allows ≥ 100 and ≤ 300
-    total = sum(weight for _, weight in grants)
-    assert 100 <= total <= 300
-    sliding = burst_worker.SPECS[0]
-    assert total <= sliding.requests * math.ceil(duration / sliding.per + 1)
+    sliding, fixed = burst_worker.SPECS
+    most = busiest(grants, sliding), busiest(grants, fixed)
+    print(
+        f"\n{len(grants)} grants, weight {sum(w for _, w in grants)}; busiest windows: {most} of {sliding.requests, fixed.requests}"
+    )
+    # exact: no window holds one weight more than its limit, and the burst filled them: the 2.5 s run holds at
+    # least 1.25 s of one fixed window, long enough for the sliding limit (40 per 0.5 s) to let 100 through
+    assert most == (sliding.requests, fixed.requests)
 
 
 async def test_two_gates_on_the_key_let_a_burst_of_twice_the_limit_through_in_time(redis_server: RedisServer) -> None:
@@ -326,7 +324,7 @@ async def test_two_gates_on_the_key_let_a_burst_of_twice_the_limit_through_in_ti
         results = await asyncio.gather(*(request(gates[i % 2]) for i in range(40)))
         took = time.monotonic() - began
         assert all(results)  # 40 = 4 windows' worth, within max_wait
-        assert windows_over(grants, spec) == []
+        assert busiest(grants, spec) == spec.requests
         assert 0.25 * 3 <= took < 1.5  # the fourth window's sends could not go before 3 windows had passed
         assert [gate.snapshot(time.monotonic()).waiting for gate in gates] == [0, 0]
 
@@ -387,7 +385,7 @@ async def run_through_outage(
         assert fallback_grants  # traffic went on ...
         # ... within the local share, 30 / 3: counted at the time the caller passed, or (after a failed call to
         # Redis) up to ``worst`` later, so no window of 0.5 s - worst of those times holds more than 10
-        assert windows_over(fallback_grants, LimitSpec(10, 0.5 - worst)) == []
+        assert busiest(fallback_grants, LimitSpec(10, 0.5 - worst)) <= 10
         assert changes == [SharedState.FALLBACK] and shared_events(caplog) == ["fallback"]  # said once
         mend_redis()
         await eventually(step, until=lambda _: backend.state is SharedState.SHARED, timeout=5, what="shared again")
