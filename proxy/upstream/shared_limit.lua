@@ -2,11 +2,12 @@
 --
 -- KEYS[1]: the cool-down; then per limit: sliding: its sorted set, its sum, its caps; fixed: its hash, its caps.
 -- ARGV[1]: the mode.
---   take: weight, nonce, then per limit: kind ('s'|'f'), requests, span (µs: per + margin if sliding, per if fixed)
+--   take: the number of limits; per limit: kind ('s'|'f'), requests, span (µs: per + margin if sliding, per if
+--         fixed); then per take (one or more, decided in order): weight, nonce
 --   cool: µs from now
 --   observe (one limit): nonce, kind, requests, span, used (-1: not said), cap's weight left (-1: none), cap's µs
--- A take answers {reason (0 granted, 1 rate_limited, 2 upstream_cooldown), wait µs, Redis time µs, then per limit
--- the weight it has room for after the take}; the other modes answer {0, 0, Redis time µs}.
+-- Every mode answers Redis' time (µs) first; a take then, per take, reason (0 granted, 1 rate_limited,
+-- 2 upstream_cooldown) and wait (µs), then per limit the weight it has room for after the takes.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -103,7 +104,7 @@ if mode == 'cool' then
   if ends > current then
     redis.call('SET', KEYS[1], fmt(ends), 'PX', math.ceil((ends - now) / 1000))
   end
-  return {0, 0, now}
+  return {now}
 end
 
 if mode == 'observe' then
@@ -127,61 +128,79 @@ if mode == 'observe' then
     if used > count then fixed_set(KEYS[2], window, used, span) end
   end
   if cap_left >= 0 then add_cap(caps, cap_left, now + cap_in) end
-  return {0, 0, now}
+  return {now}
 end
 
--- take
-local weight = tonumber(ARGV[2])
-local member = ARGV[3] .. ':' .. ARGV[2]
-local cooling, cool_wait, wait = false, 0, 0
+-- take: every take of the call in order, each granted on every limit or on none; state read once, written once
+local n = tonumber(ARGV[2])
+local first = 3 + 3 * n
 local cool = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cool > now then cooling, cool_wait = true, cool - now end
-
-local counts, windows, lefts, caps = {}, {}, {}, {}
+local limits = {}
 local k = 2
-local n = (#ARGV - 3) / 3
 for i = 1, n do
-  local kind, limit, span = ARGV[1 + 3 * i], tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
-  local count
-  if kind == 's' then
-    count = sliding_sum(KEYS[k], KEYS[k + 1], span)
-    if count + weight > limit then wait = math.max(wait, sliding_wait(KEYS[k], count + weight - limit, span)) end
+  local lim = {kind = ARGV[3 * i], limit = tonumber(ARGV[1 + 3 * i]), span = tonumber(ARGV[2 + 3 * i]), added = 0}
+  if lim.kind == 's' then
+    lim.z, lim.s = KEYS[k], KEYS[k + 1]
+    lim.count = sliding_sum(lim.z, lim.s, lim.span)
     k = k + 2
   else
-    local window
-    window, count = fixed_count(KEYS[k], span)
-    windows[i] = window
-    if count + weight > limit then wait = math.max(wait, (window + 1) * span - now) end
+    lim.h = KEYS[k]
+    lim.window, lim.count = fixed_count(lim.h, lim.span)
     k = k + 1
   end
-  counts[i] = count
-  lefts[i] = limit - count
-  caps[i] = live_caps(KEYS[k])
-  for _, cap in ipairs(caps[i]) do
-    if weight > cap[2] then wait = math.max(wait, cap[1] - now) end
-    lefts[i] = math.min(lefts[i], cap[2])
-  end
+  lim.c = KEYS[k]
+  lim.caps = live_caps(lim.c)
   k = k + 1
+  limits[i] = lim
 end
 
-if not cooling and wait == 0 then
-  k = 2
-  for i = 1, n do
-    local kind, span = ARGV[1 + 3 * i], tonumber(ARGV[3 + 3 * i])
-    if kind == 's' then
-      sliding_add(KEYS[k], KEYS[k + 1], member, weight, span)
-      k = k + 2
-    else
-      fixed_set(KEYS[k], windows[i], counts[i] + weight, span)
-      k = k + 1
+local answer = {now}
+for j = first, #ARGV, 2 do
+  local weight = tonumber(ARGV[j])
+  local reason, wait = 0, 0
+  if cool > now then
+    reason, wait = 2, cool - now
+  else
+    for _, lim in ipairs(limits) do
+      if lim.count + weight > lim.limit then
+        if lim.kind == 's' then
+          wait = math.max(wait, sliding_wait(lim.z, lim.count + weight - lim.limit, lim.span))
+        else
+          wait = math.max(wait, (lim.window + 1) * lim.span - now)
+        end
+      end
+      for _, cap in ipairs(lim.caps) do
+        if weight > cap[2] then wait = math.max(wait, cap[1] - now) end
+      end
     end
-    for _, cap in ipairs(caps[i]) do redis.call('HINCRBY', KEYS[k], cap[3], -weight) end
-    lefts[i] = lefts[i] - weight
-    k = k + 1
+    if wait > 0 then
+      reason = 1
+    else
+      for _, lim in ipairs(limits) do
+        lim.count, lim.added = lim.count + weight, lim.added + weight
+        if lim.kind == 's' then redis.call('ZADD', lim.z, now, ARGV[j + 1] .. ':' .. ARGV[j]) end
+        for _, cap in ipairs(lim.caps) do cap[2] = cap[2] - weight end
+      end
+    end
   end
+  answer[#answer + 1] = reason
+  answer[#answer + 1] = wait
 end
 
-local answer = {0, wait, now}
-if cooling then answer[1], answer[2] = 2, cool_wait elseif wait > 0 then answer[1] = 1 end
-for i = 1, n do answer[3 + i] = math.max(0, lefts[i]) end
+for _, lim in ipairs(limits) do
+  local left = lim.limit - lim.count
+  if lim.added > 0 then
+    if lim.kind == 's' then
+      local ttl = math.ceil(lim.span / 1000) + 1
+      redis.call('INCRBY', lim.s, lim.added)
+      redis.call('PEXPIRE', lim.z, ttl)
+      redis.call('PEXPIRE', lim.s, ttl)
+    else
+      fixed_set(lim.h, lim.window, lim.count, lim.span)
+    end
+    for _, cap in ipairs(lim.caps) do redis.call('HINCRBY', lim.c, cap[3], -lim.added) end
+  end
+  for _, cap in ipairs(lim.caps) do left = math.min(left, cap[2]) end
+  answer[#answer + 1] = math.max(0, left)
+end
 return answer

@@ -42,6 +42,7 @@ budget nobody uses vanishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -55,7 +56,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from proxy.resilience.clock import Clock
 from proxy.resilience.ratelimit import (
@@ -75,6 +76,8 @@ _US = 1_000_000  # Redis time is counted in µs
 # The whole decision, in Lua (its arguments and answers are described at its top).
 SCRIPT = (Path(__file__).parent / "shared_limit.lua").read_text(encoding="utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+_Call = tuple[str | int, ...]  # EVALSHA's arguments after the SHA: numkeys, keys, args
 
 _REASONS = (None, Refusal.RATE_LIMITED, Refusal.UPSTREAM_COOLDOWN)
 _FAILURES = (RedisError, OSError, TimeoutError)  # redis-py's errors, a socket's, asyncio.timeout's
@@ -100,12 +103,149 @@ def _span_us(spec: LimitSpec) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What one route's takes send: the limits that apply to it, their keys and their arguments."""
+    """What one route's takes send: the limits that apply to it, and the script's arguments up to the takes."""
 
     limits: tuple[int, ...]  # indexes into specs
-    keys: tuple[str, ...]  # the cool-down key first
-    args: tuple[str | int, ...]  # per limit: kind, requests, span µs
+    head: _Call  # numkeys, the keys (the cool-down's first), "take", the number of limits, each one's arguments
     largest: float  # the heaviest request every limit could ever grant (inf: no limit applies)
+
+
+class _Script:
+    """The script, called through one connection: calls made while others are on their way wait for the next
+    round trip and go together, a route's takes as one call of the script (its state read and written once),
+    the rest beside them in one pipeline. A burst of N concurrent takes so costs a round trip or two, not N
+    connections each set up within the timeout, nor N commands to encode and parse."""
+
+    def __init__(
+        self, redis: aioredis.Redis, timeout: float, on_answer: Callable[[BaseException | None], None]
+    ) -> None:
+        # redis-py leaves execute_command untyped: one typed handle on it
+        self._command = cast(Callable[..., Awaitable[Any]], redis.execute_command)
+        self._redis = redis
+        self._timeout = timeout
+        self._on_answer = on_answer  # after every round trip: None, or what failed
+        self._queue: list[tuple[_Plan | None, _Call, asyncio.Future[list[int]]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._alone = False  # a caller's own round trip is on its way (see ``call``)
+
+    @property
+    def busy(self) -> bool:
+        """A round trip is on its way (or about to be)."""
+        return self._alone or self._sender is not None
+
+    async def call(self, plan: _Plan | None, call: _Call) -> list[int]:
+        """``plan``: a take of ``call`` = (weight, nonce), answered [Redis time, reason, wait, each limit's left];
+        None: ``call`` is the script's whole arguments, answered as the script answers. A failure, or no answer
+        within the timeout, raises. Only the round trip's own outcome counts as Redis' (``on_answer``): a caller
+        that waited too long behind others, its event loop busy, gives up alone."""
+        if not self.busy:
+            return await self._call_alone(plan, call)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[int]] = loop.create_future()
+        self._queue.append((plan, call, answer))
+        if not self.busy:
+            self._sender = loop.create_task(self._send())
+        async with asyncio.timeout(self._timeout):
+            return await answer  # a caller that gives up cancels its future: the sender skips it
+
+    async def _call_alone(self, plan: _Plan | None, call: _Call) -> list[int]:
+        """Nothing else on its way: the caller makes its own round trip, without a task's hop; calls that come
+        meanwhile queue, and a sender takes them once it is back."""
+        self._alone = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                (answer,) = await self._evalsha([call if plan is None else plan.head + call])
+        except _FAILURES as exc:
+            self._on_answer(exc)
+            raise
+        finally:
+            self._alone = False
+            if self._queue and self._sender is None:
+                self._sender = asyncio.get_running_loop().create_task(self._send())
+        if isinstance(answer, BaseException):
+            self._on_answer(answer)
+            raise answer
+        self._on_answer(None)
+        return [int(value) for value in answer]
+
+    async def load(self) -> None:
+        await self._command("SCRIPT", "LOAD", SCRIPT)
+
+    async def drain(self) -> None:
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+    async def _send(self) -> None:
+        try:
+            while self._queue:
+                batch = [queued for queued in self._queue if not queued[2].done()]
+                self._queue = []
+                if batch:
+                    await self._send_batch(batch)
+        finally:
+            self._sender = None
+
+    async def _send_batch(self, batch: list[tuple[_Plan | None, _Call, asyncio.Future[list[int]]]]) -> None:
+        calls: list[_Call] = []
+        waiting: list[tuple[bool, list[asyncio.Future[list[int]]]]] = []  # per call: takes?, and who waits
+        takes: dict[_Plan, list[tuple[_Call, asyncio.Future[list[int]]]]] = {}
+        for plan, call, future in batch:
+            if plan is None:
+                calls.append(call)
+                waiting.append((False, [future]))
+            else:
+                takes.setdefault(plan, []).append((call, future))
+        for plan, queued in takes.items():
+            calls.append(plan.head + tuple(arg for call, _ in queued for arg in call))
+            waiting.append((True, [future for _, future in queued]))
+        answers: list[Any]
+        error: BaseException | None
+        try:
+            async with asyncio.timeout(self._timeout):
+                answers = await self._evalsha(calls)
+        except _FAILURES as exc:
+            answers, error = [exc] * len(calls), exc
+        else:
+            error = next((answer for answer in answers if isinstance(answer, BaseException)), None)
+        self._on_answer(error)  # first, so the callers resume in the state it leads to
+        for (take, futures), answer in zip(waiting, answers, strict=True):
+            _settle(take, futures, answer)
+
+    async def _evalsha(self, calls: list[_Call]) -> list[Any]:
+        """The script by its SHA, loaded once; when Redis does not know it (a restart, a failover, SCRIPT FLUSH),
+        loaded again and the calls it refused sent again (a NOSCRIPT ran nothing). Errors in their places."""
+        answers = await self._pipeline(calls)
+        unknown = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if unknown:
+            await self.load()
+            for i, answer in zip(unknown, await self._pipeline([calls[i] for i in unknown]), strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        if len(calls) == 1:  # the common case, without a pipeline's own cost
+            try:
+                return [await self._command("EVALSHA", SCRIPT_SHA, *calls[0])]
+            except ResponseError as exc:  # NOSCRIPT, or the script's own error: this call's answer
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command("EVALSHA", SCRIPT_SHA, *call)
+        return await pipe.execute(raise_on_error=False)
+
+
+def _settle(take: bool, futures: list[asyncio.Future[list[int]]], answer: Any) -> None:
+    """Hands each caller its part of one call's answer: a take's [time, reason, wait, lefts], or the whole."""
+    if isinstance(answer, BaseException):
+        for future in futures:
+            if not future.done():
+                future.set_exception(answer)
+        return
+    values = [int(value) for value in answer]
+    lefts = values[1 + 2 * len(futures) :]
+    for j, future in enumerate(futures):
+        if not future.done():
+            future.set_result([values[0], values[1 + 2 * j], values[2 + 2 * j], *lefts] if take else values)
 
 
 class RedisBackend:
@@ -150,8 +290,6 @@ class RedisBackend:
             retry_on_timeout=False,
             health_check_interval=0,
         )
-        # redis-py leaves execute_command untyped: one typed handle on it
-        self._command = cast(Callable[..., Awaitable[Any]], self._redis.execute_command)
         self._prefix = f"seawall:rl:{{{key}}}"
         self._cool_key = f"{self._prefix}:cool"
         self._keys = tuple(_limit_keys(self._prefix, spec) for spec in self.specs)
@@ -160,10 +298,10 @@ class RedisBackend:
         self._sends = itertools.count()
         self.state = SharedState.SHARED
         self._retry_at = 0.0  # FALLBACK: when the next call tries Redis again (clock time)
-        self._probing = False  # one call at a time tries Redis again; the others stay on the fallback
         self._cool_until = 0.0  # clock time; a cool-down this process knows of, its own or one Redis reported
         self._left = [spec.requests for spec in self.specs]  # each limit's room, as Redis last said
         self._writes: set[asyncio.Task[None]] = set()
+        self._script = _Script(self._redis, timeout, self._answered)
         self.redis_time = 0.0  # Redis' clock (epoch seconds) at its last answer: grants are timestamped with it
 
     # -- the Backend protocol --------------------------------------------------------------------------------
@@ -173,29 +311,26 @@ class RedisBackend:
             return Verdict(self._cool_until - now, Refusal.UPSTREAM_COOLDOWN)
         if weight > self._plan(route).largest:
             return Verdict(math.inf, Refusal.RATE_LIMITED)
-        if self.state is SharedState.FALLBACK and (now < self._retry_at or self._probing):
+        # in fallback, one call at a time tries Redis again: while it is on its way, the others stay local
+        if self.state is SharedState.FALLBACK and (now < self._retry_at or self._script.busy):
             return self._fallback.take_now(weight, route, now)
         return None
 
     async def take(self, weight: int, route: str | None, now: float) -> Verdict:
         verdict = self.take_now(weight, route, now)
-        probe = verdict is None and self.state is SharedState.FALLBACK
-        self._probing = self._probing or probe
-        try:
-            if verdict is None:
-                verdict = await self._take_shared(weight, route, now)
-            if verdict is None:
-                verdict = self._fallback.take_now(weight, route, self._clock.monotonic())
-            if verdict is None:
-                verdict = await self._fallback.take(weight, route, self._clock.monotonic())
-            return verdict
-        finally:
-            if probe:
-                self._probing = False
+        if verdict is None:
+            verdict = await self._take_shared(weight, route, now)
+        if verdict is None:
+            verdict = self._fallback.take_now(weight, route, self._clock.monotonic())
+        if verdict is None:
+            verdict = await self._fallback.take(weight, route, self._clock.monotonic())
+        return verdict
 
     def cool_down(self, seconds: float, now: float) -> None:
         self._fallback.cool_down(seconds, now)
-        self._cool_until = max(self._cool_until, now + seconds)
+        if now + seconds <= self._cool_until:
+            return  # no later than one already sent: sending it again would only move its end by the delay
+        self._cool_until = now + seconds
         if self.state is SharedState.SHARED:
             self._write(self._send_cool_down())
 
@@ -242,7 +377,7 @@ class RedisBackend:
         instead of the per-request one. False (and FALLBACK, logged) when Redis cannot be reached."""
         try:
             async with asyncio.timeout(timeout):
-                await self._command("SCRIPT", "LOAD", SCRIPT)
+                await self._script.load()
         except _FAILURES as exc:
             self._failed(exc)
             return False
@@ -253,6 +388,7 @@ class RedisBackend:
         """Let the writes in flight finish (each bounded by ``timeout``), then close the connections."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._script.drain()
         await self._redis.aclose()
 
     # -- Redis -------------------------------------------------------------------------------------------------
@@ -268,30 +404,25 @@ class RedisBackend:
                 keys += self._keys[i]
                 args += [_kind(spec), spec.requests, _span_us(spec)]
             largest = min((self.specs[i].requests for i in limits), default=math.inf)
-            plan = self._plans[route] = _Plan(limits, tuple(keys), tuple(args), largest)
+            head = (len(keys), *keys, "take", len(limits), *args)
+            plan = self._plans[route] = _Plan(limits, head, largest)
         return plan
 
     async def _run(self, keys: Sequence[str], *args: str | int) -> list[int]:
-        """The script, loaded once: EVALSHA, and EVAL (which also caches it) when Redis does not know it, as
-        after a restart. A failure or ``timeout`` raises."""
-        async with asyncio.timeout(self._timeout):
-            try:
-                answer: Any = await self._command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-            except NoScriptError:
-                answer = await self._command("EVAL", SCRIPT, len(keys), *keys, *args)
-        self.redis_time = answer[2] / _US
-        return [int(value) for value in answer]
+        """A cool-down or an observation: one call of the script, in the next pipeline."""
+        answer = await self._script.call(None, (len(keys), *keys, *args))
+        self.redis_time = answer[0] / _US
+        return answer
 
     async def _take_shared(self, weight: int, route: str | None, now: float) -> Verdict | None:
         """Redis' verdict, or None when Redis failed (the caller asks the fallback)."""
         plan = self._plan(route)
         try:
-            answer = await self._run(plan.keys, "take", weight, f"{self._nonce}:{next(self._sends)}", *plan.args)
-        except _FAILURES as exc:
-            self._failed(exc)
-            return None
-        self._succeeded()
-        status, wait = answer[0], answer[1] / _US
+            answer = await self._script.call(plan, (weight, f"{self._nonce}:{next(self._sends)}"))
+        except _FAILURES:
+            return None  # too late, or Redis failed (``_answered`` has seen that): the fallback answers
+        self.redis_time = answer[0] / _US
+        status, wait = answer[1], answer[2] / _US
         for i, left in zip(plan.limits, answer[3:], strict=True):
             self._left[i] = left
         reason = _REASONS[status]
@@ -322,10 +453,8 @@ class RedisBackend:
         left = self._cool_until - self._clock.monotonic()
         if left <= 0:
             return
-        try:
+        with contextlib.suppress(*_FAILURES):  # ``_answered`` has seen it
             await self._run((self._cool_key,), "cool", math.ceil(left * _US))
-        except _FAILURES as exc:
-            self._failed(exc)
 
     async def _send_observed(self, limit: int, used: int, cap: tuple[int, float] | None) -> None:
         spec = self.specs[limit]
@@ -336,12 +465,16 @@ class RedisBackend:
                 cap_left = -1  # over before it reached Redis
         nonce = f"{self._nonce}:{next(self._sends)}"
         args = (nonce, _kind(spec), spec.requests, _span_us(spec), used, cap_left, cap_us)
-        try:
+        with contextlib.suppress(*_FAILURES):  # ``_answered`` has seen it
             await self._run((self._cool_key, *self._keys[limit]), "observe", *args)
-        except _FAILURES as exc:
-            self._failed(exc)
 
     # -- the circuit ---------------------------------------------------------------------------------------------
+
+    def _answered(self, error: BaseException | None) -> None:
+        if error is None:
+            self._succeeded()
+        else:
+            self._failed(error)
 
     def _failed(self, exc: BaseException) -> None:
         self._retry_at = self._clock.monotonic() + self._retry_interval

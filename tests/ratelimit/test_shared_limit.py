@@ -213,6 +213,20 @@ async def test_a_cap_from_remaining_and_reset_holds_for_every_backend(redis_serv
         assert (await take(b))[0]
 
 
+async def test_a_burst_of_concurrent_takes_goes_in_a_few_round_trips_on_one_connection(
+    redis_server: RedisServer,
+) -> None:
+    async with backends(redis_server, [LimitSpec(50, 5.0)]) as (backend,), client(redis_server) as redis:
+        await redis.config_resetstat()
+        results = await asyncio.gather(*(take(backend) for _ in range(200)))
+        assert sum(granted for granted, _, _ in results) == 50  # exactly the limit, the rest refused
+        assert all(wait > 0 and reason is Refusal.RATE_LIMITED for granted, wait, reason in results if not granted)
+        calls = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        assert calls <= 10  # 200 takes: the first alone, the others together as one call of the script or a few
+        assert len(await redis.client_list()) <= 2  # this test's client and the backend's one connection
+        assert backend.snapshot(time.monotonic()).limits[0].left == 0
+
+
 async def test_a_redis_that_lost_the_script_gets_it_again(redis_server: RedisServer) -> None:
     async with backends(redis_server, [LimitSpec(5, 5.0)]) as (backend,), client(redis_server) as redis:
         assert (await take(backend))[0]
