@@ -27,8 +27,8 @@ local function sliding_sum(z, s, span)
     for _, m in ipairs(gone) do sum = sum - weight_of(m) end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
   end
-  -- the set gone (evicted, deleted) while its sum stayed: the set is the truth
-  if sum < 0 or (sum > 0 and redis.call('EXISTS', z) == 0) then sum = 0 end
+  -- A sum that outlived its set (evicted, deleted) only refuses more, until it expires with the set's span.
+  if sum < 0 then sum = 0 end
   if #gone > 0 then redis.call('SET', s, sum, 'KEEPTTL') end
   return sum
 end

@@ -4,9 +4,10 @@
 that name the same ``key`` stay together under one limit, as the upstream counts it::
 
     take(weight, route)   cool-down running here? ── refused at once, no I/O
-                          Redis in use ── one EVALSHA (≤ timeout): granted on every limit, or (wait, reason)
+                          Redis in use ── one EVALSHA (≤ timeout): granted on every limit, or (wait, reason);
+                                          takes made meanwhile go together in the next one
                           Redis failed ── the local fallback (a share of the limits) for retry_interval,
-                                          then the next call tries Redis again
+                                          then the next call tries Redis again (a circuit of its own)
     cool_down / observe   applied to the local fallback at once, written to Redis by a task
 
 One Lua script decides, atomically, on Redis' own clock (``TIME``), so sidecars on hosts whose clocks differ
@@ -34,9 +35,13 @@ than ``requests``", which a token bucket or bucketed counters cannot keep), and 
 member (O(log n)); each call removes only the members that left the window (O(log n + removed), amortised O(1)
 per send, their weight subtracted from the kept sum instead of re-adding the set); a refusal reads only the
 oldest members until enough weight would have left (at most ``sum + weight - requests`` members, one for a
-burst of weight-1 sends). Memory is bounded: each member carries ≥ 1 of weight, so a limit holds at most
-``requests`` members (plus one per ``observe`` correction), and every key has a PEXPIRE of its window, so a
-budget nobody uses vanishes.
+burst of weight-1 sends). Memory is bounded: each member carries ≥ 1 of weight and the sum never passes
+``requests`` (an observed ``used`` at or past it replaces the set by one full member), so a limit holds at most
+``requests`` members; every key has a PEXPIRE of its window, so a budget nobody uses vanishes.
+
+Measured on loopback (2-core machine, shared): a take costs ~0.3 ms median through redis-py (a PING ~0.13 ms),
+and ~30 µs of Redis' CPU (~8 µs per take when several go in one call); a burst of 100 concurrent takes
+costs two calls of the script.
 """
 
 from __future__ import annotations
