@@ -350,11 +350,11 @@ class InProcessRateLimit:
             self._next_ticket += 1
             while self._serving != ticket:
                 left = deadline - self.clock.monotonic()
-                if left <= 0 or not self._turns.wait(left):
-                    if self._serving != ticket:
-                        # Too late for our turn: leave the line without holding up those behind us.
-                        self._abandoned.add(ticket)
-                        raise RateLimitedError(self.name, max(left, 0.001), "rate_limited")
+                timed_out = left <= 0 or not self._turns.wait(left)
+                if timed_out and self._serving != ticket:
+                    # Too late for our turn: leave the line without holding up those behind us.
+                    self._abandoned.add(ticket)
+                    raise RateLimitedError(self.name, max(left, 0.001), "rate_limited")
         try:
             while True:
                 verdict = self._take_now(weight)
@@ -411,7 +411,13 @@ class _LockedBackend:
             self._backend.cool_down(seconds, now)
 
     def observe(
-        self, limit: int, now: float, *, used: int | None = None, remaining: int | None = None, reset: float | None = None
+        self,
+        limit: int,
+        now: float,
+        *,
+        used: int | None = None,
+        remaining: int | None = None,
+        reset: float | None = None,
     ) -> None:
         with self._lock:
             self._backend.observe(limit, now, used=used, remaining=remaining, reset=reset)

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.policy.model import RateLimitPolicy, UpstreamPolicy
+from proxy.policy.model import UpstreamPolicy
+from proxy.policy.rate_model import RateLimitPolicy
 from proxy.resilience.clock import Clock
 from proxy.resilience.ratelimit import (
     Backend,
@@ -26,10 +27,9 @@ from proxy.resilience.ratelimit import (
     RateSnapshot,
     Refusal,
     SharedState,
-    UsageHeaders,
-    read_usage,
 )
 from proxy.resilience.retry import parse_retry_after
+from proxy.resilience.usage import UsageHeaders, read_usage
 from proxy.upstream.shared_limit import RedisBackend
 
 log = logging.getLogger("seawall.ratelimit")
@@ -89,6 +89,7 @@ class UpstreamRateLimit:
                     clock=clock,
                     timeout=shared.timeout,
                     on_change=self._shared_changed,
+                    upstream=upstream.name,
                 )
         self.backend = backend
         self.gate = RateGate(backend, clock)
@@ -111,8 +112,8 @@ class UpstreamRateLimit:
         now = self.clock.monotonic()
         usage = self.usage
         if usage is not None:
-            for limit, observed in read_usage(usage, header, time.time()):
-                self.backend.observe(limit, now, **observed)
+            for observation in read_usage(usage, header, time.time()):
+                observation.apply(self.backend, now)
         if status not in self.cooldown_on:
             return False
         wait = parse_retry_after(header(b"retry-after"), time.time())

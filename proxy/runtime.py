@@ -15,8 +15,8 @@ import time
 
 from proxy.logs import Throttled
 from proxy.metrics import RateView, UpstreamStats, UpstreamView
-from proxy.ratelimits import UpstreamRateLimit, limit_label
 from proxy.policy.model import RetryPolicy, RoutePolicy, Timeouts, UpstreamPolicy
+from proxy.ratelimits import UpstreamRateLimit, limit_label
 from proxy.resilience.breaker import CircuitBreaker, Event, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -324,8 +324,7 @@ class UpstreamRuntime:
                 refused=dict(rate.counts.refused),
                 cooldowns=rate.counts.cooldowns,
                 tokens=[
-                    (limit_label(s.spec.requests, s.spec.per, s.spec.fixed, s.spec.scope), s.left)
-                    for s in snap.limits
+                    (limit_label(s.spec.requests, s.spec.per, s.spec.fixed, s.spec.scope), s.left) for s in snap.limits
                 ],
                 waiting=snap.waiting,
                 cooldown_left=snap.cooldown_left,

@@ -73,7 +73,9 @@ class BulkheadStage:
         if await ticket.rt.bulkhead.enter():
             return None
         limit = ticket.rt.policy.limits.max_concurrent
-        return Refusal(503, "overload", "too many requests in flight to this upstream", f"overload max_concurrent={limit}")
+        return Refusal(
+            503, "overload", "too many requests in flight to this upstream", f"overload max_concurrent={limit}"
+        )
 
     def release(self, ticket: Ticket) -> None:
         ticket.rt.bulkhead.leave()

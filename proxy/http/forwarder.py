@@ -29,10 +29,9 @@ from proxy.http.heads import authority_of, request_head, response_head
 from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
+from proxy.runtime import Outcome
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
-
-from proxy.runtime import Outcome
 
 if TYPE_CHECKING:
     from proxy.http.request import Request
@@ -380,7 +379,7 @@ class Exchange:
     async def _deliver(self, head: ResponseHead, state: TargetState, outcome: Outcome | None) -> None:
         """Stream an upstream answer to the client, then settle ``outcome`` (None: a failed answer, settled
         when it came; a body that breaks on the way is a failure whatever the head said)."""
-        rt, client, conn = self.rt, self.client, self.conn
+        client, conn = self.client, self.conn
         assert conn is not None
         if head.status == 101:
             await self._switch(head, state, conn)
@@ -460,20 +459,7 @@ class Exchange:
         duration = self.rt.clock.monotonic() - self.started
         self.rt.stats.answered(status, duration)
         if self.client.log_requests:
-            log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)quest log's one line for this exchange's answer, proxied (``reason`` None) or the sidecar's own."""
-        route = self.route.name
-        extra: dict[str, object] = {
-            "event": "request",
-            "upstream": self.rt.name,
-            "status": status,
-            "attempts": self.attempts,
-            "duration_ms": round(duration * 1000, 3),
-        }
-        if route is not None:
-            extra["route"] = route
-        if reason is not None:
-            extra["reason"] = reason
-        log.info("%s %s -> %d", self.req.method, self.req.path.decode("latin-1"), status, extra=extra)
+            log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         reason = error.reason if stopped_by != "retry_budget" else "retry_budget"

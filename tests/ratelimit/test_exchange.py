@@ -60,7 +60,8 @@ async def test_a_burst_of_ten_times_the_limit_never_exceeds_it_and_gets_no_ban(t
             assert statuses.count(429) == 90
             local = [(headers, took) for status, headers, took in answers if status == 429]
             assert all(h.get("x-sidecar-reason") == "rate_limited" for h, _ in local)
-            assert all(h.get("Retry-After") == "1" for h, _ in local)
+            # Seconds until the window lets the next one go (per + margin after the first send), rounded up.
+            assert {h.get("Retry-After") for h, _ in local} <= {"1", "2"}
             assert exchange.statuses() == {200: 10}, "nothing past the limit reached the exchange: no 429, no 418"
             assert exchange.max_in_window() == 10
             # Answered locally at once (the burst's own scheduling included), never after waiting for tokens.
