@@ -6,8 +6,9 @@ that name the same ``key`` stay together under one limit, as the upstream counts
     take(weight, route)   cool-down running here? ── refused at once, no I/O
                           Redis in use ── one EVALSHA (≤ timeout): granted on every limit, or (wait, reason);
                                           takes made meanwhile go together in the next one
-                          Redis failed ── the local fallback (a share of the limits) for retry_interval,
-                                          then the next call tries Redis again (a circuit of its own)
+                          Redis failed ── the local fallback (a share of the limits), synchronous; after
+                                          retry_interval the next call starts a try of Redis in the
+                                          background (a circuit of its own); it answers: Redis again
     cool_down / observe   applied to the local fallback at once, written to Redis by a task
 
 One Lua script decides, atomically, on Redis' own clock (``TIME``), so sidecars on hosts whose clocks differ
@@ -272,6 +273,7 @@ class RedisBackend:
         clock: Clock,
         timeout: float = 0.01,
         retry_interval: float = 1.0,
+        connect_timeout: float = 1.0,
         on_change: Callable[[SharedState], None] | None = None,
         upstream: str | None = None,
     ) -> None:
@@ -283,6 +285,7 @@ class RedisBackend:
         self._clock = clock
         self._timeout = timeout
         self._retry_interval = retry_interval
+        self._connect_timeout = connect_timeout
         self._on_change = on_change
         self._upstream = upstream
         # Socket timeouts as well as asyncio's: a half-open connection fails on its own, and no retries inside
@@ -290,7 +293,7 @@ class RedisBackend:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=connect_timeout,  # a request still waits ≤ timeout (asyncio's, around it)
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=0,
@@ -302,7 +305,8 @@ class RedisBackend:
         self._nonce = os.urandom(6).hex()
         self._sends = itertools.count()
         self.state = SharedState.SHARED
-        self._retry_at = 0.0  # FALLBACK: when the next call tries Redis again (clock time)
+        self._retry_at = 0.0  # FALLBACK: when the next call starts a try of Redis (clock time)
+        self._probing: asyncio.Task[bool] | None = None  # that try, in the background
         self._cool_until = 0.0  # clock time; a cool-down this process knows of, its own or one Redis reported
         self._left = [spec.requests for spec in self.specs]  # each limit's room, as Redis last said
         self._writes: set[asyncio.Task[None]] = set()
@@ -316,8 +320,9 @@ class RedisBackend:
             return Verdict(self._cool_until - now, Refusal.UPSTREAM_COOLDOWN)
         if weight > self._plan(route).largest:
             return Verdict(math.inf, Refusal.RATE_LIMITED)
-        # in fallback, one call at a time tries Redis again: while it is on its way, the others stay local
-        if self.state is SharedState.FALLBACK and (now < self._retry_at or self._script.busy):
+        if self.state is SharedState.FALLBACK:
+            if now >= self._retry_at:
+                self._probe()
             return self._fallback.take_now(weight, route, now)
         return None
 
@@ -377,11 +382,12 @@ class RedisBackend:
 
     # -- life --------------------------------------------------------------------------------------------------
 
-    async def connect(self, timeout: float = 1.0) -> bool:
-        """Optional warm-up before traffic: open a connection and load the script, with a start-up ``timeout``
-        instead of the per-request one. False (and FALLBACK, logged) when Redis cannot be reached."""
+    async def connect(self) -> bool:
+        """Open a connection and load the script, within ``connect_timeout``: the warm-up before traffic
+        (optional: the first take does it too, within ``timeout``), and how the fallback tries Redis again.
+        False (and FALLBACK, logged once) when Redis cannot be reached."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self._connect_timeout):
                 await self._script.load()
         except _FAILURES as exc:
             self._failed(exc)
@@ -391,6 +397,8 @@ class RedisBackend:
 
     async def close(self) -> None:
         """Let the writes in flight finish (each bounded by ``timeout``), then close the connections."""
+        if self._probing is not None:
+            await asyncio.gather(self._probing, return_exceptions=True)
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self._script.drain()
@@ -474,6 +482,21 @@ class RedisBackend:
             await self._run((self._cool_key, *self._keys[limit]), "observe", *args)
 
     # -- the circuit ---------------------------------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Retry Redis in the background: no request waits for it; they stay on the fallback until it answers."""
+        if self._probing is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._retry_at = math.inf  # until the probe ends (a failed one sets the next time)
+        self._probing = loop.create_task(self.connect())
+        self._probing.add_done_callback(self._probed)
+
+    def _probed(self, _: asyncio.Task[bool]) -> None:
+        self._probing = None
 
     def _answered(self, error: BaseException | None) -> None:
         if error is None:
