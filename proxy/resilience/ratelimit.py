@@ -3,6 +3,9 @@
 The vocabulary shared by the local counter (this module), the Redis-shared one (``proxy.upstream.shared_limit``)
 and the data plane's admission stage::
 
+    RateGate.try_acquire(weight, route, max_wait)   the hot path: no await
+        nobody in line and the backend answers at once ── granted, or refused for longer than max_wait: that
+        otherwise ── None: await acquire
     RateGate.acquire(weight, route, max_wait)
         somebody already waiting? ── join the FIFO line behind them
         backend.take(weight, route, now) ── Verdict(wait=0)  → spent on every limit: send
@@ -146,7 +149,7 @@ class _Limit:
         raise NotImplementedError
 
     def room_wait(self, weight: int, now: float) -> float:
-        """Seconds until the window has room for ``weight`` (0: now; ``inf``: never)."""
+        """Seconds until the window has room for ``weight`` ≤ capacity; called right after ``used(now)``."""
         raise NotImplementedError
 
     def count(self, weight: int, now: float) -> None:
@@ -157,6 +160,9 @@ class _Limit:
         raise NotImplementedError
 
     def wait(self, weight: int, now: float) -> float:
+        """Seconds until ``weight`` fits this limit (0: now; ``inf``: never)."""
+        if self.used(now) + weight <= self.capacity and not self.caps:
+            return 0.0  # the common case, kept short
         if weight > self.capacity:
             return math.inf
         wait = self.room_wait(weight, now)
@@ -209,17 +215,13 @@ class _Sliding(_Limit):
         self.log: deque[tuple[float, int]] = deque()
         self.total = 0
 
-    def _expire(self, now: float) -> None:
+    def used(self, now: float) -> int:
         log = self.log
         while log and log[0][0] <= now:
             self.total -= log.popleft()[1]
-
-    def used(self, now: float) -> int:
-        self._expire(now)
         return self.total
 
     def room_wait(self, weight: int, now: float) -> float:
-        self._expire(now)
         excess = self.total + weight - self.capacity
         if excess <= 0:
             return 0.0
@@ -235,8 +237,7 @@ class _Sliding(_Limit):
         self.total += weight
 
     def add_used(self, amount: int, now: float) -> None:
-        self._expire(now)
-        if self.total + amount < self.capacity:
+        if self.used(now) + amount < self.capacity:
             self.count(amount, now)
         else:
             # Full until now + span: one full entry at ``now`` counts at least as much as the old log plus
@@ -249,37 +250,33 @@ class _Sliding(_Limit):
 class _Fixed(_Limit):
     """Calendar windows of ``per`` seconds: window number floor((now + epoch_offset) / per)."""
 
-    __slots__ = ("counted", "offset", "window")
+    __slots__ = ("counted", "offset", "per", "window")
 
     def __init__(self, spec: LimitSpec, share: int, epoch_offset: float) -> None:
         super().__init__(spec, share)
+        self.per = spec.per
         self.offset = epoch_offset
         self.window = -math.inf
         self.counted = 0
 
-    def _roll(self, now: float) -> None:
-        window = (now + self.offset) // self.spec.per
-        if window != self.window:
+    def used(self, now: float) -> int:
+        window = (now + self.offset) // self.per
+        if window != self.window:  # a new calendar window: nothing counted in it yet
             self.window = window
             self.counted = 0
-
-    def used(self, now: float) -> int:
-        self._roll(now)
         return self.counted
 
     def room_wait(self, weight: int, now: float) -> float:
-        self._roll(now)
         if self.counted + weight <= self.capacity:
             return 0.0
-        edge = (self.window + 1) * self.spec.per - self.offset
+        edge = (self.window + 1) * self.per - self.offset
         return max(edge - now, MIN_WAIT)  # rounding must never turn "not yet" into a wait of 0 (granted)
 
     def count(self, weight: int, now: float) -> None:
-        self.counted += weight  # _roll ran in room_wait, just before
+        self.counted += weight  # ``used(now)`` rolled the window, just before in ``wait``
 
     def add_used(self, amount: int, now: float) -> None:
-        self._roll(now)
-        self.counted += amount
+        self.counted = self.used(now) + amount
 
 
 class LocalBackend:
@@ -287,7 +284,7 @@ class LocalBackend:
 
     ``share`` divides every limit's ``requests`` (floor, at least 1): the fallback share of a budget that is
     normally counted in Redis together with other sidecars. ``epoch_offset`` is wall time minus the clock's
-    monotonic time, so fixed windows fall on the calendar."""
+    monotonic time, so fixed windows fall on the calendar. ``now`` never goes backwards from call to call."""
 
     def __init__(self, specs: Sequence[LimitSpec], epoch_offset: float = 0.0, share: int = 1) -> None:
         if share < 1:
@@ -359,6 +356,7 @@ class LocalBackend:
                 target.add_used(extra, now)
 
     def snapshot(self, now: float) -> RateSnapshot:
+        """Each limit as configured, with the weight it has ``left`` now (after ``share`` and the caps)."""
         return RateSnapshot(
             limits=tuple(LimitState(limit.spec, limit.left(now)) for limit in self._limits),
             cooldown_left=max(0.0, self._cooldown_until - now),
@@ -408,9 +406,7 @@ class RateGate:
         now = self.clock.monotonic()
         first: Verdict | None = None
         if not self._line:
-            first = self.backend.take_now(weight, route, now)
-            if first is None:
-                first = await self.backend.take(weight, route, now)
+            first = await self._take(weight, route, now)
             if first.granted or first.wait > max_wait:
                 return first
         deadline = now + max_wait

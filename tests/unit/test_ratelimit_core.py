@@ -210,6 +210,25 @@ def test_caps_from_two_windows_both_hold() -> None:
     assert backend.take_now(1, None, T0 + 1.0) == refused(9.0)
 
 
+def test_a_shorter_stricter_cap_does_not_drop_a_longer_looser_one() -> None:
+    backend = LocalBackend([LimitSpec(1000, 60.0)])
+    backend.observe(0, T0, remaining=5, reset=10.0)
+    backend.observe(0, T0, remaining=1, reset=1.0)
+    fill(backend, 1, T0)
+    assert backend.take_now(1, None, T0) == refused(1.0)
+    fill(backend, 4, T0 + 1.0)
+    assert backend.take_now(1, None, T0 + 1.0) == refused(9.0)
+
+
+def test_too_many_caps_merge_into_a_stricter_one() -> None:
+    backend = LocalBackend([LimitSpec(1000, 60.0)])
+    for i in range(10):  # each lasts longer and allows more: none says more than another
+        backend.observe(0, T0, remaining=i + 1, reset=i + 1.0)
+    assert len(backend._limits[0].caps) == 8
+    fill(backend, 1, T0)
+    assert backend.take_now(1, None, T0) == refused(3.0)  # the first three merged: 1 left until T0 + 3
+
+
 def test_remaining_without_reset_reads_as_used_and_bad_observations_are_ignored() -> None:
     backend = LocalBackend([LimitSpec(10, 1.0)])
     backend.observe(0, T0, remaining=7)
@@ -381,3 +400,27 @@ async def test_the_gate_waits_out_a_cool_down_that_max_wait_covers() -> None:
     clock.advance(0.5)
     assert await waiter is GRANTED
     assert clock.slept == [0.5]
+
+
+class RemoteBackend(LocalBackend):
+    """A backend that cannot answer without I/O (as the Redis-shared one when it must ask Redis)."""
+
+    def take_now(self, weight: int, route: str | None, now: float) -> Verdict | None:  # type: ignore[override]
+        return None
+
+    async def take(self, weight: int, route: str | None, now: float) -> Verdict:
+        await asyncio.sleep(0)  # the round trip
+        return super().take_now(weight, route, now)
+
+
+async def test_a_backend_that_needs_io_is_asked_through_acquire() -> None:
+    clock = ManualClock(T0)
+    gate = RateGate(RemoteBackend([LimitSpec(1, 1.0)]), clock)
+    assert gate.try_acquire(1, None) is None
+    assert await gate.acquire(1, None, max_wait=0.0) is GRANTED
+    assert await gate.acquire(1, None, max_wait=0.0) == refused(1.0)
+    waiter = asyncio.create_task(gate.acquire(1, None, max_wait=1.0))
+    await settle()
+    assert gate.waiting == 1 and clock.slept == [1.0]
+    clock.advance(1.0)
+    assert await waiter is GRANTED
