@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 
 from proxy.resilience.clock import SystemClock
 from proxy.resilience.ratelimit import LimitSpec, LocalBackend, RateGate, Refusal, SharedState
-from proxy.upstream.shared_limit import SCRIPT_SHA, RedisBackend
+from proxy.upstream.redis_script import SCRIPT_SHA
+from proxy.upstream.shared_limit import RedisBackend
 from tests.ratelimit import burst_worker
 from tests.support.eventually import eventually
 from tests.support.servers import RedisServer
