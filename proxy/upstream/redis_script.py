@@ -53,11 +53,9 @@ class ScriptCaller:
         a caller that waited too long behind others, its event loop busy, gives up alone."""
         if not self.busy:
             return await self._call_alone(head, call)
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[int]] = loop.create_future()
+        # in the queue: the sender on its way goes on with it, or the caller alone starts one when it is back
+        answer: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._queue.append((head, call, answer))
-        if not self.busy:
-            self._sender = loop.create_task(self._send())
         async with asyncio.timeout(self._timeout):
             return await answer  # a caller that gives up cancels its future: the sender skips it
 

@@ -360,6 +360,8 @@ class RedisBackend:
 
     def _probed(self, _: asyncio.Task[bool]) -> None:
         self._probing = None
+        if self._retry_at == math.inf:  # ended without an answer either way (cancelled): try again later
+            self._retry_at = self._clock.monotonic() + self._retry_interval
 
     def _answered(self, error: BaseException | None) -> None:
         if error is None:
