@@ -239,6 +239,38 @@ async def test_a_redis_that_lost_the_script_gets_it_again(redis_server: RedisSer
         assert backend.snapshot(time.monotonic()).limits[0].left == 3
 
 
+async def test_without_connect_the_first_take_loads_the_script(redis_server: RedisServer) -> None:
+    backend = make(redis_server, [LimitSpec(5, 5.0)])
+    try:
+        assert backend.take_now(1, None, time.monotonic()) is None  # Redis in use: the gate awaits take
+        assert (await take(backend))[0]  # connects, EVALSHA → NOSCRIPT → SCRIPT LOAD → EVALSHA, within the timeout
+        assert backend.state is SharedState.SHARED
+    finally:
+        await backend.close()
+
+
+async def test_redis_down_at_start_then_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="seawall.ratelimit")
+    workdir = tmp_path / "late-redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)  # its port chosen, nothing listening yet
+    backend = make(server, [LimitSpec(6, 5.0)], share=3, retry_interval=0.1)
+    try:
+        assert not await backend.connect()
+        assert backend.state is SharedState.FALLBACK and shared_events(caplog) == ["fallback"]
+        verdicts = [backend.take_now(1, None, time.monotonic()) for _ in range(3)]
+        assert [v is not None and v.granted for v in verdicts] == [True, True, False]  # at once, the share: 6 / 3
+        server.start()
+        await eventually(
+            lambda: backend.take_now(1, None, time.monotonic()) is None, what="Redis tried again in the background"
+        )
+        assert backend.state is SharedState.SHARED and shared_events(caplog) == ["fallback", "shared"]
+        assert (await take(backend))[0]
+    finally:
+        await backend.close()
+        server.stop()
+
+
 async def test_idle_keys_expire(redis_server: RedisServer) -> None:
     specs = [LimitSpec(5, 0.2), LimitSpec(5, 0.2, fixed=True)]
     async with backends(redis_server, specs) as (backend,), client(redis_server) as redis:
