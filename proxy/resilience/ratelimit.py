@@ -341,6 +341,9 @@ class LocalBackend:
           until ``now + T``, on top of the window; R = 0 means wait until then (``rate_limited``). Caps are kept
           side by side (each is something the upstream said), so a new window's report never loosens an old one.
         - ``remaining`` without ``reset``: read as ``used = requests - R`` of this limit's own window.
+        ``used`` is taken as reported, also under a ``share``: the whole budget's use then fills this share
+        sooner, which is the safe side. A report arrives after sends still on their way were made, so a cap can
+        be a little loose for them; the next reports (and the limits themselves) correct it.
         Anything out of range (no such limit, negative numbers) is ignored."""
         if not 0 <= limit < len(self._limits):
             return
