@@ -3,6 +3,9 @@
 The vocabulary shared by the local counter (this module), the Redis-shared one (``proxy.upstream.shared_limit``)
 and the data plane's admission stage::
 
+    RateGate.try_acquire(weight, route, max_wait)   the hot path: no await
+        nobody in line and the backend answers at once ── granted, or refused for longer than max_wait: that
+        otherwise ── None: await acquire
     RateGate.acquire(weight, route, max_wait)
         somebody already waiting? ── join the FIFO line behind them
         backend.take(weight, route, now) ── Verdict(wait=0)  → spent on every limit: send
@@ -281,7 +284,7 @@ class LocalBackend:
 
     ``share`` divides every limit's ``requests`` (floor, at least 1): the fallback share of a budget that is
     normally counted in Redis together with other sidecars. ``epoch_offset`` is wall time minus the clock's
-    monotonic time, so fixed windows fall on the calendar."""
+    monotonic time, so fixed windows fall on the calendar. ``now`` never goes backwards from call to call."""
 
     def __init__(self, specs: Sequence[LimitSpec], epoch_offset: float = 0.0, share: int = 1) -> None:
         if share < 1:
@@ -338,6 +341,9 @@ class LocalBackend:
           until ``now + T``, on top of the window; R = 0 means wait until then (``rate_limited``). Caps are kept
           side by side (each is something the upstream said), so a new window's report never loosens an old one.
         - ``remaining`` without ``reset``: read as ``used = requests - R`` of this limit's own window.
+        ``used`` is taken as reported, also under a ``share``: the whole budget's use then fills this share
+        sooner, which is the safe side. A report arrives after sends still on their way were made, so a cap can
+        be a little loose for them; the next reports (and the limits themselves) correct it.
         Anything out of range (no such limit, negative numbers) is ignored."""
         if not 0 <= limit < len(self._limits):
             return
@@ -353,6 +359,7 @@ class LocalBackend:
                 target.add_used(extra, now)
 
     def snapshot(self, now: float) -> RateSnapshot:
+        """Each limit as configured, with the weight it has ``left`` now (after ``share`` and the caps)."""
         return RateSnapshot(
             limits=tuple(LimitState(limit.spec, limit.left(now)) for limit in self._limits),
             cooldown_left=max(0.0, self._cooldown_until - now),
@@ -402,9 +409,7 @@ class RateGate:
         now = self.clock.monotonic()
         first: Verdict | None = None
         if not self._line:
-            first = self.backend.take_now(weight, route, now)
-            if first is None:
-                first = await self.backend.take(weight, route, now)
+            first = await self._take(weight, route, now)
             if first.granted or first.wait > max_wait:
                 return first
         deadline = now + max_wait

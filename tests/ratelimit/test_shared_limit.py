@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 
 from proxy.resilience.clock import SystemClock
 from proxy.resilience.ratelimit import LimitSpec, LocalBackend, RateGate, Refusal, SharedState
-from proxy.upstream.shared_limit import SCRIPT_SHA, RedisBackend
+from proxy.upstream.redis_script import SCRIPT_SHA
+from proxy.upstream.shared_limit import RedisBackend
 from tests.ratelimit import burst_worker
 from tests.support.eventually import eventually
 from tests.support.servers import RedisServer
@@ -238,6 +239,38 @@ async def test_a_redis_that_lost_the_script_gets_it_again(redis_server: RedisSer
         assert backend.snapshot(time.monotonic()).limits[0].left == 3
 
 
+async def test_without_connect_the_first_take_loads_the_script(redis_server: RedisServer) -> None:
+    backend = make(redis_server, [LimitSpec(5, 5.0)])
+    try:
+        assert backend.take_now(1, None, time.monotonic()) is None  # Redis in use: the gate awaits take
+        assert (await take(backend))[0]  # connects, EVALSHA → NOSCRIPT → SCRIPT LOAD → EVALSHA, within the timeout
+        assert backend.state is SharedState.SHARED
+    finally:
+        await backend.close()
+
+
+async def test_redis_down_at_start_then_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="seawall.ratelimit")
+    workdir = tmp_path / "late-redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)  # its port chosen, nothing listening yet
+    backend = make(server, [LimitSpec(6, 5.0)], share=3, retry_interval=0.1)
+    try:
+        assert not await backend.connect()
+        assert backend.state is SharedState.FALLBACK and shared_events(caplog) == ["fallback"]
+        verdicts = [backend.take_now(1, None, time.monotonic()) for _ in range(3)]
+        assert [v is not None and v.granted for v in verdicts] == [True, True, False]  # at once, the share: 6 / 3
+        server.start()
+        await eventually(
+            lambda: backend.take_now(1, None, time.monotonic()) is None, what="Redis tried again in the background"
+        )
+        assert backend.state is SharedState.SHARED and shared_events(caplog) == ["fallback", "shared"]
+        assert (await take(backend))[0]
+    finally:
+        await backend.close()
+        server.stop()
+
+
 async def test_idle_keys_expire(redis_server: RedisServer) -> None:
     specs = [LimitSpec(5, 0.2), LimitSpec(5, 0.2, fixed=True)]
     async with backends(redis_server, specs) as (backend,), client(redis_server) as redis:
@@ -383,12 +416,13 @@ async def run_through_outage(
             if verdict.granted and backend.state is SharedState.FALLBACK:
                 fallback_grants.append((round(began * 1e6), 1))
 
-        for _ in range(20):
-            await step()
-        assert backend.state is SharedState.SHARED
+        # Redis in use (a round trip over 10 ms on a loaded machine would switch to the fallback: wait it out)
+        await eventually(step, until=lambda _: backend.state is SharedState.SHARED, what="shared")
+        changes.clear()
+        caplog.clear()
         break_redis()
         latencies.clear()
-        for _ in range(200):  # ~1 s of traffic: several retries of Redis, each bounded by the timeout
+        for _ in range(200):  # ~1 s of traffic; Redis is tried again in the background every 0.3 s
             await step()
             await asyncio.sleep(0.005)
         assert backend.state is SharedState.FALLBACK
@@ -396,6 +430,7 @@ async def run_through_outage(
         worst = max(latencies)
         print(f"\nworst take while Redis was down: {worst * 1e3:.1f} ms (timeout 10 ms)")
         assert worst < 0.1  # 10 ms + the scheduling of a loaded 2-core machine, never a socket's default
+        assert sum(latency > 0.005 for latency in latencies) <= 1  # only the call that found Redis gone waited
         assert fallback_grants  # traffic went on ...
         # ... within the local share, 30 / 3: counted at the time the caller passed, or (after a failed call to
         # Redis) up to ``worst`` later, so no window of 0.5 s - worst of those times holds more than 10

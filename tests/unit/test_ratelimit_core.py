@@ -400,3 +400,27 @@ async def test_the_gate_waits_out_a_cool_down_that_max_wait_covers() -> None:
     clock.advance(0.5)
     assert await waiter is GRANTED
     assert clock.slept == [0.5]
+
+
+class RemoteBackend(LocalBackend):
+    """A backend that cannot answer without I/O (as the Redis-shared one when it must ask Redis)."""
+
+    def take_now(self, weight: int, route: str | None, now: float) -> Verdict | None:  # type: ignore[override]
+        return None
+
+    async def take(self, weight: int, route: str | None, now: float) -> Verdict:
+        await asyncio.sleep(0)  # the round trip
+        return super().take_now(weight, route, now)
+
+
+async def test_a_backend_that_needs_io_is_asked_through_acquire() -> None:
+    clock = ManualClock(T0)
+    gate = RateGate(RemoteBackend([LimitSpec(1, 1.0)]), clock)
+    assert gate.try_acquire(1, None) is None
+    assert await gate.acquire(1, None, max_wait=0.0) is GRANTED
+    assert await gate.acquire(1, None, max_wait=0.0) == refused(1.0)
+    waiter = asyncio.create_task(gate.acquire(1, None, max_wait=1.0))
+    await settle()
+    assert gate.waiting == 1 and clock.slept == [1.0]
+    clock.advance(1.0)
+    assert await waiter is GRANTED

@@ -6,6 +6,7 @@ checks below can compare times with ``>`` and ``//`` as an upstream counting the
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 from collections import defaultdict
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.resilience.ratelimit import LimitSpec, LocalBackend, Refusal
+from proxy.resilience.clock import ManualClock
+from proxy.resilience.ratelimit import LimitSpec, LocalBackend, RateGate, Refusal, Verdict
 
 T0 = 1000.0
 TICK = 1 / 64
@@ -136,3 +138,62 @@ def test_a_cool_down_ends_at_the_latest_end_asked_for(cool: list[tuple[int, int]
             assert verdict.reason is Refusal.UPSTREAM_COOLDOWN and verdict.wait == end - now
         else:
             assert verdict.granted
+
+
+@dataclass(frozen=True)
+class Caller:
+    arrive: int  # tick
+    weight: int
+    max_wait: int  # ticks
+    cancel_after: int | None  # ticks after arriving, if the client hangs up
+
+
+callers = st.lists(
+    st.builds(Caller, st.integers(0, 60), st.integers(1, 3), st.integers(0, 48), st.none() | st.integers(0, 40)),
+    max_size=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(crowd=callers)
+def test_the_gate_serves_in_arrival_order_within_max_wait_and_hang_ups_spend_nothing(crowd: list[Caller]) -> None:
+    asyncio.run(run_crowd(sorted(crowd, key=lambda c: c.arrive)))
+
+
+async def run_crowd(crowd: list[Caller]) -> None:
+    clock = ManualClock(T0)
+    spec = LimitSpec(3, 0.25)
+    gate = RateGate(LocalBackend([spec]), clock)
+    tasks: dict[int, asyncio.Task[Verdict]] = {}
+    granted: list[tuple[int, float]] = []  # (caller, when), in the order the gate granted them
+
+    async def call(number: int, caller: Caller) -> Verdict:
+        verdict = await gate.acquire(caller.weight, None, caller.max_wait * TICK)
+        if verdict.granted:
+            granted.append((number, clock.monotonic()))
+        return verdict
+
+    for tick in range(200):
+        for number, caller in enumerate(crowd):
+            if caller.arrive == tick:
+                tasks[number] = asyncio.create_task(call(number, caller))
+            if caller.cancel_after is not None and caller.arrive + caller.cancel_after == tick:
+                tasks[number].cancel()
+        for _ in range(12):
+            await asyncio.sleep(0)
+        clock.advance(TICK)
+    assert all(task.done() for task in tasks.values())  # nobody is left waiting past every max_wait
+
+    order = [number for number, _ in granted]
+    assert order == sorted(order)  # arrival order (callers are numbered by arrival)
+    for number, when in granted:
+        caller = crowd[number]
+        assert when - (T0 + caller.arrive * TICK) <= caller.max_wait * TICK
+        assert not tasks[number].cancelled()
+    for task in tasks.values():
+        if not task.cancelled() and not task.result().granted:
+            assert task.result().wait > 0
+    end = clock.monotonic()
+    live = sum(crowd[n].weight for n, when in granted if when > end - spec.per)
+    assert gate.snapshot(end).limits[0].left == spec.requests - live  # the cancelled spent nothing
+    assert gate.waiting == 0 and clock.pending_sleepers == 0
