@@ -68,7 +68,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A sidecar on free loopback ports with two upstreams — `timescaledb` (tcp, its target refuses) and
-    `echo` (http, a local file server) — that has served traffic and reloaded once; yields the runbook's env."""
+    `echo` (http, a local file server, rate-limited) — that has served traffic and reloaded once; yields the runbook's env."""
     sidecar = require_tool("sidecar", "the package's command: `make test` installs it into .venv")
     tmp = tmp_path_factory.mktemp("runbook")
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
@@ -85,7 +85,8 @@ def live_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         f"    targets: ['127.0.0.1:{free_port()}']\n"
         "  echo:\n"
         f"    listen: 127.0.0.1:{echo_port}\n"
-        f"    targets: ['http://127.0.0.1:{upstream.server_address[1]}']\n",
+        f"    targets: ['http://127.0.0.1:{upstream.server_address[1]}']\n"
+        "    rate_limit: {limits: [{requests: 100, per: 1s}]}\n",  # scenario 11 reads its metrics
         encoding="utf-8",
     )
     env = {**os.environ, "SIDECAR_ADMIN_TOKEN": TOKEN}
