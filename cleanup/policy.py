@@ -221,13 +221,9 @@ def plan_retention(
 
     # The guard comes before parent propagation: a run it keeps must keep its parent too.
     guard_reason = f"no run in experiment has {policy.metric} (see --allow-missing-metric)"
-    for experiment in experiment_list:
-        exp_runs = runs_by_experiment.get(experiment.experiment_id, [])
-        metric_missing = bool(exp_runs) and not any(real_value(r.metric) is not None for r in exp_runs)
-        if metric_missing and not policy.allow_missing_metric:
-            for run in exp_runs:
-                if not reasons[run.run_id]:
-                    reasons[run.run_id].append(guard_reason)
+    if not policy.allow_missing_metric:
+        for experiment in experiment_list:
+            _keep_all_without_metric(runs_by_experiment.get(experiment.experiment_id, []), reasons, guard_reason)
 
     _keep_parents_of_kept(runs_by_experiment, reasons)
 
@@ -255,6 +251,14 @@ def plan_retention(
         )
     all_warnings = tuple(w for plan in experiment_plans for w in plan.warnings)
     return Plan(now, policy, tuple(experiment_plans), all_warnings)
+
+
+def _keep_all_without_metric(exp_runs: Sequence[RunRecord], reasons: dict[str, list[str]], guard_reason: str) -> None:
+    """When no run of an experiment logged the metric (a typo in --metric?), keep every run it would delete."""
+    if exp_runs and not any(real_value(r.metric) is not None for r in exp_runs):
+        for run in exp_runs:
+            if not reasons[run.run_id]:
+                reasons[run.run_id].append(guard_reason)
 
 
 def _keep_parents_of_kept(runs_by_experiment: Mapping[str, Sequence[RunRecord]], reasons: dict[str, list[str]]) -> None:

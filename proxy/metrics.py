@@ -198,48 +198,18 @@ class SidecarCollector(Collector):
         def add(name: str, labels: list[str], value: float) -> None:
             families[name].add_metric(labels, value)  # type: ignore[attr-defined]
 
+        # Each family belongs to one group, so the order of the groups does not change the output.
         for view in self._upstreams():
-            up, stats = view.name, view.stats
-            for code, count in sorted(stats.requests.items()):
-                add("sidecar_requests_total", [up, str(code)], count)
-            buckets, running = [], 0
-            for bound, count in zip((*DURATION_BUCKETS, float("inf")), stats.duration_counts, strict=True):
-                running += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
             families["sidecar_request_duration_seconds"].add_metric(  # type: ignore[attr-defined]
-                [up], buckets, stats.duration_sum
+                [view.name], _duration_buckets(view.stats), view.stats.duration_sum
             )
-            current = view.breaker_state()
-            for state in BREAKER_STATES:
-                add("sidecar_breaker_state", [up, state], 1.0 if state == current else 0.0)
-            for (from_state, to_state), count in sorted(stats.transitions.items()):
-                add("sidecar_breaker_transitions_total", [up, from_state, to_state], count)
-            add("sidecar_breaker_health_recoveries_total", [up], stats.health_recoveries)
-            add("sidecar_retries_total", [up], stats.retries)
-            for reason, count in sorted(stats.rejected.items()):
-                add("sidecar_rejected_total", [up, reason], count)
-            for kind, count in sorted(stats.failures.items()):
-                add("sidecar_upstream_failures_total", [up, kind], count)
-            add("sidecar_inflight_requests", [up], stats.inflight)
-            add("sidecar_pending_requests", [up], stats.pending)
-            add("sidecar_upgraded_connections", [up], stats.upgraded)
-            idle, active = view.connections()
-            add("sidecar_upstream_connections", [up, "idle"], idle)
-            add("sidecar_upstream_connections", [up, "active"], active)
-            health = view.health_up()
-            if health is not None:
-                add("sidecar_health_check_up", [up], 1.0 if health[0] else 0.0)
-                add("sidecar_health_check_duration_seconds", [up], health[1])
-            for result, count in sorted(stats.checks.items()):
-                add("sidecar_health_checks_total", [up, result], count)
-            for target, ejected in view.ejected_targets():
-                add("sidecar_target_ejected", [up, target], 1.0 if ejected else 0.0)
-            remaining = view.budget_remaining()
-            if remaining is not None:
-                add("sidecar_retry_budget_remaining", [up], remaining)
+            _add_outcomes(add, view)
+            _add_breaker(add, view)
+            _add_load(add, view)
+            _add_health(add, view)
             rate = view.rate_limit()
             if rate is not None:
-                _add_rate(add, up, rate)
+                _add_rate(add, view.name, rate)
         for result, count in self._process.reloads.items():
             add("sidecar_config_reloads_total", [result], count)
         if self._process.last_reload:
@@ -247,7 +217,68 @@ class SidecarCollector(Collector):
         yield from families.values()
 
 
-def _add_rate(add: Callable[[str, list[str], float], None], up: str, rate: RateView) -> None:
+_Add = Callable[[str, list[str], float], None]
+
+
+def _duration_buckets(stats: UpstreamStats) -> list[tuple[str, int]]:
+    """The histogram's cumulative buckets, from the per-bucket counts the data path keeps."""
+    buckets, running = [], 0
+    for bound, count in zip((*DURATION_BUCKETS, float("inf")), stats.duration_counts, strict=True):
+        running += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return buckets
+
+
+def _add_outcomes(add: _Add, view: UpstreamView) -> None:
+    """What became of requests: answers by code, retries and their budget, rejections, failed attempts."""
+    up, stats = view.name, view.stats
+    for code, count in sorted(stats.requests.items()):
+        add("sidecar_requests_total", [up, str(code)], count)
+    add("sidecar_retries_total", [up], stats.retries)
+    for reason, count in sorted(stats.rejected.items()):
+        add("sidecar_rejected_total", [up, reason], count)
+    for kind, count in sorted(stats.failures.items()):
+        add("sidecar_upstream_failures_total", [up, kind], count)
+    remaining = view.budget_remaining()
+    if remaining is not None:
+        add("sidecar_retry_budget_remaining", [up], remaining)
+
+
+def _add_breaker(add: _Add, view: UpstreamView) -> None:
+    up, stats = view.name, view.stats
+    current = view.breaker_state()
+    for state in BREAKER_STATES:
+        add("sidecar_breaker_state", [up, state], 1.0 if state == current else 0.0)
+    for (from_state, to_state), count in sorted(stats.transitions.items()):
+        add("sidecar_breaker_transitions_total", [up, from_state, to_state], count)
+    add("sidecar_breaker_health_recoveries_total", [up], stats.health_recoveries)
+
+
+def _add_load(add: _Add, view: UpstreamView) -> None:
+    """What is open now: requests in flight and waiting, upgraded connections, pooled upstream connections."""
+    up, stats = view.name, view.stats
+    add("sidecar_inflight_requests", [up], stats.inflight)
+    add("sidecar_pending_requests", [up], stats.pending)
+    add("sidecar_upgraded_connections", [up], stats.upgraded)
+    idle, active = view.connections()
+    add("sidecar_upstream_connections", [up, "idle"], idle)
+    add("sidecar_upstream_connections", [up, "active"], active)
+
+
+def _add_health(add: _Add, view: UpstreamView) -> None:
+    """Active checks and outlier detection: what the sidecar thinks of the upstream's targets."""
+    up = view.name
+    health = view.health_up()
+    if health is not None:
+        add("sidecar_health_check_up", [up], 1.0 if health[0] else 0.0)
+        add("sidecar_health_check_duration_seconds", [up], health[1])
+    for result, count in sorted(view.stats.checks.items()):
+        add("sidecar_health_checks_total", [up, result], count)
+    for target, ejected in view.ejected_targets():
+        add("sidecar_target_ejected", [up, target], 1.0 if ejected else 0.0)
+
+
+def _add_rate(add: _Add, up: str, rate: RateView) -> None:
     for reason, count in sorted(rate.refused.items()):
         add("sidecar_rate_limited_total", [up, reason], count)
     add("sidecar_rate_limit_cooldowns_total", [up], rate.cooldowns)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,19 +114,48 @@ class Sidecar:
             or self.listeners[u.name].protocol != u.protocol
         ]
         # Built before binding, so a client that connects to a new listener before the swap finds a runtime.
-        runtimes = {}
-        for name, policy in new_policies.items():
-            previous = self.runtimes.get(name)
-            if previous is not None and previous.policy.protocol != policy.protocol:
-                previous = None
-            runtimes[name] = UpstreamRuntime(
-                policy,
-                self.clock,
-                previous,
-                idle_timeout=config.http.upstream_idle_timeout,
-                max_response_head=config.http.max_response_header_bytes,
-                tls=contexts.get(name),
-            )
+        runtimes = {
+            name: self._runtime_for(policy, config, contexts.get(name)) for name, policy in new_policies.items()
+        }
+        bound = await self._bind_all(to_bind, runtimes, config)
+        # The swap: nothing below awaits, so no request sees half of it.
+        removed = {n: self.runtimes[n] for n in self.listeners if n not in new_policies and n in self.runtimes}
+        kept_rates = {id(rt.rate) for rt in runtimes.values()}
+        for rt in self.runtimes.values():
+            if rt.rate is not None and id(rt.rate) not in kept_rates:
+                self._spawn(rt.rate.close())  # a replaced rate limit's Redis connection (requests in flight fall back)
+        self.runtimes = runtimes  # new requests see the new policies from here on
+        self.config = config
+        for name in new_policies:
+            if self._spare_runtimes.get(name) is runtimes[name]:
+                del self._spare_runtimes[name]
+        self._spare_runtimes.update(removed)
+        self._swap_listeners(bound, new_policies, config.http.drain_timeout)
+        self.tls_contexts = contexts
+        self._restart_checks(old, config)
+        self.loaded = LoadedFile(config.source, config.sha256, time.time())
+        self.process_stats.last_reload = self.loaded.loaded_at
+
+    def _runtime_for(
+        self, policy: UpstreamPolicy, config: SidecarConfig, context: tls.ClientContext | None
+    ) -> UpstreamRuntime:
+        """A runtime for ``policy`` that carries over the running one's state, unless its protocol changed."""
+        previous = self.runtimes.get(policy.name)
+        if previous is not None and previous.policy.protocol != policy.protocol:
+            previous = None
+        return UpstreamRuntime(
+            policy,
+            self.clock,
+            previous,
+            idle_timeout=config.http.upstream_idle_timeout,
+            max_response_head=config.http.max_response_header_bytes,
+            tls=context,
+        )
+
+    async def _bind_all(
+        self, to_bind: list[UpstreamPolicy], runtimes: dict[str, UpstreamRuntime], config: SidecarConfig
+    ) -> dict[str, Listener]:
+        """Bind every listener in ``to_bind`` or none: after an OSError the ones bound are closed and it re-raises."""
         for policy in to_bind:
             self._spare_runtimes.setdefault(policy.name, runtimes[policy.name])
         bound: dict[str, Listener] = {}
@@ -140,28 +169,17 @@ class Sidecar:
                 if self._spare_runtimes.get(policy.name) is runtimes[policy.name]:
                     del self._spare_runtimes[policy.name]
             raise
-        removed = {n: self.runtimes[n] for n in self.listeners if n not in new_policies and n in self.runtimes}
-        kept_rates = {id(rt.rate) for rt in runtimes.values()}
-        for rt in self.runtimes.values():
-            if rt.rate is not None and id(rt.rate) not in kept_rates:
-                self._spawn(rt.rate.close())  # a replaced rate limit's Redis connection (requests in flight fall back)
-        self.runtimes = runtimes  # new requests see the new policies from here on
-        self.config = config
-        for name in new_policies:
-            if self._spare_runtimes.get(name) is runtimes[name]:
-                del self._spare_runtimes[name]
-        self._spare_runtimes.update(removed)
+        return bound
+
+    def _swap_listeners(self, bound: dict[str, Listener], names: Container[str], drain_timeout: float) -> None:
+        """Serve on the new listeners; retire the ones they replace and those of upstreams no longer in ``names``."""
         for name, listener in bound.items():
             replaced = self.listeners.get(name)
             self.listeners[name] = listener
             if replaced is not None:
-                self._spawn(self._retire(replaced, config.http.drain_timeout))
-        for name in [n for n in self.listeners if n not in new_policies]:
-            self._spawn(self._retire(self.listeners.pop(name), config.http.drain_timeout, removed=True))
-        self.tls_contexts = contexts
-        self._restart_checks(old, config)
-        self.loaded = LoadedFile(config.source, config.sha256, time.time())
-        self.process_stats.last_reload = self.loaded.loaded_at
+                self._spawn(self._retire(replaced, drain_timeout))
+        for name in [n for n in self.listeners if n not in names]:
+            self._spawn(self._retire(self.listeners.pop(name), drain_timeout, removed=True))
 
     async def _bind(self, policy: UpstreamPolicy, config: SidecarConfig) -> Listener:
         loop = asyncio.get_running_loop()
@@ -344,18 +362,7 @@ class Sidecar:
             drain_timeout if drain_timeout is not None else (self.config.http.drain_timeout if self.config else 5.0)
         )
         log.info("draining (up to %gs)", timeout, extra={"event": "draining"})
-        for listener in self.listeners.values():
-            listener.server.close()
-        for listener in self.listeners.values():
-            for conn in list(listener.connections):
-                conn.shutdown_when_idle()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while any(listener.connections for listener in self.listeners.values() if listener.protocol == "http"):
-                    await asyncio.sleep(0.05)
-        for listener in self.listeners.values():
-            for conn in list(listener.connections):
-                conn.close()
+        await self._drain_clients(timeout)
         for name in list(self._stop_checks):
             self._stop_check(name)
         for task in list(self._tasks):
@@ -368,6 +375,21 @@ class Sidecar:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped", extra={"event": "stopped"})
+
+    async def _drain_clients(self, timeout: float) -> None:
+        """Stop accepting, let in-flight http requests finish for up to ``timeout``, then close what is left."""
+        for listener in self.listeners.values():
+            listener.server.close()
+        for listener in self.listeners.values():
+            for conn in list(listener.connections):
+                conn.shutdown_when_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(listener.connections for listener in self.listeners.values() if listener.protocol == "http"):
+                    await asyncio.sleep(0.05)
+        for listener in self.listeners.values():
+            for conn in list(listener.connections):
+                conn.close()
 
 
 def _read(path: str) -> bytes:

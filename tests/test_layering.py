@@ -140,12 +140,3 @@ def test_no_import_cycles_not_even_typing_only_ones() -> None:
         if node not in index:
             visit(node)
     assert not cycles, "import cycles: " + "; ".join(" ↔ ".join(c) for c in cycles)
-
-
-def test_no_module_is_over_500_lines() -> None:
-    long = [
-        f"{p.relative_to(PROXY.parent)}: {n}"
-        for p in PROXY.rglob("*.py")
-        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
-    ]
-    assert not long, "\n".join(long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.policy.model import model_fields, unwrap_optional
@@ -138,46 +138,69 @@ class ModelBuilder:
             )
             return False, None
         try:
-            if info.get("parse"):
-                result = info["parse"](value)
-            elif info.get("duration"):
-                result = parse_duration(value)
-            elif tp is bool:
-                if not isinstance(value, bool):
-                    raise ValueError(f"expected true or false, got {value!r}")
-                result = value
-            elif tp is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"expected an integer, got {value!r}")
-                result = value
-            elif tp is float:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"expected a number, got {value!r}")
-                result = float(value)
-            elif tp is str:
-                if not isinstance(value, str):
-                    raise ValueError(f"expected a string, got {value!r}")
-                result = value
-            else:
-                raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+            result = _parse_scalar(info, tp, value)
         except ValueError as exc:
             self.reader.error(node, node.path, str(exc))
             return False, None
-        choices = info.get("choices")
-        if choices and result not in choices:
-            self.reader.error(
-                node, node.path, f"must be one of {', '.join(choices)}{did_you_mean(str(result), choices)}"
-            )
+        problem = _out_of_range(info, result, value)
+        if problem:
+            self.reader.error(node, node.path, problem)
             return False, None
-        if isinstance(result, int | float) and not isinstance(result, bool):
-            low, high, above = info.get("minimum"), info.get("maximum"), info.get("exclusive_minimum")
-            if low is not None and result < low:
-                self.reader.error(node, node.path, f"must be ≥ {low:g}, got {value}")
-                return False, None
-            if above is not None and result <= above:
-                self.reader.error(node, node.path, f"must be > {above:g}, got {value}")
-                return False, None
-            if high is not None and result > high:
-                self.reader.error(node, node.path, f"must be ≤ {high:g}, got {value}")
-                return False, None
         return True, result
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+# YAML already typed the value; these only refuse the wrong type (a bool is not a number here).
+_PARSERS: dict[Any, Callable[[Any], Any]] = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
+def _parse_scalar(info: Mapping[str, Any], tp: Any, value: Any) -> Any:
+    """The field's own parser (``parse``, ``duration``) if it has one, else the one for its type."""
+    if info.get("parse"):
+        return info["parse"](value)
+    if info.get("duration"):
+        return parse_duration(value)
+    parser = _PARSERS.get(tp)
+    if parser is None:
+        raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+    return parser(value)
+
+
+def _out_of_range(info: Mapping[str, Any], result: Any, value: Any) -> str:
+    """What is wrong with a parsed value against the field's ``choices`` and bounds, or ``""``."""
+    choices = info.get("choices")
+    if choices and result not in choices:
+        return f"must be one of {', '.join(choices)}{did_you_mean(str(result), choices)}"
+    if not isinstance(result, int | float) or isinstance(result, bool):
+        return ""
+    low, high, above = info.get("minimum"), info.get("maximum"), info.get("exclusive_minimum")
+    if low is not None and result < low:
+        return f"must be ≥ {low:g}, got {value}"
+    if above is not None and result <= above:
+        return f"must be > {above:g}, got {value}"
+    if high is not None and result > high:
+        return f"must be ≤ {high:g}, got {value}"
+    return ""

@@ -109,99 +109,153 @@ def _retried_outcomes(policy: UpstreamPolicy) -> str:
     return ", ".join(words) if words else "nothing"
 
 
+def _retries_possible(policy: UpstreamPolicy) -> bool:
+    retry = policy.retry
+    return policy.protocol == "http" and retry.max_retries > 0 and bool(retry.methods) and bool(retry.retry_on)
+
+
+def _budget_closed(policy: UpstreamPolicy) -> bool:
+    """A budget of ratio 0 and no floor: it never allows a retry."""
+    budget = policy.retry.budget
+    return budget is not None and budget.ratio == 0 and budget.min_per_second == 0
+
+
 def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = None) -> Explanation:
-    t, retry, breaker = policy.timeouts, policy.retry, policy.breaker
+    t, retry = policy.timeouts, policy.retry
     http = policy.protocol == "http"
     backoffs = _backoffs(policy) if http else []
     attempts = 1 + retry.max_retries if http else 1
     unbounded = attempts * t.per_try + sum(backoffs) if http else t.connect
     worst = min(t.total, unbounded) if http else t.connect
     timing_out = _attempts_when_timing_out(policy, backoffs) if http else 1
-    budget = retry.budget
-    budget_closed = budget is not None and budget.ratio == 0 and budget.min_per_second == 0
-    retries_possible = http and retry.max_retries > 0 and bool(retry.methods) and bool(retry.retry_on)
-    amplification = float(attempts) if retries_possible and not budget_closed else 1.0
+    amplification = float(attempts) if _retries_possible(policy) and not _budget_closed(policy) else 1.0
     ex = Explanation(policy.name, attempts, backoffs, unbounded, worst, timing_out, amplification)
-    say, flag = ex.consequences.append, ex.contradictions.append
+    ex.consequences += _waiting(policy, ex) if http else _tcp_waiting(policy)
+    ex.consequences += _retries(policy, ex, replay_buffer_bytes)
+    ex.consequences += _breaker(policy, ex)
+    ex.consequences += _health(policy)
+    rate_said, rate_flags = rate_limit_words(policy)
+    ex.consequences += rate_said
+    ex.contradictions += rate_flags
+    ex.contradictions += _contradictions(policy, ex)
+    for route in policy.routes:
+        # A route is the upstream with its own timeouts, retry and wait for tokens: the same arithmetic, the same
+        # flags, and what its weight and own limits add.
+        route_ex = explain_upstream(for_route(policy, route), replay_buffer_bytes)
+        route_ex.consequences += route_words(policy, route)
+        ex.routes.append((route, route_ex))
+    return ex
 
-    # -- waiting ---------------------------------------------------------------------------------------------
-    if http:
-        parts = f"{attempts} attempt{'s' if attempts > 1 else ''} × {_d(t.per_try)} per_try"
-        if backoffs:
-            parts += " + backoff " + " + ".join(_d(b) for b in backoffs)
-        bound = "bounded by" if unbounded > t.total else "within"
-        say(
-            f"A caller waits at most {_d(worst)} for response headers: {parts} = {_d(unbounded)}, {bound} "
-            f"total {_d(t.total)}. Connecting counts within each try (at most {_d(t.connect)})."
-        )
-        if policy.limits.max_pending > 0 and policy.limits.pending_timeout > 0:
-            say(
-                f"When {policy.limits.max_concurrent} requests are already in flight, up to "
-                f"{policy.limits.max_pending} more wait up to {_d(policy.limits.pending_timeout)} for a slot "
-                "(that wait counts against total); beyond that they are answered 503 overload at once."
-            )
-        say(
-            f"Timeouts: per_try {_d(t.per_try)} runs from the request's last byte sent to the response head (a slow "
-            f"upload is not cut by it); total {_d(t.total)} bounds all attempts and backoff until a head is chosen; "
-            f"then bodies stream without either, and only a silence longer than idle {_d(t.idle)} in either "
-            "direction cuts one off: an upstream's silence is a timeout the breaker counts, a client's is answered "
-            "408 (or its body cut) and never counted."
-        )
-    else:
-        say(
-            f"A client connection waits at most {_d(t.connect)} for the upstream connection to open; after "
-            "that bytes are relayed as-is, without timeouts or retries (tcp)."
-        )
 
-    # -- retries and load ------------------------------------------------------------------------------------
-    if not http:
-        say("Nothing is retried: a tcp upstream is a byte relay (the retry settings do not apply).")
-    elif not retries_possible:
-        say("Nothing is retried: every request makes exactly one attempt (1× upstream load).")
-    else:
-        methods = ", ".join(retry.methods)
-        say(
-            f"Retried: {_retried_outcomes(policy)} — for {methods} requests only, up to {retry.max_retries} "
-            f"time{'s' if retry.max_retries > 1 else ''}, on another target when there is one. An upstream's "
-            f"Retry-After is honoured up to max_delay {_d(retry.max_delay)}."
+def _waiting(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
+    """How long an http caller can wait, and what each timeout bounds."""
+    t, limits = policy.timeouts, policy.limits
+    parts = f"{ex.attempts} attempt{'s' if ex.attempts > 1 else ''} × {_d(t.per_try)} per_try"
+    if ex.backoffs:
+        parts += " + backoff " + " + ".join(_d(b) for b in ex.backoffs)
+    bound = "bounded by" if ex.unbounded_wait > t.total else "within"
+    said = [
+        f"A caller waits at most {_d(ex.worst_wait)} for response headers: {parts} = {_d(ex.unbounded_wait)}, "
+        f"{bound} total {_d(t.total)}. Connecting counts within each try (at most {_d(t.connect)})."
+    ]
+    if limits.max_pending > 0 and limits.pending_timeout > 0:
+        said.append(
+            f"When {limits.max_concurrent} requests are already in flight, up to "
+            f"{limits.max_pending} more wait up to {_d(limits.pending_timeout)} for a slot "
+            "(that wait counts against total); beyond that they are answered 503 overload at once."
         )
-        if replay_buffer_bytes is not None:
-            say(f"Requests with bodies over {replay_buffer_bytes} bytes are streamed and never retried.")
-        if retry.jitter:
-            say("Backoff has full jitter: each delay is a random draw between 0 and the value shown.")
-        if budget is None:
-            say(
-                f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries); no retry budget "
-                "caps it, so a failing upstream gets every retry."
-            )
-        elif not budget_closed:
-            floor = budget.min_per_second
-            capped = 1 + min(budget.ratio, retry.max_retries)
-            text = (
-                f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries) without the "
-                f"budget; the retry budget caps it to about {capped:g}× (retries ≤ {budget.ratio:g} × "
-                f"requests) plus {floor:g} retries/s"
-            )
-            if retry.max_retries > budget.ratio and floor > 0:
-                crossover = floor / (retry.max_retries - budget.ratio)
-                text += f"; below ≈{crossover:.3g} requests/s that floor still allows every retry"
-            say(text + ".")
-        if http and timing_out < attempts:
-            say(
-                f"When every try times out, only {timing_out} of the {attempts} attempts fit in total "
-                f"{_d(t.total)}; the rest only happen for failures that come back fast."
-            )
-
-    # -- the breaker -----------------------------------------------------------------------------------------
-    counted = ", ".join(_HTTP_FAILURES) if http else _TCP_FAILURES
-    say(
-        f"Counted as failures by the breaker: {counted}. Not counted: "
-        + (
-            "4xx answers, client aborts and requests the sidecar rejected itself."
-            if http
-            else "connections the client closes."
-        )
+    said.append(
+        f"Timeouts: per_try {_d(t.per_try)} runs from the request's last byte sent to the response head (a slow "
+        f"upload is not cut by it); total {_d(t.total)} bounds all attempts and backoff until a head is chosen; "
+        f"then bodies stream without either, and only a silence longer than idle {_d(t.idle)} in either "
+        "direction cuts one off: an upstream's silence is a timeout the breaker counts, a client's is answered "
+        "408 (or its body cut) and never counted."
     )
+    return said
+
+
+def _tcp_waiting(policy: UpstreamPolicy) -> list[str]:
+    return [
+        f"A client connection waits at most {_d(policy.timeouts.connect)} for the upstream connection to open; "
+        "after that bytes are relayed as-is, without timeouts or retries (tcp)."
+    ]
+
+
+def _retries(policy: UpstreamPolicy, ex: Explanation, replay_buffer_bytes: int | None) -> list[str]:
+    """What is retried, and the upstream load that makes."""
+    retry = policy.retry
+    if policy.protocol != "http":
+        return ["Nothing is retried: a tcp upstream is a byte relay (the retry settings do not apply)."]
+    if not _retries_possible(policy):
+        return ["Nothing is retried: every request makes exactly one attempt (1× upstream load)."]
+    said = [
+        f"Retried: {_retried_outcomes(policy)} — for {', '.join(retry.methods)} requests only, up to "
+        f"{retry.max_retries} time{'s' if retry.max_retries > 1 else ''}, on another target when there is one. "
+        f"An upstream's Retry-After is honoured up to max_delay {_d(retry.max_delay)}."
+    ]
+    if replay_buffer_bytes is not None:
+        said.append(f"Requests with bodies over {replay_buffer_bytes} bytes are streamed and never retried.")
+    if retry.jitter:
+        said.append("Backoff has full jitter: each delay is a random draw between 0 and the value shown.")
+    said += _retry_load(policy, ex.attempts)
+    if ex.attempts_when_timing_out < ex.attempts:
+        said.append(
+            f"When every try times out, only {ex.attempts_when_timing_out} of the {ex.attempts} attempts fit in "
+            f"total {_d(policy.timeouts.total)}; the rest only happen for failures that come back fast."
+        )
+    return said
+
+
+def _retry_load(policy: UpstreamPolicy, attempts: int) -> list[str]:
+    """The worst-case upstream load retries make, and what the retry budget caps it to."""
+    retry, budget = policy.retry, policy.retry.budget
+    if budget is None:
+        return [
+            f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries); no retry budget "
+            "caps it, so a failing upstream gets every retry."
+        ]
+    if _budget_closed(policy):
+        return []  # a contradiction, flagged as one
+    floor = budget.min_per_second
+    capped = 1 + min(budget.ratio, retry.max_retries)
+    text = (
+        f"Worst-case upstream load: {attempts}× the client traffic (1 + max_retries) without the "
+        f"budget; the retry budget caps it to about {capped:g}× (retries ≤ {budget.ratio:g} × "
+        f"requests) plus {floor:g} retries/s"
+    )
+    if retry.max_retries > budget.ratio and floor > 0:
+        crossover = floor / (retry.max_retries - budget.ratio)
+        text += f"; below ≈{crossover:.3g} requests/s that floor still allows every retry"
+    return [text + "."]
+
+
+def _breaker(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
+    """What the breaker counts, when it opens, what it answers while open, how it closes."""
+    breaker, http = policy.breaker, policy.protocol == "http"
+    counted = ", ".join(_HTTP_FAILURES) if http else _TCP_FAILURES
+    not_counted = (
+        "4xx answers, client aborts and requests the sidecar rejected itself."
+        if http
+        else "connections the client closes."
+    )
+    said = [
+        f"Counted as failures by the breaker: {counted}. Not counted: {not_counted}",
+        f"The breaker opens after {_opens_after(policy)}. It then stays open {_d(breaker.open_duration)}, "
+        f"{_open_answer(policy)}; then lets {_count(breaker.half_open_max_calls, 'probe')} through: a success "
+        f"closes it, a failure keeps it open another {_d(breaker.open_duration)}.",
+    ]
+    if _retries_possible(policy) and breaker.failure_threshold <= ex.attempts:
+        said.append(
+            f"Every failed try counts, so one request's {ex.attempts} attempts alone can reach the threshold "
+            f"of {breaker.failure_threshold}."
+        )
+    if not breaker.enforce:
+        said.append("Shadow mode (enforce: false): the breaker is evaluated and reported but never rejects a request.")
+    return said
+
+
+def _opens_after(policy: UpstreamPolicy) -> str:
+    breaker = policy.breaker
     opens = (
         f"{breaker.failure_threshold} failure{'s' if breaker.failure_threshold > 1 else ''} within {_d(breaker.window)}"
     )
@@ -214,99 +268,97 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
         opens += (
             f", or when {breaker.slow_call_rate_threshold:g}% of them take {_d(breaker.slow_call_duration)} or longer"
         )
-    if not http:
-        reject = "refusing connections"
-    elif policy.fallback is not None:
-        reject = f"answering {policy.fallback.status} from the fallback"
-    else:
-        reject = "answering 503 breaker_open with Retry-After"
-    say(
-        f"The breaker opens after {opens}. It then stays open {_d(breaker.open_duration)}, {reject}; "
-        f"then lets {_count(breaker.half_open_max_calls, 'probe')} through: a success closes it, a failure "
-        f"keeps it open another {_d(breaker.open_duration)}."
-    )
-    if http and retries_possible and breaker.failure_threshold <= attempts:
-        say(
-            f"Every failed try counts, so one request's {attempts} attempts alone can reach the threshold "
-            f"of {breaker.failure_threshold}."
-        )
-    if not breaker.enforce:
-        say("Shadow mode (enforce: false): the breaker is evaluated and reported but never rejects a request.")
-    if policy.health is not None:
-        h = policy.health
-        say(
-            f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
-            + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
-            + (
-                " A passing check after the breaker opened ends the open interval early"
-                if h.healthy_threshold == 1
-                else f" {h.healthy_threshold} passing checks in a row after the breaker opened end the open "
-                "interval early"
-            )
-            + f" (half-open, health_check_passed) instead of after {_d(breaker.open_duration)}: the next "
-            + ("connection" if not http else "request")
-            + " is the probe that closes or re-opens it. Once such a probe fails (a check that passes while the "
-            "calls fail), only open_duration ends the breaker's open intervals until it closes."
-        )
+    return opens
 
-    # -- the rate limit -------------------------------------------------------------------------------------
-    rate_said, rate_flags = rate_limit_words(policy)
-    ex.consequences += rate_said
-    ex.contradictions += rate_flags
 
-    # -- contradictions --------------------------------------------------------------------------------------
+def _open_answer(policy: UpstreamPolicy) -> str:
+    if policy.protocol != "http":
+        return "refusing connections"
+    if policy.fallback is not None:
+        return f"answering {policy.fallback.status} from the fallback"
+    return "answering 503 breaker_open with Retry-After"
+
+
+def _health(policy: UpstreamPolicy) -> list[str]:
+    """How active checks end the breaker's open interval early."""
+    h = policy.health
+    if h is None:
+        return []
+    return [
+        f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
+        + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
+        + (
+            " A passing check after the breaker opened ends the open interval early"
+            if h.healthy_threshold == 1
+            else f" {h.healthy_threshold} passing checks in a row after the breaker opened end the open interval early"
+        )
+        + f" (half-open, health_check_passed) instead of after {_d(policy.breaker.open_duration)}: the next "
+        + ("connection" if policy.protocol != "http" else "request")
+        + " is the probe that closes or re-opens it. Once such a probe fails (a check that passes while the "
+        "calls fail), only open_duration ends the breaker's open intervals until it closes."
+    ]
+
+
+def _contradictions(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
+    """Settings that quietly cancel each other out."""
+    t, breaker = policy.timeouts, policy.breaker
+    http = policy.protocol == "http"
+    flags = []
     if t.per_try < t.connect:
-        flag(
+        flags.append(
             f"per_try ({_d(t.per_try)}) is shorter than connect ({_d(t.connect)}): a slow connect is cut off "
             "by per_try first, so connect never applies."
         )
-    if http and retries_possible and backoffs and t.total < t.per_try + backoffs[0]:
-        flag(
-            f"total ({_d(t.total)}) is shorter than one try plus one backoff ({_d(t.per_try)} + "
-            f"{_d(backoffs[0])}): after a timed-out try no retry can start, so retries are dead for timeouts."
-        )
-    if http and budget_closed and retry.max_retries > 0:
-        flag(
-            "retry.budget has ratio 0 and min_per_second 0: no retry is ever allowed, so max_retries "
-            f"{retry.max_retries} has no effect (set budget: null to turn the budget off instead)."
-        )
-    if http and retry.max_retries > 0 and not retry.methods:
-        flag("retry.methods is empty: max_retries has no effect.")
-    if http and retry.max_retries > 0 and not retry.retry_on:
-        flag("retry.retry_on is empty: max_retries has no effect.")
-    risky = [m for m in retry.methods if m in _NEVER_RETRIED_BY_DEFAULT] if http and retry.max_retries else []
-    if risky:
-        flag(
-            f"{' and '.join(risky)} {'is' if len(risky) == 1 else 'are'} in retry.methods: a request the "
-            "upstream processed but whose answer was lost is sent again, so it may be applied twice. Only "
-            "safe when the upstream's handlers are idempotent."
-        )
+    if http:
+        flags += _retry_contradictions(policy, ex)
     if breaker.slow_call_duration is not None and http and breaker.slow_call_duration >= t.per_try:
-        flag(
+        flags.append(
             f"slow_call_duration ({_d(breaker.slow_call_duration)}) is not shorter than per_try "
             f"({_d(t.per_try)}): a try is cut off as a timeout before it can count as slow."
         )
     if breaker.open_duration == 0:
-        flag(
+        flags.append(
             "breaker.open_duration is 0: an open breaker lets the next request through at once, so it never sheds load."
         )
     if http and policy.limits.pending_timeout >= t.total and policy.limits.max_pending > 0:
-        flag(
+        flags.append(
             f"limits.pending_timeout ({_d(policy.limits.pending_timeout)}) is not shorter than total "
             f"({_d(t.total)}): a request can spend its whole deadline queued and then fail without a try."
         )
     if policy.health is not None and policy.health.timeout >= policy.health.interval:
-        flag(
+        flags.append(
             f"health.timeout ({_d(policy.health.timeout)}) is not shorter than health.interval "
             f"({_d(policy.health.interval)}): checks pile up on a hanging upstream."
         )
-    for route in policy.routes:
-        # A route is the upstream with its own timeouts, retry and wait for tokens: the same arithmetic, the same
-        # flags, and what its weight and own limits add.
-        route_ex = explain_upstream(for_route(policy, route), replay_buffer_bytes)
-        route_ex.consequences += route_words(policy, route)
-        ex.routes.append((route, route_ex))
-    return ex
+    return flags
+
+
+def _retry_contradictions(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
+    """Retry settings an http upstream can never act on, or should not."""
+    t, retry = policy.timeouts, policy.retry
+    flags = []
+    if _retries_possible(policy) and ex.backoffs and t.total < t.per_try + ex.backoffs[0]:
+        flags.append(
+            f"total ({_d(t.total)}) is shorter than one try plus one backoff ({_d(t.per_try)} + "
+            f"{_d(ex.backoffs[0])}): after a timed-out try no retry can start, so retries are dead for timeouts."
+        )
+    if _budget_closed(policy) and retry.max_retries > 0:
+        flags.append(
+            "retry.budget has ratio 0 and min_per_second 0: no retry is ever allowed, so max_retries "
+            f"{retry.max_retries} has no effect (set budget: null to turn the budget off instead)."
+        )
+    if retry.max_retries > 0 and not retry.methods:
+        flags.append("retry.methods is empty: max_retries has no effect.")
+    if retry.max_retries > 0 and not retry.retry_on:
+        flags.append("retry.retry_on is empty: max_retries has no effect.")
+    risky = [m for m in retry.methods if m in _NEVER_RETRIED_BY_DEFAULT] if retry.max_retries else []
+    if risky:
+        flags.append(
+            f"{' and '.join(risky)} {'is' if len(risky) == 1 else 'are'} in retry.methods: a request the "
+            "upstream processed but whose answer was lost is sent again, so it may be applied twice. Only "
+            "safe when the upstream's handlers are idempotent."
+        )
+    return flags
 
 
 def describe_match(route: RoutePolicy) -> str:

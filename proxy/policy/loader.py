@@ -45,23 +45,61 @@ def load_text(
         if key not in TOP_LEVEL:
             reader.error(child, key, f"unknown key{did_you_mean(key, TOP_LEVEL)}")
 
-    def section(key: str, cls: type) -> Any:
-        node = top.get(key)
-        if node is None or node.value is None:
-            return cls()
-        return builder.build(cls, node)
+    admin = _section(builder, top, "admin", AdminPolicy)
+    http = _section(builder, top, "http", HttpServerPolicy)
+    logging_policy = _section(builder, top, "logging", LoggingPolicy)
+    allow_non_loopback = _allow_non_loopback(reader, top)
+    defaults = _defaults(reader, top)
+    upstreams = _Upstreams()
+    ups_node = top.get("upstreams")
+    if ups_node is None or not ups_node.value:
+        reader.error(ups_node or root, "upstreams", "at least one upstream is required")
+    elif not isinstance(ups_node.value, dict):
+        reader.error(ups_node, "upstreams", "expected a mapping of upstream name → policy")
+    else:
+        upstreams.build(builder, ups_node.value, defaults)
 
-    admin = section("admin", AdminPolicy)
-    http = section("http", HttpServerPolicy)
-    logging_policy = section("logging", LoggingPolicy)
-    allow_non_loopback = False
-    if "allow_non_loopback" in top:
-        node = top["allow_non_loopback"]
-        if isinstance(node.value, bool):
-            allow_non_loopback = node.value
-        elif node.value is not UNRESOLVED:
-            reader.error(node, "allow_non_loopback", f"expected true or false, got {node.value!r}")
+    check_shared_keys(builder, upstreams.policies, upstreams.merged)
+    if admin is not None:
+        check_listens(builder, admin, top.get("admin"), upstreams.policies, ups_node, allow_non_loopback)
 
+    errors = [i for i in reader.issues if i.severity == "error"]
+    if errors or admin is None or http is None or logging_policy is None:
+        return None, sorted(reader.issues, key=lambda i: (i.line, i.column))
+    config = SidecarConfig(
+        admin=admin,
+        http=http,
+        logging=logging_policy,
+        upstreams=tuple(upstreams.policies),
+        allow_non_loopback=allow_non_loopback,
+        source=file,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        positions=upstreams.positions,
+    )
+    return config, sorted(reader.issues, key=lambda i: (i.line, i.column))
+
+
+def _section(builder: ModelBuilder, top: Mapping[str, Sourced], key: str, cls: type) -> Any:
+    """A top-level section other than upstreams: its defaults when absent or empty, None when it is bad."""
+    node = top.get(key)
+    if node is None or node.value is None:
+        return cls()
+    return builder.build(cls, node)
+
+
+def _allow_non_loopback(reader: SourceReader, top: Mapping[str, Sourced]) -> bool:
+    node = top.get("allow_non_loopback")
+    if node is None:
+        return False
+    if isinstance(node.value, bool):
+        return node.value
+    if node.value is not UNRESOLVED:
+        reader.error(node, "allow_non_loopback", f"expected true or false, got {node.value!r}")
+    return False
+
+
+def _defaults(reader: SourceReader, top: Mapping[str, Sourced]) -> Sourced:
+    """The ``defaults`` mapping every upstream inherits (empty when absent or bad), checked for per-upstream keys."""
     defaults = top.get("defaults") or Sourced({}, 0, 0, "defaults")
     if defaults.value is None:
         defaults = Sourced({}, defaults.line, defaults.column, "defaults")
@@ -71,57 +109,45 @@ def load_text(
     for key in UPSTREAM_ONLY:
         if key in defaults.value:
             reader.error(defaults.value[key], f"defaults.{key}", f"{key} is set per upstream, not in defaults")
+    return defaults
 
-    upstreams: list[UpstreamPolicy] = []
-    merged_nodes: dict[str, Sourced] = {}
-    positions: dict[str, tuple[int, int, str]] = {}
-    ups_node = top.get("upstreams")
-    if ups_node is None or not ups_node.value:
-        reader.error(ups_node or root, "upstreams", "at least one upstream is required")
-    elif not isinstance(ups_node.value, dict):
-        reader.error(ups_node, "upstreams", "expected a mapping of upstream name → policy")
-    else:
-        for name, up_node in ups_node.value.items():
+
+@dataclass
+class _Upstreams:
+    """The upstreams built so far, with the merged nodes later rules point into and where their TLS keys were."""
+
+    policies: list[UpstreamPolicy] = dataclasses.field(default_factory=list)
+    merged: dict[str, Sourced] = dataclasses.field(default_factory=dict)
+    positions: dict[str, tuple[int, int, str]] = dataclasses.field(default_factory=dict)
+
+    def build(self, builder: ModelBuilder, nodes: Mapping[str, Sourced], defaults: Sourced) -> None:
+        reader = builder.reader
+        for name, up_node in nodes.items():
             if not UPSTREAM_NAME.match(name):
                 reader.error(up_node, up_node.path, "names are letters, digits, '-', '_' and '.' (≤ 63)")
-                continue
-            if not isinstance(up_node.value, dict):
+            elif not isinstance(up_node.value, dict):
                 reader.error(up_node, up_node.path, "expected a mapping of keys")
-                continue
-            inherited = {k: v for k, v in defaults.value.items() if k not in UPSTREAM_ONLY}
-            merged = merge(Sourced(inherited, defaults.line, defaults.column, "defaults"), up_node)
-            merged.path = up_node.path
-            # Routes are built apart: each merges over the upstream's own timeouts and retry.
-            without_routes = {k: v for k, v in merged.value.items() if k != "routes"}
-            policy = builder.build(
-                UpstreamPolicy, Sourced(without_routes, merged.line, merged.column, merged.path), name=name
-            )
-            if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
-                check_upstream(builder, policy, merged)
-                routes = build_routes(builder, merged, policy)
-                policy = without_unused_rate_limit(policy)
-                merged_nodes[name] = merged
-                upstreams.append(dataclasses.replace(policy, routes=routes) if routes else policy)
-                _tls_positions(merged, f"upstreams.{name}.tls", positions)
+            else:
+                self._add(builder, name, up_node, defaults)
 
-    check_shared_keys(builder, upstreams, merged_nodes)
-    if admin is not None:
-        check_listens(builder, admin, top.get("admin"), upstreams, ups_node, allow_non_loopback)
-
-    errors = [i for i in reader.issues if i.severity == "error"]
-    if errors or admin is None or http is None or logging_policy is None:
-        return None, sorted(reader.issues, key=lambda i: (i.line, i.column))
-    config = SidecarConfig(
-        admin=admin,
-        http=http,
-        logging=logging_policy,
-        upstreams=tuple(upstreams),
-        allow_non_loopback=allow_non_loopback,
-        source=file,
-        sha256=hashlib.sha256(text.encode()).hexdigest(),
-        positions=positions,
-    )
-    return config, sorted(reader.issues, key=lambda i: (i.line, i.column))
+    def _add(self, builder: ModelBuilder, name: str, up_node: Sourced, defaults: Sourced) -> None:
+        inherited = {k: v for k, v in defaults.value.items() if k not in UPSTREAM_ONLY}
+        merged = merge(Sourced(inherited, defaults.line, defaults.column, "defaults"), up_node)
+        merged.path = up_node.path
+        # Routes are built apart: each merges over the upstream's own timeouts and retry.
+        without_routes = {k: v for k, v in merged.value.items() if k != "routes"}
+        policy = builder.build(
+            UpstreamPolicy, Sourced(without_routes, merged.line, merged.column, merged.path), name=name
+        )
+        if policy is None:
+            return
+        # Possibly partial (bad keys at defaults): its other rules still get checked.
+        check_upstream(builder, policy, merged)
+        routes = build_routes(builder, merged, policy)
+        policy = without_unused_rate_limit(policy)
+        self.merged[name] = merged
+        self.policies.append(dataclasses.replace(policy, routes=routes) if routes else policy)
+        _tls_positions(merged, f"upstreams.{name}.tls", self.positions)
 
 
 def _tls_positions(upstream: Sourced, where: str, out: dict[str, tuple[int, int, str]]) -> None:
