@@ -13,6 +13,7 @@ import logging
 import typing
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httptools
@@ -284,8 +285,11 @@ class ClientConnection(asyncio.Protocol):
         while True:  # a loop, not recursion: a pipelined burst may be answered on the spot one after another
             if self._closing or self.transport is None or self.transport.is_closing():
                 return
-            if not self.keep_alive or (req.body is not None and not req.body.complete):
-                # An unread body would be taken for the next request: close instead of guessing.
+            if self.keep_alive and req.body is not None and not req.body.complete:
+                # Answered before its body was all in, the connection kept: drop the rest (bounded, see body.py).
+                req.body.discard(partial(self._after_response, req), self._close_after_answer)
+                return
+            if not self.keep_alive:
                 self._close_after_answer()
                 return
             if self._write_paused:
