@@ -268,12 +268,9 @@ class ClientConnection(asyncio.Protocol):
             log.exception("forwarding failed")
             if not self._response_started:
                 self._count_local(500, "internal_error")
-                self.send_local(
-                    500,
-                    wire.error_body("internal_error", None, "see the sidecar's log"),
-                    b"application/json",
-                    [(b"x-sidecar-reason", b"internal_error")],
-                )
+                self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
+                body = wire.error_body("internal_error", None, "see the sidecar's log")
+                self.send_local(500, body, b"application/json", [(b"x-sidecar-reason", b"internal_error")])
             else:
                 self.abort()
         finally:

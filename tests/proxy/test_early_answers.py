@@ -99,8 +99,9 @@ def _upload_many(
 
 
 def _policy(tmp: Path, target: str) -> Path:
+    timeouts = {"per_try": "10s", "total": "30s", "idle": "10s"}
     return write_policy(
-        tmp / "p.yaml", {"up": {"targets": [target], "timeouts": {"per_try": "10s", "total": "30s", "idle": "10s"}}}
+        tmp / "p.yaml", {"up": {"targets": [target], "timeouts": timeouts}}, {"breaker": {"enforce": False}}
     )
 
 
@@ -221,3 +222,26 @@ async def test_a_body_beyond_the_discard_bound_is_answered_with_connection_close
             answer, closed = await _post_raw(port, head, 2 * MiB // PIECE, chunked=False)
             assert answer.startswith(b"HTTP/1.1 200") and b"connection: close\r\n" in answer.lower()
             assert closed
+
+
+async def test_answers_made_mid_body_keep_the_connection_only_for_a_rest_known_to_fit(tmp_path: Path) -> None:
+    """A 502 (nothing listens) and a streamed answer (it starts before the body is in) while the body still
+    arrives: with a Content-Length the rest is dropped and the connection carries the next upload; chunked, the
+    end is unknown, so the answer says close — and the next request goes on a new connection, none is lost."""
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked, its head out before the request body is read
+        await response.prepare(request)
+        for _ in range(16):
+            await response.write(b"z" * PIECE)
+        return response
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with scripted_upstream(default=streamed) as upstream:
+        for target, status in ((dead, 502), (upstream.url, 200)):
+            async with running_sidecar(_policy(tmp_path, target)) as sidecar:
+                port = int(listener_url(sidecar, "up").rsplit(":", 1)[1])
+                kept = await asyncio.to_thread(_upload_many, port, 5, MiB, False, 0.002)
+                assert kept == [(status, None, True)] * 5
+                closed = await asyncio.to_thread(_upload_many, port, 5, MiB, True, 0.002)
+                assert [(s, connection) for s, connection, _ in closed] == [(status, "close")] * 5
