@@ -31,22 +31,27 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 from proxy.resilience.breaker import BreakerSettings, CircuitBreaker, Permit, Snapshot, State, Transition
 from proxy.resilience.clock import Clock, SystemClock
+from proxy.resilience.ratelimit import LimitSpec, LocalBackend, RateGate, RateSnapshot, Verdict
 from proxy.resilience.retry import backoff_delays
 
 __all__ = [
     "BreakerRegistry",
     "CircuitOpenError",
     "InProcessBreaker",
+    "InProcessRateLimit",
+    "RateLimitedError",
     "all_breakers",
     "circuit_breaker",
     "get_breaker",
+    "get_rate_limit",
     "health_check_endpoint",
     "health_check_endpoint_async",
+    "rate_limit",
     "reset",
     "retry_with_backoff",
 ]
@@ -283,6 +288,188 @@ def circuit_breaker(
                 raise
             settle(permit, started, None)
             return value
+
+        return sync_wrapper
+
+    return decorate
+
+
+# -- rate_limit ------------------------------------------------------------------------------------------------
+
+
+class RateLimitedError(Exception):
+    """The call could not get its tokens within ``max_wait``; ``retry_in`` seconds until it could."""
+
+    def __init__(self, name: str, retry_in: float, reason: str) -> None:
+        super().__init__(f"rate limit {name!r}: {reason}; retry in {retry_in:.3g}s")
+        self.name = name
+        self.retry_in = retry_in
+        self.reason = reason
+
+
+class InProcessRateLimit:
+    """One named outbound rate limit on the sidecar's core (``proxy.resilience.ratelimit``): exact sliding or
+    calendar windows, weights, a FIFO line. Threads take turns in arrival order (a ticket line under a condition
+    variable); async callers wait in the core's ``RateGate`` on their event loop; both spend from one backend,
+    under one lock held only around the core's calls."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: Sequence[LimitSpec],
+        clock: Clock | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = name
+        self.clock: Clock = clock or SystemClock()
+        self._sleep = sleep
+        self.backend = LocalBackend(limits, epoch_offset=time.time() - self.clock.monotonic())
+        self._lock = threading.Lock()
+        self._turns = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()  # tickets whose callers gave up before their turn
+        self._gates: dict[asyncio.AbstractEventLoop, RateGate] = {}
+
+    def cool_down(self, seconds: float) -> None:
+        """Pause every caller for ``seconds`` (e.g. on a 429 with Retry-After)."""
+        with self._lock:
+            self.backend.cool_down(seconds, self.clock.monotonic())
+
+    def _take_now(self, weight: int) -> Verdict:
+        with self._lock:
+            verdict = self.backend.take_now(weight, None, self.clock.monotonic())
+        assert verdict is not None  # a local backend always answers at once
+        return verdict
+
+    def acquire_sync(self, weight: int, max_wait: float) -> None:
+        """Block until the tokens are spent, in arrival order among threads; RateLimitedError past max_wait."""
+        deadline = self.clock.monotonic() + max_wait
+        with self._turns:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                left = deadline - self.clock.monotonic()
+                timed_out = left <= 0 or not self._turns.wait(left)
+                if timed_out and self._serving != ticket:
+                    # Too late for our turn: leave the line without holding up those behind us.
+                    self._abandoned.add(ticket)
+                    raise RateLimitedError(self.name, max(left, 0.001), "rate_limited")
+        try:
+            while True:
+                verdict = self._take_now(weight)
+                if verdict.granted:
+                    return
+                if self.clock.monotonic() + verdict.wait > deadline:
+                    raise RateLimitedError(self.name, verdict.wait, str(verdict.reason))
+                self._sleep(verdict.wait)
+        finally:
+            with self._turns:
+                self._serving += 1
+                self._skip_abandoned()
+                self._turns.notify_all()
+
+    def _skip_abandoned(self) -> None:
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+
+    async def acquire_async(self, weight: int, max_wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = RateGate(_LockedBackend(self.backend, self._lock), self.clock)
+        verdict = gate.try_acquire(weight, None, max_wait)
+        if verdict is None:
+            verdict = await gate.acquire(weight, None, max_wait)
+        if not verdict.granted:
+            raise RateLimitedError(self.name, verdict.wait, str(verdict.reason))
+
+    def snapshot(self) -> RateSnapshot:
+        with self._lock:
+            return self.backend.snapshot(self.clock.monotonic())
+
+
+class _LockedBackend:
+    """The shared local backend seen from one event loop's gate: every call under the limit's lock."""
+
+    def __init__(self, backend: LocalBackend, lock: threading.Lock) -> None:
+        self._backend = backend
+        self._lock = lock
+
+    def take_now(self, weight: int, route: str | None, now: float) -> Verdict | None:
+        with self._lock:
+            return self._backend.take_now(weight, route, now)
+
+    async def take(self, weight: int, route: str | None, now: float) -> Verdict:
+        verdict = self.take_now(weight, route, now)
+        assert verdict is not None
+        return verdict
+
+    def cool_down(self, seconds: float, now: float) -> None:
+        with self._lock:
+            self._backend.cool_down(seconds, now)
+
+    def observe(
+        self,
+        limit: int,
+        now: float,
+        *,
+        used: int | None = None,
+        remaining: int | None = None,
+        reset: float | None = None,
+    ) -> None:
+        with self._lock:
+            self._backend.observe(limit, now, used=used, remaining=remaining, reset=reset)
+
+    def snapshot(self, now: float) -> RateSnapshot:
+        with self._lock:
+            return self._backend.snapshot(now)
+
+
+_RATE_LIMITS: dict[str, InProcessRateLimit] = {}
+_RATE_LIMITS_LOCK = threading.Lock()
+
+
+def get_rate_limit(name: str) -> InProcessRateLimit:
+    return _RATE_LIMITS[name]
+
+
+def rate_limit(
+    name: str | None = None,
+    *,
+    limits: Sequence[tuple[int, float] | LimitSpec],
+    max_wait: float = 0.0,
+    weight: int = 1,
+    clock: Clock | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Limit a sync or async function's calls: every limit ``(requests, per_seconds)`` (sliding: no span of
+    ``per`` holds more) or ``LimitSpec`` (``fixed=True`` for calendar windows) must allow a call, which costs
+    ``weight``. A caller waits in line up to ``max_wait``, else ``RateLimitedError``. Functions decorated with
+    the same ``name`` share one budget."""
+    specs = [spec if isinstance(spec, LimitSpec) else LimitSpec(requests=spec[0], per=spec[1]) for spec in limits]
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        key = name or _qualified_name(func)
+        with _RATE_LIMITS_LOCK:
+            limiter = _RATE_LIMITS.get(key)
+            if limiter is None:
+                limiter = _RATE_LIMITS[key] = InProcessRateLimit(key, specs, clock, sleep)
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                await limiter.acquire_async(weight, max_wait)
+                return await func(*args, **kwargs)
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            limiter.acquire_sync(weight, max_wait)
+            return func(*args, **kwargs)
 
         return sync_wrapper
 

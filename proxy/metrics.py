@@ -40,7 +40,10 @@ METRICS: dict[str, MetricSpec] = {
         "counter", ("upstream", "from_state", "to_state"), "Breaker state changes."
     ),
     "sidecar_breaker_health_recoveries_total": MetricSpec(
-        "counter", ("upstream",), "Open or half-open breakers closed by passing active checks (health_check_passed)."
+        "counter",
+        ("upstream",),
+        "Open intervals ended early by passing active checks (open -> half_open, health_check_passed); "
+        "the next real calls then close the breaker or re-open it.",
     ),
     "sidecar_retries_total": MetricSpec("counter", ("upstream",), "Retries sent (attempts after the first)."),
     "sidecar_rejected_total": MetricSpec(
@@ -72,6 +75,28 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "sidecar_retry_budget_remaining": MetricSpec(
         "gauge", ("upstream",), "Retries the budget still allows in its window."
+    ),
+    "sidecar_rate_limited_total": MetricSpec(
+        "counter",
+        ("upstream", "reason"),
+        "Requests the outbound rate limit answered 429 itself: rate_limited (no tokens within max_wait) or "
+        "upstream_cooldown (the upstream asked for a pause with Retry-After).",
+    ),
+    "sidecar_rate_limit_tokens": MetricSpec(
+        "gauge", ("upstream", "limit"), "Weight each rate limit could still send now without waiting."
+    ),
+    "sidecar_rate_limit_waiting": MetricSpec("gauge", ("upstream",), "Requests waiting in line for tokens."),
+    "sidecar_rate_limit_cooldown_seconds": MetricSpec(
+        "gauge", ("upstream",), "Seconds until the upstream's cool-down (its Retry-After) ends; 0 when none."
+    ),
+    "sidecar_rate_limit_cooldowns_total": MetricSpec(
+        "counter", ("upstream",), "Cool-downs started by an upstream answer in cooldown_on with Retry-After."
+    ),
+    "sidecar_rate_limit_shared": MetricSpec(
+        "gauge",
+        ("upstream", "state"),
+        "1 for where the rate limit is counted now: local, shared (Redis) or fallback (Redis unreachable: a "
+        "local share of the limits).",
     ),
     "sidecar_config_reloads_total": MetricSpec("counter", ("result",), "Policy reloads: success or failure."),
     "sidecar_config_last_reload_success_timestamp_seconds": MetricSpec(
@@ -116,6 +141,21 @@ class UpstreamStats:
         self.transitions[key] = self.transitions.get(key, 0) + 1
 
 
+RATE_COUNTED = ("local", "shared", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class RateView:
+    """An upstream's outbound rate limit, at scrape time."""
+
+    refused: dict[str, int]  # by reason
+    cooldowns: int
+    tokens: list[tuple[str, int]]  # (limit label, weight left)
+    waiting: int
+    cooldown_left: float
+    counted: str  # one of RATE_COUNTED
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamView:
     """What the collector needs to read from one running upstream, at scrape time."""
@@ -127,6 +167,7 @@ class UpstreamView:
     health_up: Callable[[], tuple[bool, float] | None]  # (up, latency) of the last check, None without checks
     ejected_targets: Callable[[], Iterable[tuple[str, bool]]]
     budget_remaining: Callable[[], float | None]
+    rate_limit: Callable[[], RateView | None] = lambda: None
 
 
 @dataclass(slots=True)
@@ -196,8 +237,23 @@ class SidecarCollector(Collector):
             remaining = view.budget_remaining()
             if remaining is not None:
                 add("sidecar_retry_budget_remaining", [up], remaining)
+            rate = view.rate_limit()
+            if rate is not None:
+                _add_rate(add, up, rate)
         for result, count in self._process.reloads.items():
             add("sidecar_config_reloads_total", [result], count)
         if self._process.last_reload:
             add("sidecar_config_last_reload_success_timestamp_seconds", [], self._process.last_reload)
         yield from families.values()
+
+
+def _add_rate(add: Callable[[str, list[str], float], None], up: str, rate: RateView) -> None:
+    for reason, count in sorted(rate.refused.items()):
+        add("sidecar_rate_limited_total", [up, reason], count)
+    add("sidecar_rate_limit_cooldowns_total", [up], rate.cooldowns)
+    for label, left in rate.tokens:
+        add("sidecar_rate_limit_tokens", [up, label], left)
+    add("sidecar_rate_limit_waiting", [up], rate.waiting)
+    add("sidecar_rate_limit_cooldown_seconds", [up], rate.cooldown_left)
+    for state in RATE_COUNTED:
+        add("sidecar_rate_limit_shared", [up, state], 1.0 if state == rate.counted else 0.0)

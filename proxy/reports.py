@@ -76,6 +76,9 @@ def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[st
         "slow_call_rate": snap.slow_call_rate,
         "retry_in": round(snap.retry_in, 3),
         "half_open_in_flight": snap.half_open_in_flight,
+        # False once a probe that passing checks let through failed: until the breaker closes, only
+        # open_duration ends its open intervals (None: the upstream has no active checks).
+        "health_may_half_open": snap.health_armed if rt.policy.health is not None else None,
         "last_transition": None
         if last is None
         else {
@@ -125,6 +128,7 @@ def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[st
             "retries": retries,
             "allowance": round(rt.budget.allowance(now), 1),
         }
+    body["rate_limit"] = rt.rate.describe() if rt.rate is not None else None
     return body
 
 
@@ -165,6 +169,9 @@ def health_report(sidecar: SidecarState) -> tuple[int, dict[str, Any]]:
             status = "unhealthy" if critical else ("degraded" if status == "healthy" else status)
         elif breaker["state"] != State.CLOSED.value and status == "healthy":
             status = "degraded"  # half-open, or open in shadow mode
+        rate = breaker["rate_limit"]
+        if rate is not None and rate["counted"] == "fallback" and status == "healthy":
+            status = "degraded"  # the shared budget's Redis is unreachable: a local share of the limits in use
     loaded = sidecar.loaded
     body = {
         "status": status,

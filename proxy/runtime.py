@@ -8,13 +8,15 @@ Requests already in flight keep the runtime they started with.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import random
 import time
 
 from proxy.logs import Throttled
-from proxy.metrics import UpstreamStats, UpstreamView
+from proxy.metrics import RateView, UpstreamStats, UpstreamView
 from proxy.policy.model import RetryPolicy, RoutePolicy, Timeouts, UpstreamPolicy
+from proxy.ratelimits import UpstreamRateLimit, limit_label
 from proxy.resilience.breaker import CircuitBreaker, Event, Permit, State, Transition
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
@@ -34,6 +36,14 @@ RECENT_TRANSITIONS = 20
 HEALTH_PASSED = Event.HEALTH_PASSED.value
 
 
+class Outcome(enum.Enum):
+    """What one attempt tells about the upstream (``UpstreamRuntime.settle``)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    IGNORED = "ignored"  # no verdict: a stale pooled connection, the client's fault, a cool-down answer
+
+
 def _rules(retry: RetryPolicy) -> RetryRules:
     return RetryRules(retry.max_retries, retry.retry_kinds(), retry.retry_statuses(), frozenset(retry.methods))
 
@@ -42,13 +52,16 @@ class Route:
     """What one exchange takes from its route: timeouts, retry settings and rules, precomputed. The upstream's
     own policy is the route (``name`` None) of every request no ``routes:`` entry matches."""
 
-    __slots__ = ("_exact", "_methods", "_prefix", "name", "retry", "rules", "timeouts")
+    __slots__ = ("_exact", "_methods", "_prefix", "name", "rate_max_wait", "retry", "rules", "timeouts", "weight")
 
     def __init__(self, name: str | None, timeouts: Timeouts, retry: RetryPolicy, policy: RoutePolicy | None = None):
         self.name = name
         self.timeouts = timeouts
         self.retry = retry
         self.rules = _rules(retry)
+        self.weight = policy.weight if policy is not None else 1  # tokens one request costs (rate_limit)
+        own = policy.rate_limit if policy is not None else None
+        self.rate_max_wait = own.max_wait if own is not None else None  # None: the upstream's max_wait
         match = policy.match if policy is not None else None
         self._exact = match.path.encode() if match is not None and match.path is not None else None
         self._prefix = match.path_prefix.encode() if match is not None and match.path_prefix is not None else b""
@@ -129,12 +142,27 @@ class UpstreamRuntime:
         self.health = (
             previous.health if previous is not None and previous.policy.health == policy.health else HealthStatus()
         )
-        # Checks passed in a row since the breaker last opened: ``healthy_threshold`` of them close it.
+        # Checks passed in a row since the breaker last opened: ``healthy_threshold`` of them half-open it.
         self.passes_since_open: int = previous.passes_since_open if previous is not None and same_breaker else 0
         self.rng = random.Random()  # backoff jitter (the balancer has its own, for least_request)
         self.enforce = policy.breaker.enforce
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
+        self.rate = self._rate_limit(policy, previous)
         self.fallback = policy.fallback
+
+    def _rate_limit(self, policy: UpstreamPolicy, previous: UpstreamRuntime | None) -> UpstreamRateLimit | None:
+        """The outbound rate limit; kept across a reload that leaves it (and the routes' weights and limits)
+        unchanged, so its windows, line and cool-down carry on. A changed one starts counting afresh."""
+        if policy.rate_limit is None or policy.protocol != "http":
+            return None
+        if (
+            previous is not None
+            and previous.rate is not None
+            and previous.policy.rate_limit == policy.rate_limit
+            and previous.rate.specs == policy.rate_limit_specs()
+        ):
+            return previous.rate
+        return UpstreamRateLimit(policy, self.clock)
 
     def route_for(self, path: bytes, method: str) -> Route:
         """The first route matching the request (its path without the query string), else the upstream's own."""
@@ -171,6 +199,35 @@ class UpstreamRuntime:
             },
         )
 
+    def settle(
+        self,
+        permit: Permit | None,
+        target: TargetState | None,
+        outcome: Outcome,
+        now: float,
+        duration: float = 0.0,
+        kind: str = "",
+        label: str | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        """The one place an attempt's outcome is recorded, for HTTP and TCP alike: the breaker (its permit), the
+        target's outlier count, the failure counter. ``kind`` is the failure kind (or ``5xx``), ``label`` the
+        failures metric's label where it is finer (``tls_error``); ``duration`` is what the breaker's slow-call
+        rule sees. Ignored outcomes (stale reuse, a client's fault, a cool-down answer) only free the permit."""
+        if outcome is Outcome.FAILURE:
+            self.stats.failed(label or kind)
+            if permit is not None:
+                self.breaker.record_failure(permit, now, duration)
+            if target is not None:
+                self.report_target(target, ok=False, now=now, kind=kind, logger=logger)
+        elif outcome is Outcome.SUCCESS:
+            if permit is not None:
+                self.breaker.record_success(permit, now, duration)
+            if target is not None and self.balancer.detector is not None:  # a success clears the target's count
+                self.report_target(target, ok=True, now=now)
+        elif permit is not None:
+            self.breaker.record_ignored(permit)
+
     def out_of_resources(self, permit: Permit | None, exc: OutOfResources) -> None:
         """The sidecar could not connect for want of its own resources: an overload, nobody's failure.
         Releases the permit unrecorded, counts the refusal and logs it (at most once a second, with a count)."""
@@ -200,18 +257,21 @@ class UpstreamRuntime:
         self._recover_on_health(result.passed, health.healthy_threshold)
 
     def _recover_on_health(self, passed: bool, threshold: int) -> None:
-        """``healthy_threshold`` checks passed in a row since the breaker opened close it (Envoy's active
-        checks bring a host back the same way): recovery without waiting out open_duration, with or without
-        traffic. A failing check never opens a breaker: that stays the verdict of real calls."""
+        """``healthy_threshold`` checks passed in a row since the breaker opened end the open interval early:
+        the breaker turns half-open and the next real calls, as probes, close it or re-open it (Envoy's active
+        checks bring a host back the same way, but a check is not a call: a shallow /health passes while the
+        calls fail). Recovery without waiting out open_duration, for an upstream that was down and came back
+        with no traffic to probe it. A failing check never opens a breaker: that stays the verdict of real calls.
+        """
         if not passed:
             self.passes_since_open = 0
             return
         now = self.clock.monotonic()
-        if self.breaker.snapshot(now).state is State.CLOSED:
-            return
+        if self.breaker.snapshot(now).state is not State.OPEN:
+            return  # closed: nothing to end; half-open: the probes decide
         self.passes_since_open += 1
         if self.passes_since_open >= threshold:
-            self.breaker.close_on_health(now)
+            self.breaker.half_open_on_health(now)
 
     def report_target(
         self, state: TargetState, ok: bool, now: float, kind: str = "", logger: logging.Logger = log
@@ -255,7 +315,24 @@ class UpstreamRuntime:
             _, retries = self.budget.totals(now)
             return max(0.0, self.budget.allowance(now) - retries)
 
+        def rate_limit() -> RateView | None:
+            rate = self.rate
+            if rate is None:
+                return None
+            snap = rate.snapshot()
+            return RateView(
+                refused=dict(rate.counts.refused),
+                cooldowns=rate.counts.cooldowns,
+                tokens=[
+                    (limit_label(s.spec.requests, s.spec.per, s.spec.fixed, s.spec.scope), s.left) for s in snap.limits
+                ],
+                waiting=snap.waiting,
+                cooldown_left=snap.cooldown_left,
+                counted=snap.shared.value,
+            )
+
         return UpstreamView(
+            rate_limit=rate_limit,
             name=self.name,
             stats=self.stats,
             breaker_state=lambda: self.effective_state().value,

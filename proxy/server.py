@@ -141,6 +141,10 @@ class Sidecar:
                     del self._spare_runtimes[policy.name]
             raise
         removed = {n: self.runtimes[n] for n in self.listeners if n not in new_policies and n in self.runtimes}
+        kept_rates = {id(rt.rate) for rt in runtimes.values()}
+        for rt in self.runtimes.values():
+            if rt.rate is not None and id(rt.rate) not in kept_rates:
+                self._spawn(rt.rate.close())  # a replaced rate limit's Redis connection (requests in flight fall back)
         self.runtimes = runtimes  # new requests see the new policies from here on
         self.config = config
         for name in new_policies:
@@ -359,6 +363,8 @@ class Sidecar:
         for rt in self.runtimes.values():
             for pool in rt.balancer.pools():
                 pool.abort_all()
+            if rt.rate is not None:
+                await rt.rate.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("stopped", extra={"event": "stopped"})

@@ -7,7 +7,7 @@ still coupling, and a cycle hidden behind one is still a cycle.
     (shared)     logs, sockets: small utilities any layer may use
     policy       the policy language: values, model, loader, rules, schema     resilience only; no I/O modules
     upstream     connections, pools, balancer, checks                          policy, resilience
-    live state   runtime, metrics                                              the above
+    live state   runtime, metrics, ratelimits                                  the above
     data plane   http/, tcp                                                    the above
     process      server, admin, reports, cli, demo, in-process API             anything
 """
@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "proxy.upstream": 2,
     "proxy.metrics": 3,
     "proxy.runtime": 3,
+    "proxy.ratelimits": 3,
     "proxy.http": 4,
     "proxy.tcp": 4,
 }

@@ -1,6 +1,8 @@
 """The attempt loop: the only place that does upstream I/O for HTTP requests.
 
-    admit (bulkhead) → breaker.try_acquire → pick target → pooled connection → send → await response head
+    admit (proxy.http.admission: bulkhead → breaker → rate limit) → breaker.try_acquire → pick target
+        → pooled connection → send → await response head
+        an answer in the rate limit's cooldown_on with Retry-After → pause the upstream, deliver it as it came
         failure? (connect_error | timeout | reset | bad_response | 5xx) → breaker + outlier records it
             retryable for this method and outcome, body replayable, budget allows, total allows
             → backoff (clock.sleep) → again, on another target if there is one
@@ -19,6 +21,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 from proxy.http import wire
+from proxy.http.admission import PIPELINE, Refusal, rate_refusal
 from proxy.http.answers import refuse_breaker_open
 from proxy.http.body import DISCARD_BYTES, BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
@@ -26,6 +29,7 @@ from proxy.http.pump import BodyPump
 from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
+from proxy.runtime import Outcome
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
 
@@ -52,6 +56,7 @@ class Exchange:
         "client_fault",
         "client_time",
         "conn",
+        "passed",
         "permit",
         "pump",
         "req",
@@ -67,6 +72,7 @@ class Exchange:
         # First match wins; an upstream without routes pays one test for them.
         self.route = rt.route_for(req.path, req.method) if rt.routes else rt.default_route
         self.attempts = 0
+        self.passed = 0  # admission stages passed: released when the exchange ends
         self.permit: Permit | None = None
         self.conn: UpstreamConnection | None = None
         self.pump: BodyPump | None = None
@@ -79,25 +85,15 @@ class Exchange:
 
     async def run(self) -> None:
         rt = self.rt
-        stats = rt.stats
-        if not rt.bulkhead.try_enter() and not await rt.bulkhead.enter():
-            stats.reject("overload")
-            limit = rt.policy.limits.max_concurrent
-            self._local(
-                503,
-                "overload",
-                "too many requests in flight to this upstream",
-                decision=self._decision(f"overload max_concurrent={limit}"),
-            )
-            return
         try:
+            refusal = await PIPELINE.admit(self)
+            if refusal is not None:
+                self._refuse(refusal)
+                return
             body = self.req.body
             if body is not None and not body.complete and body.replayable:
                 # Read a small body whole before any upstream sees it: a malformed one (bad chunk size) is then
                 # answered 400 with nothing forwarded, and a retry can replay it. Large bodies stream.
-                if rt.enforce and rt.breaker.rejecting(rt.clock.monotonic()):
-                    self._breaker_open(rt.clock.monotonic())
-                    return
                 if self.req.expect_continue:
                     self.req.expect_continue = False
                     self.client.send_continue()
@@ -113,8 +109,34 @@ class Exchange:
                 self.client_time += rt.clock.monotonic() - waited_from
             await self._attempts()
         finally:
-            rt.bulkhead.leave()
+            PIPELINE.release(self)
             self._release(abort=True)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a request an admission stage refused (counted once, logged once)."""
+        if refusal.reason == "breaker_open":
+            self._breaker_open(self.rt.clock.monotonic())
+            return
+        self.rt.stats.reject(refusal.reason)
+        extra = [(b"retry-after", b"%d" % refusal.retry_after)] if refusal.retry_after is not None else None
+        self._local(refusal.status, refusal.reason, refusal.detail, self._decision(refusal.decision), extra)
+
+    async def _retry_tokens(self, deadline: float) -> Refusal | None:
+        """A retry is one more send the upstream counts: it takes its tokens too, waiting no longer than the
+        rate limit's max_wait and what is left of ``total``."""
+        limiter = self.rt.rate
+        if limiter is None:
+            return None
+        route = self.route
+        max_wait = route.rate_max_wait if route.rate_max_wait is not None else limiter.max_wait
+        max_wait = max(0.0, min(max_wait, deadline - self.rt.clock.monotonic()))
+        verdict = limiter.gate.try_acquire(route.weight, route.name, max_wait)
+        if verdict is None:
+            verdict = await limiter.gate.acquire(route.weight, route.name, max_wait)
+        if verdict.reason is None:
+            return None
+        limiter.counts.refuse(verdict.reason)
+        return rate_refusal(verdict.reason, verdict.wait, max_wait)
 
     async def _attempts(self) -> None:
         rt, req, route = self.rt, self.req, self.route
@@ -125,7 +147,7 @@ class Exchange:
             rt.budget.record_request(self.started)
         delays = None
         exclude: TargetState | None = None
-        stale_retried = False
+        stale_retried = replaying = False
         while True:
             now = clock.monotonic()
             permit = breaker.try_acquire(now)
@@ -143,6 +165,13 @@ class Exchange:
                     return
                 rt.stats.reject("breaker_open_shadow")
             self.permit = permit
+            if self.attempts > 0 and not replaying and rt.rate is not None:
+                refused = await self._retry_tokens(deadline)
+                if refused is not None:
+                    self._retry_refused(refused)
+                    return
+                now = clock.monotonic()
+            replaying = False
             state = rt.balancer.pick(now, exclude)
             self.attempts += 1
             if self.attempts == 1 and req.expect_continue:
@@ -176,30 +205,28 @@ class Exchange:
                 and self._body_replayable()
             ):
                 # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
-                stale_retried = True
+                stale_retried = replaying = True  # the same send again: no new tokens
                 self.attempts -= 1
+                self._settle(None, Outcome.IGNORED)
                 self._release(abort=True)
-                if permit is not None:
-                    breaker.record_ignored(permit)
-                self.permit = None
                 continue
             if error is not None and self.client_fault is not None:
                 # The client stalled or broke off its body: nothing the upstream did, nothing to record.
-                if permit is not None:
-                    breaker.record_ignored(permit)
-                self.permit = None
+                self._settle(None, Outcome.IGNORED)
                 self._client_failed()
                 return
-            failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
-            now = clock.monotonic()
-            if failed_kind is None:
-                await self._deliver(head, state)  # type: ignore[arg-type]
+            if head is not None and rt.rate is not None and rt.rate.settle_answer(head.status, head.header):
+                # The upstream said to pause (429/418 + Retry-After): delivered as it came, never retried, and
+                # no verdict on the upstream's health either way.
+                await self._deliver(head, state, Outcome.IGNORED)
                 return
-            rt.stats.failed(error.reason if error is not None else failed_kind)  # tls_error: its own label
-            if permit is not None:
-                breaker.record_failure(permit, now, now - self.started - self.client_time)
-                self.permit = None
-            rt.report_target(state, ok=False, now=now, kind=failed_kind, logger=log)
+            failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
+            if failed_kind is None:
+                await self._deliver(head, state, Outcome.SUCCESS)  # type: ignore[arg-type]
+                return
+            # tls_error: its own label in the failures metric
+            self._settle(state, Outcome.FAILURE, failed_kind, error.reason if error is not None else None)
+            now = clock.monotonic()
             self._last_error = error
             # Should we go again?
             retry = route.retry
@@ -227,7 +254,7 @@ class Exchange:
                 rt.stats.reject("retry_budget")
             if why_not is not None:
                 if head is not None:
-                    await self._deliver(head, state, failed=True)
+                    await self._deliver(head, state, None)
                 else:
                     assert error is not None
                     stopped_by = why_not if why_not in (NoRetry.RETRY_BUDGET, NoRetry.BREAKER_OPEN) else None
@@ -240,6 +267,13 @@ class Exchange:
             exclude = state
             if decision.delay > 0:
                 await clock.sleep(decision.delay)
+
+    def _retry_refused(self, refusal: Refusal) -> None:
+        """A retry could not get its tokens in time: stop with what we have (the last failure, or the 429)."""
+        if self._last_error is not None:
+            self._local_failure(self._last_error, refusal.reason)
+        else:
+            self._refuse(refusal)
 
     def _out_of_resources(self, exc: OutOfResources) -> None:
         """The sidecar could not open a connection for want of its own resources: overload, nobody's failure."""
@@ -309,8 +343,10 @@ class Exchange:
 
     # -- answers ---------------------------------------------------------------------------------------------
 
-    async def _deliver(self, head: ResponseHead, state: TargetState, failed: bool = False) -> None:
-        rt, client, conn = self.rt, self.client, self.conn
+    async def _deliver(self, head: ResponseHead, state: TargetState, outcome: Outcome | None) -> None:
+        """Stream an upstream answer to the client, then settle ``outcome`` (None: a failed answer, settled
+        when it came; a body that breaks on the way is a failure whatever the head said)."""
+        client, conn = self.client, self.conn
         assert conn is not None
         if head.status == 101:
             await self._switch(head, state, conn)
@@ -324,7 +360,6 @@ class Exchange:
             keep_alive = await self._early_answer(head, conn, whole is not None)
         client_head = response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
         status = head.status
-        permit, self.permit = self.permit, None
         try:
             if whole is not None:
                 client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
@@ -333,64 +368,24 @@ class Exchange:
                 await conn.deliver(client.write_body, self.route.timeouts.idle)
         except UpstreamError as exc:
             # Too late for a clean answer: the client sees the body cut short, never a second status line.
-            now = rt.clock.monotonic()
-            rt.stats.failed(exc.kind)
-            if permit is not None:
-                rt.breaker.record_failure(permit, now, now - self.started - self.client_time)
-            rt.report_target(state, ok=False, now=now, kind=exc.kind, logger=log)
-            rt.stats.answered(status, now - self.started)
+            self._settle(state, Outcome.FAILURE, exc.kind)
+            self._answered(status, exc.kind)
             client.abort()
             return
-        except BaseException:
-            if permit is not None:
-                rt.breaker.record_ignored(permit)
-            raise
         if whole is None:
             client.end_response(conn.trailers)
-        now = rt.clock.monotonic()
-        duration = now - self.started
-        if not failed:
-            if permit is not None:
-                rt.breaker.record_success(permit, now, duration - self.client_time)
-            if rt.balancer.detector is not None:  # in shadow mode too: a success clears the target's count
-                rt.report_target(state, ok=True, now=now)
-        rt.stats.answered(status, duration)
-        if client.log_requests:
-            route = self.route.name
-            log.info(
-                "%s %s -> %d",
-                self.req.method,
-                self.req.path.decode("latin-1"),
-                status,
-                extra={
-                    "event": "request",
-                    "upstream": rt.name,
-                    **({"route": route} if route is not None else {}),
-                    "status": status,
-                    "attempts": self.attempts,
-                    "duration_ms": round(duration * 1000, 3),
-                },
-            )
+        if outcome is not None:
+            self._settle(state, outcome)
+        self._answered(status, None)
         self._release(abort=False)
 
     async def _switch(self, head: ResponseHead, state: TargetState, conn: UpstreamConnection) -> None:
         """A 101: the handshake succeeded (recorded now, not when the relay ends); then relay until either side
         closes, holding the bulkhead slot (proxy.http.upgrade). Never retried, never pooled."""
         rt = self.rt
-        permit, self.permit, self.conn = self.permit, None, None
-        now = rt.clock.monotonic()
-        if permit is not None:
-            rt.breaker.record_success(permit, now, now - self.started)
-        if rt.balancer.detector is not None:
-            rt.report_target(state, ok=True, now=now)
-        rt.stats.answered(101, now - self.started)
-        if self.client.log_requests:
-            log.info(
-                "%s %s -> 101",
-                self.req.method,
-                self.req.path.decode("latin-1"),
-                extra={"event": "request", "upstream": rt.name, "status": 101, "attempts": self.attempts},
-            )
+        self.conn = None
+        self._settle(state, Outcome.SUCCESS)
+        self._answered(101, None)
         state.outstanding += 1  # an open relay is an active request to its target (least_request)
         try:
             await relay(rt, self.client, conn, head, self.attempts, self.route.timeouts.idle)
@@ -438,9 +433,26 @@ class Exchange:
             self.rt.breaker.record_ignored(permit)
 
     def _breaker_open(self, now: float) -> None:
+        rt = self.rt
         if not self._discardable():
             self.client.keep_alive = False
-        self.client.send_raw(refuse_breaker_open(self.rt, now, self.client.keep_alive, self.client.http11))
+        self.client.send_raw(refuse_breaker_open(rt, now, self.client.keep_alive, self.client.http11))
+        if self.client.log_requests:  # counted by refuse_breaker_open (shared with the listener's fail-fast)
+            status = rt.fallback.status if rt.fallback else 503
+            log_answer(rt, self.req, self.route.name, status, "breaker_open", self.attempts, now - self.started)
+
+    def _settle(self, target: TargetState | None, outcome: Outcome, kind: str = "", label: str | None = None) -> None:
+        """Record this attempt's outcome (``UpstreamRuntime.settle``) and let its permit go."""
+        permit, self.permit = self.permit, None
+        now = self.rt.clock.monotonic()
+        self.rt.settle(permit, target, outcome, now, now - self.started - self.client_time, kind, label, log)
+
+    def _answered(self, status: int, reason: str | None) -> None:
+        """Count the answer this exchange gave, proxied (``reason`` None) or its own, and log its one line."""
+        duration = self.rt.clock.monotonic() - self.started
+        self.rt.stats.answered(status, duration)
+        if self.client.log_requests:
+            log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         reason = error.reason if stopped_by != "retry_budget" else "retry_budget"
@@ -471,7 +483,32 @@ class Exchange:
         if not self._discardable():
             self.client.keep_alive = False  # the client's connection cannot carry another request: say so
         self.client.send_local(status, wire.error_body(reason, self.rt.name, detail), _JSON, headers)
-        self.rt.stats.answered(status, self.rt.clock.monotonic() - self.started)
+        self._answered(status, reason)
+
+
+def log_answer(
+    rt: UpstreamRuntime,
+    req: Request,
+    route: str | None,
+    status: int,
+    reason: str | None,
+    attempts: int,
+    duration: float,
+) -> None:
+    """The request log's one line for an answer, proxied (``reason`` None) or the sidecar's own (its
+    ``x-sidecar-reason``), like Envoy's access log with its response flags."""
+    extra: dict[str, object] = {
+        "event": "request",
+        "upstream": rt.name,
+        "status": status,
+        "attempts": attempts,
+        "duration_ms": round(duration * 1000, 3),
+    }
+    if route is not None:
+        extra["route"] = route
+    if reason is not None:
+        extra["reason"] = reason
+    log.info("%s %s -> %d", req.method, req.path.decode("latin-1"), status, extra=extra)
 
 
 def forward(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> Coroutine[None, None, None]:

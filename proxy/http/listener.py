@@ -21,7 +21,7 @@ import httptools
 from proxy.http import wire
 from proxy.http.answers import fail_fast
 from proxy.http.body import RequestBody
-from proxy.http.forwarder import forward
+from proxy.http.forwarder import forward, log_answer
 from proxy.http.heads import chunked_answer, trailer_section
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
 from proxy.policy.model import HttpServerPolicy
@@ -253,6 +253,10 @@ class ClientConnection(asyncio.Protocol):
             answer = fail_fast(rt, self.keep_alive, self.http11)
             if answer is not None:
                 self.send_raw(answer)
+                if self.log_requests:
+                    route = rt.route_for(req.path, req.method) if rt.routes else rt.default_route
+                    status = rt.fallback.status if rt.fallback else 503
+                    log_answer(rt, req, route.name, status, "breaker_open", 0, 0.0)
                 return True
         if req.body is not None and not req.body.complete:
             self._resume_reading()  # a pipelined request's body may still be on its way: let it in

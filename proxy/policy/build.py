@@ -72,12 +72,18 @@ class ModelBuilder:
                 values[f.name] = value
             else:
                 self.failed.add(field_where)  # keep the default so the other keys are still checked
-        try:
-            return cls(**values)
-        except TypeError as exc:  # a required field without a default
-            self.reader.error(node, node.path, str(exc))
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:  # required: said here unless written (and then already reported as bad)
+            for name in missing:
+                if name not in node.value:
+                    self.reader.error(node, f"{node.path}.{name}" if node.path else name, f"{name} is required")
             self.failed.add(where)
             return None
+        return cls(**values)
 
     def convert(self, f: dataclasses.Field[Any], tp: Any, node: Sourced, where: str) -> tuple[bool, Any]:
         info = f.metadata
@@ -91,21 +97,36 @@ class ModelBuilder:
             self.reader.error(node, node.path, "a value is required here")
             return False, None
         if dataclasses.is_dataclass(tp) and not info.get("parse"):
-            built = self.build(typing.cast(type, tp), node, where=where)
-            return built is not None, built
+            return self._section(typing.cast(type, tp), info, node, where)
         if typing.get_origin(tp) is tuple:
             items = value if isinstance(value, list) else None
             if items is None:
                 self.reader.error(node, node.path, "expected a list")
                 return False, None
+            item_type = typing.get_args(tp)[0]
             converted = []
             ok = True
-            for item in items:
-                good, item_value = self._scalar(info, typing.get_args(tp)[0], item)
+            for index, item in enumerate(items):
+                if dataclasses.is_dataclass(item_type) and not info.get("parse"):
+                    good, item_value = self._section(typing.cast(type, item_type), info, item, f"{where}[{index}]")
+                else:
+                    good, item_value = self._scalar(info, item_type, item)
                 ok &= good
                 converted.append(item_value)
             return ok, tuple(converted)
         return self._scalar(info, tp, node)
+
+    def _section(self, cls: type, info: Mapping[str, Any], node: Sourced, where: str) -> tuple[bool, Any]:
+        """A nested mapping, or one of the words ``shorthand`` allows for it (``observe: standard``)."""
+        shorthand = info.get("shorthand") or {}
+        if shorthand and not isinstance(node.value, dict):
+            if isinstance(node.value, str) and node.value in shorthand:
+                return True, shorthand[node.value]
+            words = " or ".join(repr(w) for w in shorthand)
+            self.reader.error(node, node.path, f"expected a mapping of keys or {words}, got {node.value!r}")
+            return False, None
+        built = self.build(cls, node, where=where)
+        return built is not None, built
 
     def _scalar(self, info: Mapping[str, Any], tp: Any, node: Sourced) -> tuple[bool, Any]:
         value = node.value

@@ -22,6 +22,7 @@ from typing import IO
 import yaml
 
 from proxy.policy.check import check_file
+from proxy.policy.explain_rates import for_route, rate_limit_words, route_words, without_password
 from proxy.policy.model import RoutePolicy, UpstreamPolicy
 from proxy.policy.schema import to_plain
 from proxy.policy.values import format_duration
@@ -237,12 +238,21 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             f"Health is checked every {_d(h.interval)} ({'critical' if h.critical else 'not critical'}: "
             + ("/health answers 503 while it fails)." if h.critical else "/health only reports it).")
             + (
-                " A passing check after the breaker opened closes it"
+                " A passing check after the breaker opened ends the open interval early"
                 if h.healthy_threshold == 1
-                else f" {h.healthy_threshold} passing checks in a row after the breaker opened close it"
+                else f" {h.healthy_threshold} passing checks in a row after the breaker opened end the open "
+                "interval early"
             )
-            + " (health_check_passed), without waiting out open_duration or for a request."
+            + f" (half-open, health_check_passed) instead of after {_d(breaker.open_duration)}: the next "
+            + ("connection" if not http else "request")
+            + " is the probe that closes or re-opens it. Once such a probe fails (a check that passes while the "
+            "calls fail), only open_duration ends the breaker's open intervals until it closes."
         )
+
+    # -- the rate limit -------------------------------------------------------------------------------------
+    rate_said, rate_flags = rate_limit_words(policy)
+    ex.consequences += rate_said
+    ex.contradictions += rate_flags
 
     # -- contradictions --------------------------------------------------------------------------------------
     if t.per_try < t.connect:
@@ -291,9 +301,11 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
             f"({_d(policy.health.interval)}): checks pile up on a hanging upstream."
         )
     for route in policy.routes:
-        # A route is the upstream with its own timeouts and retry: the same arithmetic, the same flags.
-        as_upstream = dataclasses.replace(policy, timeouts=route.timeouts, retry=route.retry, routes=())
-        ex.routes.append((route, explain_upstream(as_upstream, replay_buffer_bytes)))
+        # A route is the upstream with its own timeouts, retry and wait for tokens: the same arithmetic, the same
+        # flags, and what its weight and own limits add.
+        route_ex = explain_upstream(for_route(policy, route), replay_buffer_bytes)
+        route_ex.consequences += route_words(policy, route)
+        ex.routes.append((route, route_ex))
     return ex
 
 
@@ -310,6 +322,9 @@ def render(policy: UpstreamPolicy, ex: Explanation) -> str:
     effective.pop("listen", None)
     effective.pop("targets", None)
     effective.pop("routes", None)
+    shared = (effective.get("rate_limit") or {}).get("shared")
+    if shared:
+        shared["redis"] = without_password(shared["redis"])
     lines += _yaml(effective, "    ")
     lines += _meaning(ex, "  ")
     if ex.routes:
@@ -318,7 +333,10 @@ def render(policy: UpstreamPolicy, ex: Explanation) -> str:
         lines += ["", f"    route {route.name}: {describe_match(route)}", "", "      effective policy:"]
         retry = to_plain(route.retry)
         retry.pop("budget", None)  # the upstream's, shared
-        lines += _yaml({"timeouts": to_plain(route.timeouts), "retry": retry}, "        ")
+        shown = {"timeouts": to_plain(route.timeouts), "retry": retry}
+        if policy.rate_limit is not None:
+            shown |= {"weight": route.weight, "rate_limit": to_plain(route.rate_limit)}
+        lines += _yaml(shown, "        ")
         # What differs from the upstream's own: the waiting and the retrying (the breaker is the upstream's).
         differs = [c for c in route_ex.consequences if c not in ex.consequences and not c.startswith("Counted")]
         lines += _meaning(dataclasses.replace(route_ex, consequences=differs), "      ")

@@ -21,6 +21,7 @@ from proxy.policy.model import (
     SidecarConfig,
     UpstreamPolicy,
 )
+from proxy.policy.rates import check_shared_keys, without_unused_rate_limit
 from proxy.policy.routes import build_routes
 from proxy.policy.rules import check_listens, check_upstream
 from proxy.policy.source import UNRESOLVED, Sourced, SourceReader, merge
@@ -72,6 +73,7 @@ def load_text(
             reader.error(defaults.value[key], f"defaults.{key}", f"{key} is set per upstream, not in defaults")
 
     upstreams: list[UpstreamPolicy] = []
+    merged_nodes: dict[str, Sourced] = {}
     positions: dict[str, tuple[int, int, str]] = {}
     ups_node = top.get("upstreams")
     if ups_node is None or not ups_node.value:
@@ -97,9 +99,12 @@ def load_text(
             if policy is not None:  # possibly partial (bad keys at defaults): its other rules still get checked
                 check_upstream(builder, policy, merged)
                 routes = build_routes(builder, merged, policy)
+                policy = without_unused_rate_limit(policy)
+                merged_nodes[name] = merged
                 upstreams.append(dataclasses.replace(policy, routes=routes) if routes else policy)
                 _tls_positions(merged, f"upstreams.{name}.tls", positions)
 
+    check_shared_keys(builder, upstreams, merged_nodes)
     if admin is not None:
         check_listens(builder, admin, top.get("admin"), upstreams, ups_node, allow_non_loopback)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.policy.fields import meta
+from proxy.policy.rate_model import RateLimitPolicy, RateLimitWindow, RouteRateLimit
 from proxy.policy.values import (
     RETRY_KINDS,
     STATUS_GROUPS,
@@ -23,37 +25,11 @@ from proxy.policy.values import (
 )
 from proxy.resilience.breaker import BreakerSettings
 from proxy.resilience.failures import FailureKind
+from proxy.resilience.ratelimit import LimitSpec
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model. ``meta`` carries what the schema, the validator and ``explain`` need to know about a field.
-
-
-def meta(
-    doc: str,
-    *,
-    default: Any = dataclasses.MISSING,
-    factory: Callable[[], Any] | None = None,
-    duration: bool = False,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    parse: Callable[[object], Any] | None = None,
-    schema: dict[str, Any] | None = None,
-) -> Any:
-    info = {
-        "doc": doc,
-        "duration": duration,
-        "minimum": minimum,
-        "maximum": maximum,
-        "exclusive_minimum": exclusive_minimum,
-        "choices": choices,
-        "parse": parse,
-        "schema": schema,
-    }
-    if factory is not None:
-        return field(default_factory=factory, metadata=info)
-    return field(default=default, metadata=info)
+# The model. ``meta`` (proxy.policy.fields) carries what the schema, the validator and ``explain`` need to know
+# about a field. The rate-limit sections live in proxy.policy.rate_model.
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +153,10 @@ class HealthPolicy:
     timeout: float = meta("Time allowed for one check.", default=2.0, duration=True, exclusive_minimum=0)
     critical: bool = meta("A failing critical upstream makes /health answer 503 (unhealthy).", default=True)
     healthy_threshold: int = meta(
-        "Consecutive passes before a failing upstream counts as healthy.", default=1, minimum=1
+        "Consecutive passes before a failing upstream counts as healthy; after a breaker opened, before its open "
+        "interval ends early (half-open: real calls then close or re-open it).",
+        default=1,
+        minimum=1,
     )
     unhealthy_threshold: int = meta(
         "Consecutive failures before a healthy upstream counts as unhealthy.", default=2, minimum=1
@@ -287,6 +266,16 @@ class RoutePolicy:
         "Overrides the upstream's retry key by key, for these requests (the retry budget stays the upstream's).",
         factory=RetryPolicy,
     )
+    weight: int = meta(
+        "Tokens each request of this route costs against the upstream's rate limits (an exchange's endpoint "
+        "weight). Needs rate_limit on the upstream.",
+        default=1,
+        minimum=1,
+    )
+    rate_limit: RouteRateLimit | None = meta(
+        "Limits counted for this route only, on top of the upstream's rate_limit, and its own max_wait.",
+        default=None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,12 +308,39 @@ class UpstreamPolicy:
         "Per-target ejection for upstreams with several targets.", factory=OutlierPolicy
     )
     tls: TlsPolicy = meta("TLS to https:// targets: trust, client certificate (mTLS), SNI.", factory=TlsPolicy)
+    rate_limit: RateLimitPolicy | None = meta(
+        "Outbound rate limit: weighted limits counted as the upstream counts them, a cool-down on its "
+        "429/418 + Retry-After, optionally shared through Redis. Off when absent.",
+        default=None,
+    )
     routes: tuple[RoutePolicy, ...] = meta(
-        "Per-path timeouts and retry, first match wins; a request no route matches gets the upstream's own. "
-        "Set per upstream (like Envoy's routes per virtual host), not in defaults.",
+        "Per-path timeouts, retry and rate-limit weight, first match wins; a request no route matches gets the "
+        "upstream's own. Set per upstream (like Envoy's routes per virtual host), not in defaults.",
         default=(),
         schema={"$ref": "#/$defs/Route"},
     )
+
+    def rate_limit_specs(self) -> tuple[LimitSpec, ...]:
+        """The rate-limit engine's limits: the upstream's own (scope None, every request), then each route's own
+        (scope: the route's name, ``routes[N]`` when unnamed). () without ``rate_limit``."""
+        rate = self.rate_limit
+        if rate is None:
+            return ()
+        scoped: list[tuple[str | None, RateLimitWindow]] = [(None, w) for w in rate.limits]
+        for route in self.routes:
+            if route.rate_limit is not None:
+                scoped += [(route.name, w) for w in route.rate_limit.limits]
+        return tuple(
+            LimitSpec(w.requests, w.per, fixed=w.fixed, scope=scope, margin=0.0 if w.fixed else rate.margin)
+            for scope, w in scoped
+        )
+
+    def rate_limit_max_wait(self, route: RoutePolicy | None) -> float:
+        """How long a request of ``route`` (None: a request no route matches) may wait for its tokens."""
+        if self.rate_limit is None:
+            return 0.0
+        own = route.rate_limit.max_wait if route is not None and route.rate_limit is not None else None
+        return self.rate_limit.max_wait if own is None else own
 
 
 @dataclass(frozen=True, slots=True)

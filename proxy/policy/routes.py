@@ -13,10 +13,12 @@ import dataclasses
 
 from proxy.policy.build import ModelBuilder
 from proxy.policy.model import RoutePolicy, UpstreamPolicy
+from proxy.policy.rates import check_route_rate_limit
 from proxy.policy.rules import check_timing
 from proxy.policy.source import Sourced, merge
 
-# Keys a route may override; everything else (breaker, budget, limits, targets) is the upstream's alone.
+# Keys a route may override; everything else (breaker, budget, limits, targets) is the upstream's alone. A route's
+# weight and rate_limit are its own (its cost and extra limits), not overrides of the upstream's rate_limit.
 OVERRIDES = ("timeouts", "retry")
 
 
@@ -41,6 +43,7 @@ def build_routes(builder: ModelBuilder, up_node: Sourced, policy: UpstreamPolicy
         if route is None:
             continue
         name = route.name or f"routes[{index}]"
+        check_route_rate_limit(builder, policy, up_node, route, item, where)
         if route.name is not None:
             if route.name in named:
                 reader.error(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from proxy.policy.build import ModelBuilder
 from proxy.policy.model import AdminPolicy, RetryPolicy, Timeouts, UpstreamPolicy
+from proxy.policy.rates import check_upstream_rate_limit
 from proxy.policy.source import Sourced, SourceReader
 from proxy.policy.values import Address, format_duration
 
@@ -63,6 +64,7 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
     if up.protocol == "tcp" and "fallback" in children:
         reader.error(at("fallback"), f"{path}.fallback", "a tcp upstream has no HTTP fallback answer")
     _check_tls(builder, up, node, at("tls"))
+    check_upstream_rate_limit(builder, up, node)
 
 
 _SERVER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+")

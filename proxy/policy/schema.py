@@ -17,26 +17,33 @@ import typing
 from collections.abc import Callable
 from typing import IO, Any
 
-from proxy.policy import model
+from proxy.policy import model, rate_model
 from proxy.policy.model import TOP_LEVEL, UPSTREAM_ONLY, model_fields, unwrap_optional
 from proxy.policy.source import ENV_REF_PATTERN
 from proxy.policy.values import (
     ADDRESS_PATTERN,
     DURATION_PATTERN,
+    HEADER_NAME_PATTERN,
     HTTP_TARGET_PATTERN,
     METHOD_PATTERN,
+    REDIS_URL_PATTERN,
     RETRY_KINDS,
     ROUTE_PATH_PATTERN,
+    SHARED_KEY_PATTERN,
     STATUS_GROUPS,
     UPSTREAM_NAME_PATTERN,
     Address,
     Target,
     format_duration,
     parse_address,
+    parse_cooldown_status,
+    parse_header_name,
     parse_method,
+    parse_redis_url,
     parse_retry_on,
     parse_route_name,
     parse_route_path,
+    parse_shared_key,
     parse_target,
 )
 
@@ -81,6 +88,12 @@ _PARSED: dict[Callable[[object], Any], Callable[[], dict[str, Any]]] = {
     parse_retry_on: _retry_on_item,
     parse_route_path: lambda: {"type": "string", "pattern": ROUTE_PATH_PATTERN},
     parse_route_name: lambda: {"type": "string", "pattern": UPSTREAM_NAME_PATTERN},
+    parse_cooldown_status: lambda: _or_env(
+        {"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"type": "string", "pattern": r"^[45]\d\d$"}]}
+    ),
+    parse_header_name: lambda: _or_env({"type": "string", "pattern": HEADER_NAME_PATTERN}),
+    parse_redis_url: lambda: _or_env({"type": "string", "pattern": REDIS_URL_PATTERN}),
+    parse_shared_key: lambda: {"type": "string", "pattern": SHARED_KEY_PATTERN},
 }
 
 
@@ -143,9 +156,15 @@ def _field_schema(f: dataclasses.Field[Any], tp: Any, refs: dict[type, str]) -> 
     inner, optional = unwrap_optional(tp)
     if dataclasses.is_dataclass(inner) and not info.get("parse"):
         body: dict[str, Any] = {"$ref": f"#/$defs/{refs[typing.cast(type, inner)]}"}
+        if info.get("shorthand"):
+            body = {"anyOf": [body, {"type": "string", "enum": list(info["shorthand"])}]}
     elif typing.get_origin(inner) is tuple:
         item_type = typing.get_args(inner)[0]
-        body = {"type": "array", "items": _scalar_schema(item_type, info)}
+        if dataclasses.is_dataclass(item_type) and not info.get("parse") and not info.get("schema"):
+            items: dict[str, Any] = {"$ref": f"#/$defs/{refs[typing.cast(type, item_type)]}"}
+        else:
+            items = _scalar_schema(item_type, info)
+        body = {"type": "array", "items": items}
     else:
         body = _scalar_schema(inner, info)
     if optional:
@@ -165,6 +184,11 @@ def object_schema(
     cls: type, refs: dict[type, str], skip: tuple[str, ...] = (), required: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     properties: dict[str, Any] = {}
+    # Fields without a default are required (an upstream's name is its mapping key, skipped).
+    required = (
+        *required,
+        *(f.name for f, _ in model_fields(cls) if f.name not in skip and f.name not in required and not _default(f)[0]),
+    )
     for f, tp in model_fields(cls):
         if f.name in skip or "doc" not in f.metadata:
             continue
@@ -193,6 +217,11 @@ _SECTIONS: tuple[type, ...] = (
     model.LimitsPolicy,
     model.OutlierPolicy,
     model.TlsPolicy,
+    rate_model.RateLimitWindow,
+    rate_model.RateLimitObserve,
+    rate_model.SharedRateLimit,
+    rate_model.RateLimitPolicy,
+    rate_model.RouteRateLimit,
     model.RouteMatch,
     model.AdminPolicy,
     model.HttpServerPolicy,

@@ -19,12 +19,18 @@ HTTP_TARGET_PATTERN = r"^https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1
 METHOD_PATTERN = r"^[A-Za-z]+$"
 UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 ROUTE_PATH_PATTERN = r'^/[!-"$->@-~]*$'  # visible ASCII but '?' and '#': matching ignores the query string
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"  # an HTTP token (RFC 9110)
+REDIS_URL_PATTERN = r"^(?:rediss?://[^\s/?#]+(?:/\d*)?(?:\?\S*)?|unix:///\S+)$"
+SHARED_KEY_PATTERN = r"^[!-~]{1,200}$"  # visible ASCII: the Redis keys are built from it
 
 _DURATION = re.compile(DURATION_PATTERN)
 _ADDRESS = re.compile(ADDRESS_PATTERN)
 _METHOD = re.compile(METHOD_PATTERN)
 UPSTREAM_NAME = re.compile(UPSTREAM_NAME_PATTERN)
 _ROUTE_PATH = re.compile(ROUTE_PATH_PATTERN)
+_HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
+_REDIS_URL = re.compile(REDIS_URL_PATTERN)
+_SHARED_KEY = re.compile(SHARED_KEY_PATTERN)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -46,6 +52,8 @@ def parse_duration(value: object) -> float:
 def format_duration(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
     if seconds >= 120 and seconds % 60 == 0:
         return f"{seconds / 60:g}m"
     return f"{seconds:g}s"
@@ -171,6 +179,45 @@ def parse_route_path(value: object) -> str:
 def parse_route_name(value: object) -> str:
     if not isinstance(value, str) or not UPSTREAM_NAME.match(value):
         raise ValueError(f"route names are letters, digits, '-', '_' and '.' (≤ 63), got {value!r}")
+    return value
+
+
+def parse_cooldown_status(value: object) -> int:
+    """A status an upstream says "slow down" with: 4xx or 5xx (429, 418, 503…)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a status code, got {value!r}")
+    if not 400 <= value <= 599:
+        raise ValueError(f"a cool-down status is a 4xx or 5xx, got {value}")
+    return value
+
+
+def parse_header_name(value: object) -> str:
+    """An HTTP header name, lower-cased: names match case-insensitively."""
+    if not isinstance(value, str) or not _HEADER_NAME.match(value):
+        raise ValueError(f"expected a header name such as X-MBX-USED-WEIGHT-1M, got {value!r}")
+    return value.lower()
+
+
+def parse_redis_url(value: object) -> str:
+    """redis://[user:password@]host[:port][/db], rediss:// (TLS) or unix:///path/to/socket."""
+    text = value.strip() if isinstance(value, str) else ""
+    if text.startswith("unix://") and not text.startswith("unix:///"):
+        raise ValueError(f"a unix:// URL names an absolute socket path (unix:///run/redis.sock), got {value!r}")
+    if not _REDIS_URL.match(text):
+        raise ValueError(f"expected a Redis URL (redis://host:6379/0, rediss://… or unix:///path), got {value!r}")
+    host = text.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+    if not text.startswith("unix://") and not re.fullmatch(
+        r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?", host
+    ):
+        raise ValueError(f"expected redis://host[:port][/db], got {value!r}")
+    return text
+
+
+def parse_shared_key(value: object) -> str:
+    if not isinstance(value, str) or not _SHARED_KEY.match(value):
+        raise ValueError(f"a shared key is 1–200 visible ASCII characters without spaces, got {value!r}")
     return value
 
 

@@ -3,9 +3,15 @@
 States and the only legal moves between them (one table, as in h11's ``_state.py``)::
 
     CLOSED ──trip──▶ OPEN ──open_duration elapsed──▶ HALF_OPEN ──probe succeeded──▶ CLOSED
-                       ▲                                  │
-                       └──────────probe failed────────────┘
+                      ▲ │                              ▲   │
+                      │ └──health check passed─────────┘   │
+                      └───────probe failed─────────────────┘
     any state ──reset──▶ CLOSED
+
+Passing active checks end an open interval early, into HALF_OPEN, never into CLOSED: whether the upstream is back
+is for real calls to prove. A ``/health`` that passes while the calls fail is common (a shallow check), so once a
+probe let through by a check has failed, checks end no more open intervals of that outage (until the breaker
+closes; the next trip starts afresh); ``open_duration`` still does.
 
 An event the table does not list raises ``IllegalTransition``. Every transition is reported once to
 ``on_transition`` (which the sidecar turns into one log line and one metric sample).
@@ -56,10 +62,9 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.CLOSED, Event.RESET): State.CLOSED,
     (State.OPEN, Event.RESET): State.CLOSED,
     (State.HALF_OPEN, Event.RESET): State.CLOSED,
-    # Active checks passed (``healthy_threshold`` in a row since it opened): the upstream is back without
-    # waiting out open_duration or for a request to probe it.
-    (State.OPEN, Event.HEALTH_PASSED): State.CLOSED,
-    (State.HALF_OPEN, Event.HEALTH_PASSED): State.CLOSED,
+    # Active checks passed (``healthy_threshold`` in a row since it opened): the upstream may be back, so the
+    # next calls probe it without waiting out open_duration. Not listed from HALF_OPEN: there the probes decide.
+    (State.OPEN, Event.HEALTH_PASSED): State.HALF_OPEN,
 }
 
 
@@ -118,6 +123,7 @@ class Snapshot:
     opened_at: float | None
     retry_in: float
     half_open_in_flight: int
+    health_armed: bool  # passing checks may still end an open interval early (see ``half_open_on_health``)
     last_transition: Transition | None
     total_successes: int
     total_failures: int
@@ -165,6 +171,11 @@ class CircuitBreaker:
         )
         self._opened_at: float | None = None
         self._probes_in_flight = 0
+        # Whether passing checks may still end an open interval early: disarmed for the rest of an outage (until
+        # the breaker closes, so every trip from CLOSED starts armed) when a probe that a check let through fails:
+        # the check passed while calls failed, it does not see this failure.
+        self._health_armed = True
+        self._half_open_by_health = False
         self._override: Override | None = None
         self._override_until: float | None = None
         self._last_transition: Transition | None = None
@@ -263,17 +274,25 @@ class CircuitBreaker:
         if permit.probe and permit.generation == self._generation:
             self._probes_in_flight -= 1
 
-    def close_on_health(self, now: float) -> bool:
-        """Active checks say the upstream is back: close an open or half-open breaker (True if it closed).
+    def half_open_on_health(self, now: float) -> bool:
+        """Active checks say the upstream is back: end the open interval early, so that the next calls probe it
+        (True if the breaker moved to HALF_OPEN).
 
-        A force-open override is the operator's word and stays; so does the state beneath it. Probes admitted
-        before the close carry an older generation, so their late outcomes are ignored."""
+        Only from OPEN: half-open, the probes decide; closed, there is nothing to end. Not once a probe that a
+        check let through has failed, until the breaker closes again (``health_armed``). A force-open override
+        is the operator's word and stays; so does the state beneath it."""
         if self._override is Override.FORCE_OPEN and not self._override_expired(now):
             return False
-        if self._state is _CLOSED:
+        self._elapse(now)  # an interval that ended by itself ended by open_duration, whatever the checks say
+        if self._state is not _OPEN or not self._health_armed:
             return False
         self._fire(Event.HEALTH_PASSED, now, Event.HEALTH_PASSED.value)
         return True
+
+    @property
+    def health_armed(self) -> bool:
+        """May passing checks still end an open interval early (see ``half_open_on_health``)?"""
+        return self._health_armed
 
     # -- operator controls -----------------------------------------------------------------------------------
 
@@ -299,12 +318,8 @@ class CircuitBreaker:
 
     def snapshot(self, now: float) -> Snapshot:
         self._override_expired(now)
-        if self._state is _OPEN and self._opened_at is not None:
-            elapsed_at = self._opened_at + self.settings.open_duration
-            if now >= elapsed_at:
-                # Reported as it is: half-open (the next call is a probe), without waiting for a request to
-                # move it; the transition is dated when the interval elapsed, not when someone looked.
-                self._fire(Event.COOL_DOWN_ELAPSED, elapsed_at, Event.COOL_DOWN_ELAPSED.value)
+        # Reported as it is: half-open (the next call is a probe), without waiting for a request to move it.
+        self._elapse(now)
         window_start = now - self.settings.window
         failures = sum(1 for t in self._recent_failures if t > window_start)
         calls = 0
@@ -327,6 +342,7 @@ class CircuitBreaker:
             opened_at=self._opened_at,
             retry_in=self.retry_in(now),
             half_open_in_flight=self._probes_in_flight,
+            health_armed=self._health_armed,
             last_transition=self._last_transition,
             total_successes=self.total_successes,
             total_failures=self.total_failures,
@@ -338,6 +354,14 @@ class CircuitBreaker:
     def _is_slow(self, duration: float) -> bool:
         limit = self.settings.slow_call_duration
         return limit is not None and duration >= limit
+
+    def _elapse(self, now: float) -> None:
+        """An open interval that has elapsed is half-open from then on, whether a request came or not; the
+        transition is dated when the interval elapsed, not when someone looked."""
+        if self._state is _OPEN and self._opened_at is not None:
+            elapsed_at = self._opened_at + self.settings.open_duration
+            if now >= elapsed_at:
+                self._fire(Event.COOL_DOWN_ELAPSED, elapsed_at, Event.COOL_DOWN_ELAPSED.value)
 
     def _trip_on_rates(self, now: float) -> None:
         assert self._rates is not None
@@ -370,9 +394,13 @@ class CircuitBreaker:
         self._generation += 1
         self._closed_permit = Permit(self._generation, probe=False)
         self._probes_in_flight = 0
+        if event is Event.PROBE_FAILED and self._half_open_by_health:
+            self._health_armed = False
+        self._half_open_by_health = event is Event.HEALTH_PASSED
         if to_state is _OPEN:
             self._opened_at = now
         elif to_state is _CLOSED:
+            self._health_armed = True  # the outage is over: the next trip starts one the checks may end early
             self._opened_at = None
             self._recent_failures.clear()
             if self._rates is not None:

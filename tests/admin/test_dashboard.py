@@ -47,8 +47,8 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                 "payments": {
                     "listen": f"127.0.0.1:{free_port()}",
                     "targets": [up.url],
-                    # Its /health passes while /fail fails: passing checks would close the breaker this test
-                    # opens within one interval (health_check_passed); 100 in a row (20 s) keep it open here.
+                    # Its /health passes while /fail fails: a passing check would end the open interval this test
+                    # starts within one check (half-open, health_check_passed); 100 in a row (20 s) keep it open.
                     "health": {**check, "healthy_threshold": 100},
                     "breaker": {"failure_threshold": 3, "open_duration": "45s"},
                     "retry": {"budget": {"ratio": 0.2, "min_per_second": 1}},
@@ -118,15 +118,19 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                     await browser.close()
 
 
-async def test_dashboard_shows_a_breaker_closed_by_passing_checks(tmp_path: Path) -> None:
+async def test_dashboard_shows_checks_half_opening_a_breaker_and_calls_deciding(tmp_path: Path) -> None:
+    """Passing checks end an open interval early (half-open) and a real call closes the breaker; then, with a
+    /health that passes while the calls fail, the failed probe re-opens it and the card says why checks no longer
+    end the interval early."""
     from playwright import async_api as playwright_api
 
     if not Path(CHROMIUM).exists():
         missing("chromium is not installed (Debian package `chromium`)")
-    up_now = {"payments": False}
+    up_now = {"/health": False, "/": False}
 
     async def switched(request: web.Request) -> web.StreamResponse:
-        return web.Response(text="ok") if up_now["payments"] else web.Response(status=503, text="down")
+        up = up_now["/health" if request.path == "/health" else "/"]
+        return web.Response(text="ok") if up else web.Response(status=503, text="down")
 
     async with scripted_upstream(switched) as up:
         policy = write_policy(
@@ -137,13 +141,19 @@ async def test_dashboard_shows_a_breaker_closed_by_passing_checks(tmp_path: Path
                     "targets": [up.url],
                     "health": {"path": "/health", "interval": "200ms", "timeout": "300ms", "healthy_threshold": 2},
                     "breaker": {"failure_threshold": 2, "open_duration": "60s"},
+                    "retry": {"max_retries": 0},
                 }
             },
         )
         async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
+            url = listener_url(sidecar, "payments") + "/"
+
+            async def call(expect: int) -> None:
+                async with session.get(url) as response:
+                    assert response.status == expect
+
             for _ in range(2):
-                async with session.get(listener_url(sidecar, "payments") + "/") as response:
-                    assert response.status == 503
+                await call(503)
             assert sidecar.runtimes["payments"].effective_state().value == "open"
             async with playwright_api.async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -152,13 +162,29 @@ async def test_dashboard_shows_a_breaker_closed_by_passing_checks(tmp_path: Path
                     errors: list[str] = []
                     page.on("pageerror", lambda exc: errors.append(str(exc)))
                     await page.goto(f"{admin_url(sidecar)}/dashboard")
+                    card = page.locator('[data-upstream="payments"]')
+                    reasons = card.locator("td.reason")
                     await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
-                    up_now["payments"] = True  # back; no client request from here on
+                    up_now.update({"/health": True, "/": True})  # back; no client request until it reads half-open
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
+                    assert "Half-open" in await card.inner_text()
+                    assert (await reasons.all_inner_texts())[0] == "health_check_passed"  # newest transition first
+                    assert await page.locator("#overall").inner_text() == "DEGRADED"
+                    await call(200)  # the probe
                     await page.wait_for_selector('[data-upstream="payments"][data-state="closed"]', timeout=5000)
-                    card = await page.locator('[data-upstream="payments"]').inner_text()
-                    assert "(health_check_passed)" in card, card  # the card's "Closed since … (reason)"
-                    rows = await page.locator('[data-upstream="payments"] td.reason').all_inner_texts()
-                    assert rows[0] == "health_check_passed", rows  # newest transition first
+                    assert "(probe_succeeded)" in await card.inner_text()  # the card's "Closed since … (reason)"
+                    assert (await reasons.all_inner_texts())[:2] == ["probe_succeeded", "health_check_passed"]
+
+                    up_now["/"] = False  # the calls fail again while /health keeps passing: a shallow check
+                    for _ in range(2):
+                        await call(503)
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
+                    await call(503)  # the probe fails: open again, and the checks may not end it early
+                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
+                    text = await card.inner_text()
+                    assert "probe_failed" in text and "checks pass but a probe failed" in text, text
+                    await page.wait_for_timeout(1000)  # five more passing checks: still open
+                    assert await card.get_attribute("data-state") == "open"
                     assert errors == []
                 finally:
                     await browser.close()

@@ -14,6 +14,9 @@ from tests.support.sidecar import admin_url, free_port, listener_url, running_si
 from tests.support.upstream import scripted_upstream
 
 FAST_CHECK = {"path": "/health", "interval": "100ms", "timeout": "500ms", "unhealthy_threshold": 1}
+# For an upstream whose /health passes while its calls fail: a passing check would end the open interval early
+# (half-open) within one interval; 1000 in a row (100 s) keep the breaker these tests open, open.
+SHALLOW_CHECK = {**FAST_CHECK, "healthy_threshold": 1000}
 
 
 async def health_ok_root_fails(request: web.Request) -> web.StreamResponse:
@@ -80,7 +83,7 @@ async def test_non_critical_upstream_open_is_200_degraded(tmp_path: Path) -> Non
                 "recs": {
                     "listen": f"127.0.0.1:{free_port()}",
                     "targets": [flaky.url],
-                    "health": {**FAST_CHECK, "critical": False},
+                    "health": {**SHALLOW_CHECK, "critical": False},
                     "breaker": {"failure_threshold": 2},
                 },
             },
@@ -130,7 +133,7 @@ async def test_critical_breaker_open_is_503_even_with_passing_check(tmp_path: Pa
                 "pay": {
                     "listen": f"127.0.0.1:{free_port()}",
                     "targets": [flaky.url],
-                    "health": FAST_CHECK,
+                    "health": SHALLOW_CHECK,
                     "breaker": {"failure_threshold": 3},
                 },
             },

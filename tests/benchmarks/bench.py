@@ -384,10 +384,28 @@ http://127.0.0.1:{port} {{
 """
 
 
-def sidecar_policy(port: int, admin_port: int, upstream_port: int, tls: UpstreamTls | None = None) -> str:
+# The rate-limit rows: limits far above what the bench sends (never reached: the cost of counting alone), local
+# or shared through a real redis-server on loopback.
+RATE_LIMIT_LOCAL = (
+    "    rate_limit: {limits: [{requests: 10000000, per: 1s}, {requests: 600000000, per: 1m, window: fixed}]}\n"
+)
+
+
+def rate_limit_shared(redis_port: int) -> str:
+    return (
+        "    rate_limit:\n"
+        "      limits: [{requests: 10000000, per: 1s}, {requests: 600000000, per: 1m, window: fixed}]\n"
+        f'      shared: {{redis: "redis://127.0.0.1:{redis_port}/0", key: bench}}\n'
+    )
+
+
+def sidecar_policy(
+    port: int, admin_port: int, upstream_port: int, tls: UpstreamTls | None = None, extra: str = ""
+) -> str:
     # The shipped default policy (config/sidecar.yaml): breaker, retries with budget, health checks, metrics
     # all on. Only the addresses differ, and logging stays at its default (no per-request lines).
-    return f"""admin:
+    return (
+        f"""admin:
   listen: 127.0.0.1:{admin_port}
   token_env: {TOKEN_ENV}
 defaults:
@@ -407,7 +425,10 @@ upstreams:
     targets: ["{f"https://127.0.0.1:{tls.port}" if tls else f"http://127.0.0.1:{upstream_port}"}"]
     health: {{path: /health, interval: 5s, timeout: 1s, critical: true}}
     fallback: {{status: 503, body: '{{"cached": false}}', content_type: application/json}}
-""" + (f"    tls: {{ca_file: {tls.ca}, server_name: {UPSTREAM_TLS_NAME}}}\n" if tls else "")
+"""
+        + (f"    tls: {{ca_file: {tls.ca}, server_name: {UPSTREAM_TLS_NAME}}}\n" if tls else "")
+        + extra
+    )
 
 
 UPSTREAM_TLS_NAME = "localhost"  # the upstream certificate's name (verified, and sent as SNI)
@@ -460,6 +481,7 @@ class Bench:
     baseline: Path | None = None  # a checkout of earlier sidecar code, run as "sidecar-baseline"
     baseline_rev: str = ""
     tls: UpstreamTls | None = None  # the upstream's TLS side, for the *-https systems
+    redis: Proc | None = None  # the shared rate limit's store, for sidecar-shared
 
     def _nginx(self, name: str, conf: str, cpus: str | None) -> Proc:
         prefix = self.workdir / name
@@ -484,6 +506,21 @@ class Bench:
         proc = self._nginx("upstream", conf, None)
         wait_ready(proc, f"http://127.0.0.1:{self.upstream_port}/")
         return proc
+
+    def start_redis(self) -> int:
+        """A redis-server on loopback for the shared rate-limit row (unpinned: it is the budget's store, not
+        the system measured); stopped with the bench."""
+        port = free_port()
+        cmd = [need("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        self.redis = spawn("redis", [*cmd, "--appendonly", "no"], self.workdir)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return port
+            time.sleep(0.05)
+        raise BenchError("redis-server did not answer PING")
 
     def start(self, key: str, upstream: Proc) -> Running:
         port, up, t = free_port(), self.upstream_port, self.tools
@@ -519,10 +556,13 @@ class Bench:
             cmd = [sys.executable, str(HERE / "naive_proxy.py"), str(port), f"http://127.0.0.1:{up}"]
             proc = spawn("naive", t.pinned(cmd, PROXY_CPU), self.workdir)
             run = Running(key, "naive aiohttp", "1 process, core 1", proc, port)
-        elif key in ("sidecar", "sidecar-baseline", "sidecar-https"):
+        elif key in ("sidecar", "sidecar-baseline", "sidecar-https", "sidecar-ratelimit", "sidecar-shared"):
             admin = free_port()
             policy = self.workdir / f"{key}.yaml"
-            policy.write_text(sidecar_policy(port, admin, up, self.tls if key == "sidecar-https" else None))
+            extra = RATE_LIMIT_LOCAL if key == "sidecar-ratelimit" else ""
+            if key == "sidecar-shared":
+                extra = rate_limit_shared(self.start_redis())
+            policy.write_text(sidecar_policy(port, admin, up, self.tls if key == "sidecar-https" else None, extra))
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(policy), "--no-watch"]
             # cwd and PYTHONPATH name the checkout, so `-m proxy` runs that code whatever is installed.
             code = self.baseline if key == "sidecar-baseline" else REPO
@@ -530,9 +570,12 @@ class Bench:
                 raise BenchError("sidecar-baseline needs --baseline REV")
             env = {TOKEN_ENV: self.token, "PYTHONPATH": str(code)}
             proc = spawn(key, t.pinned(cmd, PROXY_CPU), self.workdir, env=env, cwd=code)
-            name = {"sidecar": "seawall sidecar", "sidecar-https": "seawall sidecar → https upstream"}.get(
-                key, f"seawall sidecar @ {self.baseline_rev}"
-            )
+            name = {
+                "sidecar": "seawall sidecar",
+                "sidecar-https": "seawall sidecar → https upstream",
+                "sidecar-ratelimit": "seawall sidecar, rate_limit (local, not reached)",
+                "sidecar-shared": "seawall sidecar, rate_limit shared via redis (not reached)",
+            }.get(key, f"seawall sidecar @ {self.baseline_rev}")
             run = Running(key, name, "1 process, core 1", proc, port, admin)
         else:
             raise BenchError(f"unknown system {key!r}")
@@ -559,6 +602,8 @@ ALL_SYSTEMS = (
     "sidecar",
     "nginx-https",
     "sidecar-https",
+    "sidecar-ratelimit",
+    "sidecar-shared",
 )
 # The HTTPS-upstream rows: each system with an https upstream, against itself with the plain one.
 HTTPS_PAIRS = (("sidecar-https", "sidecar"), ("nginx-https", "nginx"))
@@ -1026,6 +1071,12 @@ def targets(by: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[tuple[
     if "sidecar-https" in by:
         x = by["sidecar-https"]["rps"] / side["rps"]
         check("HTTPS upstream ≥ 50% of plain-HTTP throughput", f"{x:.0%}", x >= 0.5)
+    if "sidecar-ratelimit" in by:
+        x = by["sidecar-ratelimit"]["rps"] / side["rps"]
+        check("local rate_limit not reached: ≥ 95% of the sidecar's throughput", f"{x:.0%}", x >= 0.95)
+    if "sidecar-shared" in by:
+        x = by["sidecar-shared"]["rps"] / side["rps"]
+        check("shared rate_limit (redis): throughput, for the record", f"{x:.0%}", True)
     check("idle RSS ≤ 60 MB", f"{side['rss_idle_mb']:.1f} MiB", side["rss_idle_mb"] * 1.048576 <= 60)
     if lg := extra.get("long"):
         check(
@@ -1229,6 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.proc.stop()
         if upstream is not None:
             upstream.stop()
+        if bench.redis is not None:
+            bench.redis.stop()
         if bench.baseline is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(bench.baseline)], check=False)
         if args.keep_temp:

@@ -41,6 +41,24 @@ def test_the_original_design_numbers() -> None:
     assert ex.contradictions == []
 
 
+def test_passing_checks_end_the_open_interval_into_half_open_and_calls_decide() -> None:
+    text = "\n".join(explain_upstream(policy("    health: {path: /health}\n")).consequences)
+    assert (
+        "A passing check after the breaker opened ends the open interval early (half-open, health_check_passed) "
+        "instead of after 60s: the next request is the probe that closes or re-opens it. Once such a probe fails"
+    ) in text, text
+    assert "closes it (health_check_passed)" not in text
+    config, issues = load_text(
+        "upstreams:\n  db:\n    protocol: tcp\n    listen: 127.0.0.1:15432\n    targets: [db:5432]\n"
+        "    health: {probe: connect, healthy_threshold: 3}\n",
+        "p.yaml",
+    )
+    assert config is not None, [str(i) for i in issues]
+    text = "\n".join(explain_upstream(config.upstream("db")).consequences)
+    assert "3 passing checks in a row after the breaker opened end the open interval early" in text
+    assert "the next connection is the probe" in text
+
+
 def test_backoff_is_capped_by_max_delay() -> None:
     ex = explain_upstream(
         policy(
@@ -125,7 +143,14 @@ def test_command_on_a_broken_file_prints_the_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["minimal.yaml", "risk-manager-strict.yaml", "training-orchestrator-shadow.yaml", "exchange-api-mtls.yaml"]
+    "name",
+    [
+        "minimal.yaml",
+        "risk-manager-strict.yaml",
+        "training-orchestrator-shadow.yaml",
+        "exchange-api-mtls.yaml",
+        "exchange-api.yaml",
+    ],
 )
 def test_the_examples_explain_without_contradictions(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "config" / "examples" / name

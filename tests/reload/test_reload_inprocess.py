@@ -119,6 +119,13 @@ async def test_removed_listener_drains_in_flight_requests_then_stops(tmp_path: P
             "upstreams.api.breaker.failure_treshold: unknown key (did you mean 'failure_threshold'?)",
         ),
         (lambda t: t.replace("failure_threshold: 3", "failure_threshold: [3"), "<root>: invalid YAML"),
+        (
+            lambda t: t.replace(
+                "    breaker:\n",
+                "    rate_limit:\n      limits: [{requests: 10, per: 1s, window: rolling}]\n    breaker:\n",
+            ),
+            "policy.yaml:24:40: upstreams.api.rate_limit.limits[0].window: must be one of sliding, fixed",
+        ),
     ],
 )
 async def test_broken_reload_keeps_the_running_policy(tmp_path: Path, edit: Any, expected: str) -> None:

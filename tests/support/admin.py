@@ -123,12 +123,15 @@ def seconds_open(admin: str, name: str) -> float:
 
 
 def assert_recovered(admin: str, name: str) -> str:
-    """The breaker is closed again, by passing active checks (``health_check_passed``, as soon as the upstream
-    answers them) or by a probe after ``open_duration``, whichever came first; returns which."""
+    """The breaker is closed again by a probe that succeeded; returns what ended the open interval before it:
+    passing active checks (``health_check_passed``, as soon as the upstream answers them) or ``open_duration``
+    (``open_duration_elapsed``), whichever came first."""
     breaker = admin_json(admin, "/breakers")[name]
     assert breaker["state"] == "closed", breaker
-    reason: str = breaker["last_transition"]["reason"]
-    assert reason in ("health_check_passed", "probe_succeeded"), reason
-    if reason == "probe_succeeded":
+    closed, half_opened = breaker["recent_transitions"][:2]  # newest first
+    assert (closed["from"], closed["reason"]) == ("half_open", "probe_succeeded"), closed
+    reason: str = half_opened["reason"]
+    assert reason in ("health_check_passed", "open_duration_elapsed"), half_opened
+    if reason == "open_duration_elapsed":
         assert seconds_open(admin, name) >= 0.999  # open_duration, in whole ms
     return reason

@@ -89,8 +89,8 @@ def test_postgres_through_the_sidecar_with_breaker_and_sslrequest_checks(
         finally:
             postgres_cluster.start()
 
-        # Passing checks close the breaker, or after open_duration the first connection is the probe and its
-        # success does, whichever comes first.
+        # Passing checks end the open interval early (half-open), or open_duration does, whichever comes first;
+        # then the first connection is the probe and its success closes the breaker.
         eventually_sync(
             lambda: can_connect(listen), timeout=10, what="postgres reachable through the sidecar again", interval=0.05
         )

@@ -97,8 +97,8 @@ def test_redis_through_the_sidecar_with_breaker_and_ping_checks(tmp_path: Path, 
         else:
             raise AssertionError("the breaker let a connection through")
 
-        # Back up: passing PING checks close the breaker, or after open_duration the next connection is the
-        # probe and its success does, whichever comes first.
+        # Back up: passing PING checks end the open interval early (half-open), or open_duration does, whichever
+        # comes first; then the next connection is the probe and its success closes the breaker.
         redis_server.start()
 
         def works() -> bool:
