@@ -400,8 +400,8 @@ class Exchange:
         A whole answer waits (at most DISCARD_SECONDS) for the body to end: sent on to the upstream while it takes
         it, so its connection can be pooled, else dropped. A streamed answer starts now, kept alive only if the
         rest is known to fit the bound; the listener drops it after the answer."""
-        pump = self.pump
-        if not whole or pump is None or pump.done:
+        pump, remaining = self.pump, self.req.body.remaining if self.req.body is not None else 0
+        if not whole or pump is None or pump.done or (remaining is not None and remaining > DISCARD_BYTES):
             return self._discardable()
         return await pump.settle(keep_upstream=head.keep_alive and not conn.closed)
 
