@@ -15,7 +15,6 @@ counting as an attempt when nothing of the request can have been processed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -24,8 +23,9 @@ from typing import TYPE_CHECKING
 from proxy.http import wire
 from proxy.http.admission import PIPELINE, Refusal, rate_refusal
 from proxy.http.answers import refuse_breaker_open
-from proxy.http.body import BodyAborted
+from proxy.http.body import DISCARD_BYTES, BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
+from proxy.http.pump import BodyPump
 from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
@@ -75,7 +75,7 @@ class Exchange:
         self.passed = 0  # admission stages passed: released when the exchange ends
         self.permit: Permit | None = None
         self.conn: UpstreamConnection | None = None
-        self.pump: asyncio.Task[None] | None = None
+        self.pump: BodyPump | None = None
         self.started = rt.clock.monotonic()
         self.client_time = 0.0  # spent waiting for the client's body: neither total's nor the upstream's latency
         self._last_error: UpstreamError | None = None
@@ -335,44 +335,11 @@ class Exchange:
         conn.request_complete = body is None or whole is not None
         waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
         if body is not None and whole is None:
-            self.pump = asyncio.get_running_loop().create_task(self._pump_body(conn, chunked=body.length is None))
+            # Streamed: the pump sends the body on as it arrives (by callbacks, bounded by timeouts.idle both
+            # ways); the response head's per_try starts at its last byte.
+            self.pump = BodyPump(self, body, conn, body.length is None, self.route.timeouts.idle, self.rt.clock)
+            self.pump.start()
         return await waiter
-
-    async def _pump_body(self, conn: UpstreamConnection, chunked: bool) -> None:
-        """Stream the client's body on, however long it takes. A silence of the client's longer than
-        ``timeouts.idle`` is the client's (408, nothing charged to the upstream); an upstream that takes none of
-        it for ``idle`` is the upstream's timeout. The response head's per_try starts at the last byte sent."""
-        body = self.req.body
-        assert body is not None
-        limit = self.route.timeouts.idle
-        loop = asyncio.get_running_loop()
-        clock = self.rt.clock
-        sending_since = clock.monotonic()
-        try:
-            async with asyncio.timeout(limit) as client_silence:
-                async for chunk in body.stream():
-                    if not chunk:
-                        continue
-                    conn.write_body(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    client_silence.reschedule(None)  # while the upstream drains, its own bound applies
-                    try:
-                        await asyncio.wait_for(conn.drain(), limit)
-                    except TimeoutError:
-                        conn.stalled(f"upstream took no request body for {limit:g}s")
-                        return
-                    client_silence.reschedule(loop.time() + limit)
-            if chunked:
-                conn.write_body(b"0\r\n\r\n")
-            self.client_time += clock.monotonic() - sending_since
-            conn.request_sent()
-        except TimeoutError:
-            self.client_fault = "body_timeout"
-            conn.abort()
-        except BodyAborted:
-            self.client_fault = "body_aborted"
-            conn.abort()  # never let a half-sent request be completed by someone else's bytes
-        except UpstreamError:
-            pass  # the response side reports it
 
     # -- answers ---------------------------------------------------------------------------------------------
 
@@ -387,9 +354,12 @@ class Exchange:
         client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
         # Without a length or chunking to offer the client, only closing the connection can end the body.
         keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
+        whole = conn.complete_body()
+        body = self.req.body
+        if body is not None and not body.complete and keep_alive:
+            keep_alive = await self._early_answer(head, conn, whole is not None)
         client_head = response_head(head, client_chunked, self.attempts, keep_alive, client.http11)
         status = head.status
-        whole = conn.complete_body()
         try:
             if whole is not None:
                 client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
@@ -422,6 +392,27 @@ class Exchange:
         finally:
             state.outstanding -= 1
 
+    async def _early_answer(self, head: ResponseHead, conn: UpstreamConnection, whole: bool) -> bool:
+        """The upstream answered before the client's body was all in (nginx's ``return 200`` does, dropping the
+        rest itself). May the client's connection still carry its next request? Only if the rest of the body is
+        read within the discard bounds (``proxy.http.body``); if not, the answer says ``Connection: close``.
+
+        A whole answer waits (at most DISCARD_SECONDS) for the body to end: sent on to the upstream while it takes
+        it, so its connection can be pooled, else dropped. A streamed answer starts now, kept alive only if the
+        rest is known to fit the bound; the listener drops it after the answer."""
+        pump, remaining = self.pump, self.req.body.remaining if self.req.body is not None else 0
+        if not whole or pump is None or pump.done or (remaining is not None and remaining > DISCARD_BYTES):
+            return self._discardable()
+        return await pump.settle(keep_upstream=head.keep_alive and not conn.closed)
+
+    def _discardable(self) -> bool:
+        """The client's body is in, or what is left of it is known to fit the discard bound."""
+        body = self.req.body
+        if body is None or body.complete:
+            return True
+        remaining = body.remaining
+        return self.client_fault is None and remaining is not None and remaining <= DISCARD_BYTES
+
     def _discard_answer(self) -> bool:
         """Before a retry: can the failed answer's connection be reused? Only if its body is all in."""
         conn = self.conn
@@ -429,8 +420,8 @@ class Exchange:
 
     def _release(self, abort: bool) -> None:
         pump, self.pump = self.pump, None
-        if pump is not None and not pump.done():
-            pump.cancel()
+        if pump is not None:
+            pump.stop()  # a body not all sent: the connection is not reused (finish), the listener drops the rest
         conn, self.conn = self.conn, None
         if conn is not None:
             if abort and conn.busy:
@@ -443,6 +434,8 @@ class Exchange:
 
     def _breaker_open(self, now: float) -> None:
         rt = self.rt
+        if not self._discardable():
+            self.client.keep_alive = False
         self.client.send_raw(refuse_breaker_open(rt, now, self.client.keep_alive, self.client.http11))
         if self.client.log_requests:  # counted by refuse_breaker_open (shared with the listener's fail-fast)
             status = rt.fallback.status if rt.fallback else 503
@@ -487,6 +480,8 @@ class Exchange:
         headers = [(b"x-sidecar-reason", reason.encode()), (b"x-sidecar-decision", decision.encode())]
         if extra:
             headers += extra
+        if not self._discardable():
+            self.client.keep_alive = False  # the client's connection cannot carry another request: say so
         self.client.send_local(status, wire.error_body(reason, self.rt.name, detail), _JSON, headers)
         self._answered(status, reason)
 

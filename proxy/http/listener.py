@@ -13,6 +13,7 @@ import logging
 import typing
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httptools
@@ -271,12 +272,9 @@ class ClientConnection(asyncio.Protocol):
             log.exception("forwarding failed")
             if not self._response_started:
                 self._count_local(500, "internal_error")
-                self.send_local(
-                    500,
-                    wire.error_body("internal_error", None, "see the sidecar's log"),
-                    b"application/json",
-                    [(b"x-sidecar-reason", b"internal_error")],
-                )
+                self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
+                body = wire.error_body("internal_error", None, "see the sidecar's log")
+                self.send_local(500, body, b"application/json", [(b"x-sidecar-reason", b"internal_error")])
             else:
                 self.abort()
         finally:
@@ -288,8 +286,11 @@ class ClientConnection(asyncio.Protocol):
         while True:  # a loop, not recursion: a pipelined burst may be answered on the spot one after another
             if self._closing or self.transport is None or self.transport.is_closing():
                 return
-            if not self.keep_alive or (req.body is not None and not req.body.complete):
-                # An unread body would be taken for the next request: close instead of guessing.
+            if self.keep_alive and req.body is not None and not req.body.complete:
+                # Answered before its body was all in, the connection kept: drop the rest (bounded, see body.py).
+                req.body.discard(partial(self._after_response, req), self._close_after_answer)
+                return
+            if not self.keep_alive:
                 self._close_after_answer()
                 return
             if self._write_paused:

@@ -119,8 +119,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._idle_limit = 0.0
         self._last_activity = 0.0
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self.write_paused = False  # the socket buffer is full (a large upload to a slow reader)
+        # The request body's pump (``proxy.http.pump``): told when the upstream takes data again or is gone.
+        self.on_writable: Callable[[], None] | None = None
         self._on_pause: Callable[[bool], None] | None = None
         self.request_complete = True
         self._head_timeout = 0.0
@@ -194,17 +195,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(TlsFailed(f"upstream refused the TLS session: {why}"))
             else:
                 self._fail(ConnectionReset(f"upstream closed the connection {detail}", sent_nothing=False))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionReset("upstream closed while receiving the body"))
+        writable = self.on_writable
+        if writable is not None:
+            writable()  # the pump stops sending (or, the answer in, drops the rest of the body)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.write_paused = False
+        writable = self.on_writable
+        if writable is not None:
+            writable()
 
     # -- httptools callbacks ---------------------------------------------------------------------------------
 
@@ -344,15 +346,10 @@ class UpstreamConnection(asyncio.Protocol):
     def response_complete(self) -> bool:
         return self.phase is _COMPLETE
 
-    def write_body(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        """Wait while the upstream's socket buffer is full (a large upload to a slow reader)."""
-        if self._write_paused and not self.closed:
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
+    def write_body(self, frames: list[bytes]) -> None:
+        """Request body bytes, framed by the caller; handed over as they are (one writev, no join)."""
+        if self.transport is not None and not self.closed and frames:
+            self.transport.writelines(frames)
 
     def complete_body(self) -> list[bytes] | None:
         """The whole body, if the response has already arrived complete (or has none)."""
@@ -410,6 +407,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.phase = _IDLE
         self._held_by_client = False
         self._sink = None
+        self.on_writable = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,28 @@ def failures(sidecar: Sidecar) -> tuple[dict[str, int], int]:
     """(failures by reason label, failures the breaker counted)."""
     rt = sidecar.runtimes["api"]
     return dict(rt.stats.failures), rt.breaker.snapshot(rt.clock.monotonic()).total_failures
+
+
+async def test_streamed_uploads_share_one_pooled_tls_connection(
+    ca: trustme.CA, server_cert: Leaf, tmp_path: Path
+) -> None:
+    """1 MiB bodies stream (past the replay buffer), chunked or with a length, and the TLS connection that
+    carried each goes back to the pool once its last byte is sent: one handshake for all of them."""
+    size = 1 << 20
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for _ in range(16):
+            yield b"u" * (size // 16)
+
+    async with tls_upstream(server_context(server_cert)) as upstream:
+        policy = tls_policy(tmp_path, upstream.url("localhost"), {"ca_file": str(ca_file(ca, tmp_path / "ca.pem"))})
+        async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
+            for chunked in (True, False, True, False):
+                status, _, body = await through(
+                    session, sidecar, "POST", "/up", data=pieces() if chunked else b"u" * size
+                )
+                assert status == 200 and len(json.loads(body)["body"]) == size
+            assert len(upstream.connections) == 1, "four streamed uploads, one pooled TLS connection"
 
 
 async def test_get_and_post_through_the_sidecar_equal_direct_over_one_kept_alive_tls_connection(
