@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING
 
 from proxy.http import wire
@@ -28,7 +28,7 @@ from proxy.http.heads import authority_of, request_head, response_head
 from proxy.http.pump import BodyPump
 from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
-from proxy.resilience.retry import NoRetry, backoff_delays, decide_retry, parse_retry_after
+from proxy.resilience.retry import NoRetry, RetryDecision, backoff_delays, decide_retry, parse_retry_after
 from proxy.runtime import Outcome
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
@@ -139,73 +139,28 @@ class Exchange:
         return rate_refusal(verdict.reason, verdict.wait, max_wait)
 
     async def _attempts(self) -> None:
-        rt, req, route = self.rt, self.req, self.route
-        clock, breaker = rt.clock, rt.breaker
-        timeouts = route.timeouts
-        deadline = self.started + self.client_time + timeouts.total
+        """Attempts, until one gives an answer to deliver or the retry decision says stop. Read top to bottom:
+        permit → pick → attempt → what it says (stale reuse, the client's fault, a cool-down, an answer, a
+        failure) → settle → retry or give up."""
+        rt, route = self.rt, self.route
+        deadline = self.started + self.client_time + route.timeouts.total
         if rt.budget is not None:
             rt.budget.record_request(self.started)
-        delays = None
+        delays: Iterator[float] | None = None
         exclude: TargetState | None = None
         stale_retried = replaying = False
         while True:
-            now = clock.monotonic()
-            permit = breaker.try_acquire(now)
-            if permit is None:
-                if rt.enforce:
-                    if self.attempts == 0:
-                        self._breaker_open(now)
-                        return
-                    # The breaker opened while we backed off: stop at once with what we have. After a failed
-                    # answer (a 5xx, its body let go) that is the breaker's own answer, not a made-up 502 reset.
-                    if self._last_error is None:
-                        self._breaker_open(now)
-                    else:
-                        self._local_failure(self._last_error, "breaker_open")
-                    return
-                rt.stats.reject("breaker_open_shadow")
-            self.permit = permit
-            if self.attempts > 0 and not replaying and rt.rate is not None:
-                refused = await self._retry_tokens(deadline)
-                if refused is not None:
-                    self._retry_refused(refused)
-                    return
-                now = clock.monotonic()
-            replaying = False
-            state = rt.balancer.pick(now, exclude)
-            self.attempts += 1
-            if self.attempts == 1 and req.expect_continue:
-                self.client.send_continue()
-            remaining = deadline - now
-            error: UpstreamError | None = None
-            head: ResponseHead | None = None
-            state.outstanding += 1
-            try:
-                head = await self._try(state, min(timeouts.per_try, remaining), min(timeouts.connect, remaining))
-            except UpstreamError as exc:
-                error = exc
-            except OutOfResources as exc:
-                self._out_of_resources(exc)
+            if not await self._take_permit(deadline, tokens=self.attempts > 0 and not replaying):
                 return
-            finally:
-                state.outstanding -= 1
-            conn = self.conn
-            if head is not None and conn is not None and conn.failure is not None:
-                # The answer broke before a byte of it went to the client (a bad chunk in the same read as the
-                # head): a failed attempt like any other, not a 200 head followed by an abort.
-                error, head = conn.failure, None
-            if (
-                error is not None
-                and conn is not None
-                and conn.reused
-                and not stale_retried
-                and not conn.received_any
-                and isinstance(error, ConnectionReset)
-                and (req.method in _IDEMPOTENT or error.sent_nothing)
-                and self._body_replayable()
-            ):
+            replaying = False
+            state = rt.balancer.pick(rt.clock.monotonic(), exclude)
+            attempt = await self._attempt(state, deadline)
+            if attempt is None:
+                return  # the sidecar itself ran out of resources: answered
+            head, error = attempt
+            if error is not None and not stale_retried and self._stale_reuse(error):
                 # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
-                stale_retried = replaying = True  # the same send again: no new tokens
+                stale_retried = replaying = True  # the same send again: no new attempt, no new tokens
                 self.attempts -= 1
                 self._settle(None, Outcome.IGNORED)
                 self._release(abort=True)
@@ -226,47 +181,124 @@ class Exchange:
                 return
             # tls_error: its own label in the failures metric
             self._settle(state, Outcome.FAILURE, failed_kind, error.reason if error is not None else None)
-            now = clock.monotonic()
             self._last_error = error
-            # Should we go again?
-            retry = route.retry
             if delays is None:
-                delays = backoff_delays(retry.base_delay, retry.max_delay, retry.jitter, rt.rng)
-            budget = rt.budget
-            decision = decide_retry(
-                route.rules,
-                attempts=self.attempts,
-                method=req.method,
-                kind=error.kind if error is not None else None,
-                status=head.status if head is not None else 0,
-                body_replayable=self._body_replayable(),
-                backoff=delays,
-                retry_after=parse_retry_after(head.header(b"retry-after"), time.time()) if head else None,
-                max_delay=retry.max_delay,
-                now=now,
-                deadline=deadline,
-                budget_allows=budget is None or budget.allows(now),
-                breaker_retry_in=breaker.retry_in(now) if rt.enforce else 0.0,
-                breaker_enforced=rt.enforce,
-            )
-            why_not = decision.reason
-            if why_not is NoRetry.RETRY_BUDGET:
-                rt.stats.reject("retry_budget")
-            if why_not is not None:
-                if head is not None:
-                    await self._deliver(head, state, None)
-                else:
-                    assert error is not None
-                    stopped_by = why_not if why_not in (NoRetry.RETRY_BUDGET, NoRetry.BREAKER_OPEN) else None
-                    self._local_failure(error, stopped_by)
+                delays = backoff_delays(route.retry.base_delay, route.retry.max_delay, route.retry.jitter, rt.rng)
+            decision = self._retry_decision(head, error, delays, deadline)
+            if decision.reason is not None:
+                await self._give_up(decision.reason, head, error, state)
                 return
-            if budget is not None:
-                budget.try_spend(now)  # it allowed one a moment ago: this spends it
-            rt.stats.retries += 1
+            self._spend_retry()
             self._release(abort=head is None or not self._discard_answer())
             exclude = state
             if decision.delay > 0:
-                await clock.sleep(decision.delay)
+                await rt.clock.sleep(decision.delay)
+
+    async def _take_permit(self, deadline: float, tokens: bool) -> bool:
+        """The breaker's permit for the next attempt (and, for a retry, its rate-limit tokens); False when
+        refused, the refusal answered."""
+        rt = self.rt
+        now = rt.clock.monotonic()
+        permit = rt.breaker.try_acquire(now)
+        if permit is None:
+            if rt.enforce:
+                # The first attempt meets the breaker half-open with no probe slot left; a retry finds it opened
+                # while we backed off: stop at once with what we have. After a failed answer (a 5xx, its body
+                # let go) that is the breaker's own answer, not a made-up 502 reset.
+                if self._last_error is None:
+                    self._breaker_open(now)
+                else:
+                    self._local_failure(self._last_error, "breaker_open")
+                return False
+            rt.stats.reject("breaker_open_shadow")
+        self.permit = permit
+        if tokens and rt.rate is not None:
+            refused = await self._retry_tokens(deadline)
+            if refused is not None:
+                self._retry_refused(refused)
+                return False
+        return True
+
+    async def _attempt(
+        self, state: TargetState, deadline: float
+    ) -> tuple[ResponseHead | None, UpstreamError | None] | None:
+        """One attempt on ``state``: the response head, or the error it failed with; None when the sidecar
+        itself ran out of resources (answered here)."""
+        timeouts = self.route.timeouts
+        self.attempts += 1
+        if self.attempts == 1 and self.req.expect_continue:
+            self.client.send_continue()
+        remaining = deadline - self.rt.clock.monotonic()
+        state.outstanding += 1
+        try:
+            head = await self._try(state, min(timeouts.per_try, remaining), min(timeouts.connect, remaining))
+        except UpstreamError as exc:
+            return None, exc
+        except OutOfResources as exc:
+            self._out_of_resources(exc)
+            return None
+        finally:
+            state.outstanding -= 1
+        conn = self.conn
+        if conn is not None and conn.failure is not None:
+            # The answer broke before a byte of it went to the client (a bad chunk in the same read as the
+            # head): a failed attempt like any other, not a 200 head followed by an abort.
+            return None, conn.failure
+        return head, None
+
+    def _stale_reuse(self, error: UpstreamError) -> bool:
+        """Did a pooled connection turn out closed before the upstream can have seen anything of the request?"""
+        conn = self.conn
+        return (
+            conn is not None
+            and conn.reused
+            and not conn.received_any
+            and isinstance(error, ConnectionReset)
+            and (self.req.method in _IDEMPOTENT or error.sent_nothing)
+            and self._body_replayable()
+        )
+
+    def _retry_decision(
+        self, head: ResponseHead | None, error: UpstreamError | None, delays: Iterator[float], deadline: float
+    ) -> RetryDecision:
+        rt, retry = self.rt, self.route.retry
+        now = rt.clock.monotonic()
+        budget = rt.budget
+        return decide_retry(
+            self.route.rules,
+            attempts=self.attempts,
+            method=self.req.method,
+            kind=error.kind if error is not None else None,
+            status=head.status if head is not None else 0,
+            body_replayable=self._body_replayable(),
+            backoff=delays,
+            retry_after=parse_retry_after(head.header(b"retry-after"), time.time()) if head else None,
+            max_delay=retry.max_delay,
+            now=now,
+            deadline=deadline,
+            budget_allows=budget is None or budget.allows(now),
+            breaker_retry_in=rt.breaker.retry_in(now) if rt.enforce else 0.0,
+            breaker_enforced=rt.enforce,
+        )
+
+    async def _give_up(
+        self, why_not: NoRetry, head: ResponseHead | None, error: UpstreamError | None, state: TargetState
+    ) -> None:
+        """No retry: deliver the failed answer, or answer the failure."""
+        if why_not is NoRetry.RETRY_BUDGET:
+            self.rt.stats.reject("retry_budget")
+        if head is not None:
+            await self._deliver(head, state, None)
+            return
+        assert error is not None
+        stopped_by = why_not if why_not in (NoRetry.RETRY_BUDGET, NoRetry.BREAKER_OPEN) else None
+        self._local_failure(error, stopped_by)
+
+    def _spend_retry(self) -> None:
+        budget = self.rt.budget
+        if budget is not None:
+            budget.try_spend(self.rt.clock.monotonic())  # it allowed one a moment ago: this spends it
+        self.rt.stats.retries += 1
 
     def _retry_refused(self, refusal: Refusal) -> None:
         """A retry could not get its tokens in time: stop with what we have (the last failure, or the 429)."""
