@@ -5,7 +5,7 @@ appends the client to ``X-Forwarded-For`` and sets Host and the framing the side
 
 Trailers: a client's ``TE: trailers`` is forwarded (as ``TE: trailers`` only, with the ``TE`` connection option
 RFC 9110 §10.1.4 asks for), and an upstream's chunked trailer section is relayed to a client that is answered
-chunked (``trailer_section``), with the ``Trailer`` header that announces it. A client answered without chunking
+chunked (``proxy.http.chunked.end``), with the ``Trailer`` header that announces it. A client answered without chunking
 (HTTP/1.0, or a HEAD) cannot receive trailers: they are dropped there, as RFC 9112 §7.1.2 allows.
 """
 
@@ -98,26 +98,6 @@ def response_head(
 
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
 
-# Fields a trailer section must not carry (RFC 9110 §6.5.1: framing, routing, payload processing): a client might
-# act on them as if they were in the head, so they are dropped rather than relayed.
-_NOT_IN_TRAILERS = wire.HOP_BY_HOP | frozenset(
-    {b"content-length", b"host", b"content-encoding", b"content-type", b"content-range", b"set-cookie"}
-)
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def trailer_section(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
-    """The end of a chunked body: the last chunk with the upstream's trailer fields that may be relayed."""
-    if not trailers:
-        return LAST_CHUNK
-    parts = [b"0\r\n"]
-    for name, value in trailers:
-        if name.lower() not in _NOT_IN_TRAILERS:
-            parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
 _AUTHORITIES: dict[Target, bytes] = {}
 
 
@@ -127,13 +107,3 @@ def authority_of(target: Target) -> bytes:
     if authority is None:
         authority = _AUTHORITIES[target] = target.authority.encode()
     return authority
-
-
-def chunked_answer(head: bytes, chunks: list[bytes], trailers: list[tuple[bytes, bytes]] | None) -> bytes:
-    """A whole answer in hand, chunk-framed for the client (its length was not known), with its trailers."""
-    parts = [head]
-    for chunk in chunks:
-        if chunk:
-            parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-    parts.append(trailer_section(trailers))
-    return b"".join(parts)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from proxy.http import chunked as chunking
 from proxy.http import wire
 from proxy.http.answers import fail_fast
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward, log_answer
-from proxy.http.heads import chunked_answer, trailer_section
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
@@ -361,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None or self._closing:
             return
         if chunked:
-            self.transport.write(chunked_answer(head, chunks, trailers))
+            self.transport.write(chunking.whole(head, chunks, trailers))
         elif not chunks:
             self.transport.write(head)
         elif len(chunks) == 1 and len(chunks[0]) < _JOIN_LIMIT:
@@ -374,13 +374,13 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self._closing:
             return
         if self._chunked_out:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            transport.write(chunking.chunk(data))
         else:
             transport.write(data)
 
     def end_response(self, trailers: wire.Headers | None = None) -> None:
         if self._chunked_out and self.transport is not None and not self._closing:
-            self.transport.write(trailer_section(trailers))
+            self.transport.write(chunking.end(trailers))
         self._upstream = None
 
     def abort(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.http import wire
+from proxy.http import chunked
 from proxy.http.body import DISCARD_BYTES, DISCARD_SECONDS
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class BodyPump:
                 self._drop_upstream()  # it has answered and takes no more, or is gone: drop the rest here
             else:
                 chunks = body.take()
-                conn.write_body(wire.chunk_frames(chunks, body.complete) if self._chunked else chunks)
+                conn.write_body(chunked.frames(chunks, body.complete) if self._chunked else chunks)
                 if not settling:
                     self._waiting_upstream = False
                     self._since = self.loop.time()

@@ -49,18 +49,6 @@ def connection_line(keep_alive: bool, http11: bool) -> bytes:
     return b"" if http11 else b"connection: keep-alive\r\n"
 
 
-def chunk_frames(chunks: list[bytes], last: bool) -> list[bytes]:
-    """Body chunks in chunked framing, the data buffers kept as they are (for a vectored write); ``last``: the
-    body ends here (no trailers). An empty chunk is skipped: it would end the body."""
-    frames: list[bytes] = []
-    for chunk in chunks:
-        if chunk:
-            frames += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-    if last:
-        frames.append(b"0\r\n\r\n")
-    return frames
-
-
 def local_response(
     status: int,
     body: bytes,
