@@ -188,3 +188,62 @@ async def test_dashboard_shows_checks_half_opening_a_breaker_and_calls_deciding(
                     assert errors == []
                 finally:
                     await browser.close()
+
+
+async def test_dashboard_shows_an_upstream_cooldown_and_tokens_left(tmp_path: Path, artifacts_dir: Path) -> None:
+    """The rate-limit card: tokens left per limit as requests spend them, an upstream's 429 + Retry-After turning
+    into a cool-down with its seconds left, and the refusals by reason."""
+    from playwright import async_api as playwright_api
+
+    if not Path(CHROMIUM).exists():
+        missing("chromium is not installed (Debian package `chromium`)")
+
+    async def exchange(request: web.Request) -> web.StreamResponse:
+        if request.path == "/slow-down":
+            return web.Response(status=429, text="{}", headers={"Retry-After": "30"})
+        return web.Response(text="{}")
+
+    async with scripted_upstream(exchange) as up:
+        policy = write_policy(
+            tmp_path / "p.yaml",
+            {
+                "binance": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "targets": [up.url],
+                    "rate_limit": {
+                        "limits": [{"requests": 10, "per": "1m"}, {"requests": 1200, "per": "1m", "window": "fixed"}]
+                    },
+                }
+            },
+        )
+        async with running_sidecar(policy) as sidecar, aiohttp.ClientSession() as session:
+            url = listener_url(sidecar, "binance")
+            for _ in range(3):
+                async with session.get(url + "/api/v3/ticker") as response:
+                    assert response.status == 200
+            async with playwright_api.async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    page = await browser.new_page(viewport={"width": 1280, "height": 700})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    await page.goto(f"{admin_url(sidecar)}/dashboard")
+                    box = page.locator('[data-upstream="binance"] [data-role="rate-limit"]')
+                    await box.wait_for(timeout=5000)
+                    text = await box.inner_text()
+                    assert "7 left" in text and "10 / 60s sliding" in text, text
+                    assert "sending" in text and "local" in text
+
+                    async with session.get(url + "/slow-down") as response:
+                        assert response.status == 429 and response.headers["Retry-After"] == "30"
+                    async with session.get(url + "/api/v3/ticker") as response:
+                        assert response.headers["x-sidecar-reason"] == "upstream_cooldown"
+                    cooldown = box.locator('[data-role="cooldown"]')
+                    await cooldown.wait_for(timeout=2000)
+                    left = int((await cooldown.inner_text()).split("·")[1].split("s")[0])
+                    assert 28 <= left <= 30
+                    assert "upstream_cooldown 1" in await box.inner_text()
+                    await page.screenshot(path=str(artifacts_dir / "dashboard-rate-limit.png"), full_page=True)
+                    assert errors == []
+                finally:
+                    await browser.close()
