@@ -1,16 +1,86 @@
-"""Answers the sidecar makes while a breaker is open: built once per second of ``Retry-After``, then reused."""
+"""Answers the sidecar makes itself, written, counted and logged in one place.
+
+Every one carries ``x-sidecar-reason`` (and ``x-sidecar-decision`` where an upstream's policy decided it), a
+small JSON body ``{"error", "upstream", "detail"}``, and ``Retry-After`` where the caller should come back
+later (``breaker_open``, ``rate_limited``, ``upstream_cooldown``); each is counted in ``sidecar_requests_total``
+(and ``sidecar_rejected_total`` under its label where it is a refusal) and gets the request log's one line.
+
+The open breaker's answer is the hot one (every request while it is open): it is built once per second of
+``Retry-After`` and reused.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.http import wire
 
 if TYPE_CHECKING:
+    from proxy.metrics import UpstreamStats
     from proxy.runtime import UpstreamRuntime
 
+log = logging.getLogger("seawall.request")
+
 _JSON = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnAnswer:
+    """An answer the sidecar gives instead of (or after) forwarding."""
+
+    status: int
+    reason: str  # x-sidecar-reason
+    detail: str  # the JSON body's detail
+    decision: str | None = None  # x-sidecar-decision
+    retry_after: int | None = None  # whole seconds
+    rejected: str | None = None  # the sidecar_rejected_total label, when it is a refusal
+    extra: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def encode(answer: OwnAnswer, upstream: str | None, keep_alive: bool, http11: bool = True) -> bytes:
+    headers: wire.Headers = [(b"x-sidecar-reason", answer.reason.encode())]
+    if answer.decision is not None:
+        headers.append((b"x-sidecar-decision", answer.decision.encode()))
+    if answer.retry_after is not None:
+        headers.append((b"retry-after", b"%d" % answer.retry_after))
+    headers.extend(answer.extra)
+    body = wire.error_body(answer.reason, upstream, answer.detail)
+    return wire.local_response(answer.status, body, _JSON, headers, keep_alive, http11=http11)
+
+
+def count(stats: UpstreamStats, answer: OwnAnswer, duration: float) -> None:
+    if answer.rejected is not None:
+        stats.reject(answer.rejected)
+    stats.answered(answer.status, duration)
+
+
+def log_answer(
+    upstream: str,
+    method: str,
+    path: bytes,
+    route: str | None,
+    status: int,
+    reason: str | None,
+    attempts: int,
+    duration: float,
+) -> None:
+    """The request log's one line for an answer, proxied (``reason`` None) or the sidecar's own (its
+    ``x-sidecar-reason``), like Envoy's access log with its response flags."""
+    extra: dict[str, object] = {
+        "event": "request",
+        "upstream": upstream,
+        "status": status,
+        "attempts": attempts,
+        "duration_ms": round(duration * 1000, 3),
+    }
+    if route is not None:
+        extra["route"] = route
+    if reason is not None:
+        extra["reason"] = reason
+    log.info("%s %s -> %d", method, path.decode("latin-1"), status, extra=extra)
 
 
 _ANSWER_CACHE_SIZE = 64

@@ -20,9 +20,8 @@ import time
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING
 
-from proxy.http import wire
 from proxy.http.admission import PIPELINE, Refusal, rate_refusal
-from proxy.http.answers import refuse_breaker_open
+from proxy.http.answers import OwnAnswer, encode, log_answer, refuse_breaker_open
 from proxy.http.body import DISCARD_BYTES, BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
 from proxy.http.pump import BodyPump
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("seawall.request")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-_JSON = b"application/json"
 
 
 class Exchange:
@@ -117,9 +115,10 @@ class Exchange:
         if refusal.reason == "breaker_open":
             self._breaker_open(self.rt.clock.monotonic())
             return
-        self.rt.stats.reject(refusal.reason)
-        extra = [(b"retry-after", b"%d" % refusal.retry_after)] if refusal.retry_after is not None else None
-        self._local(refusal.status, refusal.reason, refusal.detail, self._decision(refusal.decision), extra)
+        decision = self._decision(refusal.decision)
+        self._own(
+            OwnAnswer(refusal.status, refusal.reason, refusal.detail, decision, refusal.retry_after, refusal.reason)
+        )
 
     async def _retry_tokens(self, deadline: float) -> Refusal | None:
         """A retry is one more send the upstream counts: it takes its tokens too, waiting no longer than the
@@ -310,24 +309,15 @@ class Exchange:
     def _out_of_resources(self, exc: OutOfResources) -> None:
         """The sidecar could not open a connection for want of its own resources: overload, nobody's failure."""
         permit, self.permit = self.permit, None
-        self.rt.out_of_resources(permit, exc)
-        self._local(
-            503,
-            "overload",
-            "the sidecar is out of resources (file descriptors, buffers or memory)",
-            decision=self._decision("out_of_resources"),
-        )
+        self.rt.out_of_resources(permit, exc)  # counts the refusal (overload) and logs it, throttled
+        detail = "the sidecar is out of resources (file descriptors, buffers or memory)"
+        self._own(OwnAnswer(503, "overload", detail, self._decision("out_of_resources")))
 
     def _client_failed(self) -> None:
         if self.client_fault == "body_timeout":
-            self.rt.stats.reject("client_timeout")
-            limit = self.route.timeouts.idle
-            self._local(
-                408,
-                "bad_request",
-                f"request body stalled for {limit:g}s (timeouts.idle)",
-                decision=self._decision("client_body_timeout"),
-            )
+            detail = f"request body stalled for {self.route.timeouts.idle:g}s (timeouts.idle)"
+            decision = self._decision("client_body_timeout")
+            self._own(OwnAnswer(408, "bad_request", detail, decision, rejected="client_timeout"))
         # body_aborted: the listener has answered 400 (malformed body) or the client is gone
 
     def _body_replayable(self) -> bool:
@@ -471,7 +461,17 @@ class Exchange:
         self.client.send_raw(refuse_breaker_open(rt, now, self.client.keep_alive, self.client.http11))
         if self.client.log_requests:  # counted by refuse_breaker_open (shared with the listener's fail-fast)
             status = rt.fallback.status if rt.fallback else 503
-            log_answer(rt, self.req, self.route.name, status, "breaker_open", self.attempts, now - self.started)
+            req = self.req
+            log_answer(
+                rt.name,
+                req.method,
+                req.path,
+                self.route.name,
+                status,
+                "breaker_open",
+                self.attempts,
+                now - self.started,
+            )
 
     def _settle(self, target: TargetState | None, outcome: Outcome, kind: str = "", label: str | None = None) -> None:
         """Record this attempt's outcome (``UpstreamRuntime.settle``) and let its permit go."""
@@ -484,20 +484,16 @@ class Exchange:
         duration = self.rt.clock.monotonic() - self.started
         self.rt.stats.answered(status, duration)
         if self.client.log_requests:
-            log_answer(self.rt, self.req, self.route.name, status, reason, self.attempts, duration)
+            req = self.req
+            log_answer(self.rt.name, req.method, req.path, self.route.name, status, reason, self.attempts, duration)
 
     def _local_failure(self, error: UpstreamError, stopped_by: str | None) -> None:
         reason = error.reason if stopped_by != "retry_budget" else "retry_budget"
         decision = self._decision(f"{error.reason} attempts={self.attempts}")
         if stopped_by:
             decision += f" retry_stopped_by={stopped_by}"
-        self._local(
-            error.status,
-            reason,
-            str(error),
-            decision=decision,
-            extra=[(b"x-sidecar-attempts", b"%d" % self.attempts)] if self.attempts > 1 else [],
-        )
+        extra = ((b"x-sidecar-attempts", b"%d" % self.attempts),) if self.attempts > 1 else ()
+        self._own(OwnAnswer(error.status, reason, str(error), decision, extra=extra))
 
     def _decision(self, reason: str) -> str:
         """``x-sidecar-decision`` of an answer the sidecar makes: the upstream, the route if one matched, why."""
@@ -506,41 +502,15 @@ class Exchange:
             return f"upstream={self.rt.name} reason={reason}"
         return f"upstream={self.rt.name} route={route} reason={reason}"
 
-    def _local(
-        self, status: int, reason: str, detail: str, decision: str, extra: list[tuple[bytes, bytes]] | None = None
-    ) -> None:
-        headers = [(b"x-sidecar-reason", reason.encode()), (b"x-sidecar-decision", decision.encode())]
-        if extra:
-            headers += extra
+    def _own(self, answer: OwnAnswer) -> None:
+        """An answer of the sidecar's own (``proxy.http.answers``), counted and logged once."""
+        client = self.client
         if not self._discardable():
-            self.client.keep_alive = False  # the client's connection cannot carry another request: say so
-        self.client.send_local(status, wire.error_body(reason, self.rt.name, detail), _JSON, headers)
-        self._answered(status, reason)
-
-
-def log_answer(
-    rt: UpstreamRuntime,
-    req: Request,
-    route: str | None,
-    status: int,
-    reason: str | None,
-    attempts: int,
-    duration: float,
-) -> None:
-    """The request log's one line for an answer, proxied (``reason`` None) or the sidecar's own (its
-    ``x-sidecar-reason``), like Envoy's access log with its response flags."""
-    extra: dict[str, object] = {
-        "event": "request",
-        "upstream": rt.name,
-        "status": status,
-        "attempts": attempts,
-        "duration_ms": round(duration * 1000, 3),
-    }
-    if route is not None:
-        extra["route"] = route
-    if reason is not None:
-        extra["reason"] = reason
-    log.info("%s %s -> %d", req.method, req.path.decode("latin-1"), status, extra=extra)
+            client.keep_alive = False  # the client's connection cannot carry another request: say so
+        client.send_raw(encode(answer, self.rt.name, client.keep_alive, client.http11))
+        if answer.rejected is not None:
+            self.rt.stats.reject(answer.rejected)
+        self._answered(answer.status, answer.reason)
 
 
 def forward(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> Coroutine[None, None, None]:

@@ -20,9 +20,9 @@ import httptools
 
 from proxy.http import chunked as chunking
 from proxy.http import wire
-from proxy.http.answers import fail_fast
+from proxy.http.answers import OwnAnswer, count, encode, fail_fast, log_answer
 from proxy.http.body import RequestBody
-from proxy.http.forwarder import forward, log_answer
+from proxy.http.forwarder import forward
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
@@ -256,7 +256,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.log_requests:
                     route = rt.route_for(req.path, req.method) if rt.routes else rt.default_route
                     status = rt.fallback.status if rt.fallback else 503
-                    log_answer(rt, req, route.name, status, "breaker_open", 0, 0.0)
+                    log_answer(rt.name, req.method, req.path, route.name, status, "breaker_open", 0, 0.0)
                 return True
         if req.body is not None and not req.body.complete:
             self._resume_reading()  # a pipelined request's body may still be on its way: let it in
@@ -271,10 +271,10 @@ class ClientConnection(asyncio.Protocol):
         except Exception:
             log.exception("forwarding failed")
             if not self._response_started:
-                self._count_local(500, "internal_error")
                 self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
-                body = wire.error_body("internal_error", None, "see the sidecar's log")
-                self.send_local(500, body, b"application/json", [(b"x-sidecar-reason", b"internal_error")])
+                self._answer_own(
+                    OwnAnswer(500, "internal_error", "see the sidecar's log", rejected="internal_error"), req
+                )
             else:
                 self.abort()
         finally:
@@ -327,14 +327,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self._response_started = True
         self.transport.write(answer)
-
-    def send_local(self, status: int, body: bytes, content_type: bytes, headers: wire.Headers) -> None:
-        if self._response_started or self.transport is None or self._closing:
-            return
-        self._response_started = True
-        self.transport.write(
-            wire.local_response(status, body, content_type, headers, self.keep_alive, http11=self.http11)
-        )
 
     def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.Protocol, list[bytes]] | None:
         """A 101: the relay takes the transport over (its timer is harmless), with the bytes read past the head."""
@@ -405,23 +397,19 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reading()
             return
         if not self._response_started:
-            self._response_started = True
             self.keep_alive = False
-            self._count_local(status, "bad_request")
-            body = wire.error_body("bad_request", None, detail)
-            if self.transport is not None:
-                self.transport.write(
-                    wire.local_response(
-                        status, body, b"application/json", [(b"x-sidecar-reason", b"bad_request")], False
-                    )
-                )
+            self._answer_own(OwnAnswer(status, "bad_request", detail, rejected="bad_request"), self._parsing)
         self._close_after_answer()
 
-    def _count_local(self, status: int, reason: str) -> None:
-        """An answer the listener makes itself counts like every other answer (requests and rejections)."""
-        stats = self._get_runtime().stats
-        stats.reject(reason)
-        stats.answered(status, 0.0)
+    def _answer_own(self, answer: OwnAnswer, req: Request | None) -> None:
+        """An answer the listener makes itself (a malformed request, an internal error): written, counted and
+        logged like every other answer of the sidecar's own (``proxy.http.answers``)."""
+        rt = self._get_runtime()
+        count(rt.stats, answer, 0.0)
+        if self.log_requests:
+            method, path = (req.method, req.path) if req is not None else ("-", b"-")
+            log_answer(rt.name, method, path, None, answer.status, answer.reason, 0, 0.0)
+        self.send_raw(encode(answer, None, self.keep_alive, self.http11))
 
     def _refuse(self, status: int, detail: str) -> typing.NoReturn:
         """Inside a parser callback: stop parsing; ``data_received`` answers with this status."""

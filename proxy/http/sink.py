@@ -22,10 +22,7 @@ class ResponseSink(Protocol):
         """``100 Continue``, for a client waiting to send its body."""
 
     def send_raw(self, answer: bytes) -> None:
-        """A whole answer the sidecar made, already encoded (fail-fast)."""
-
-    def send_local(self, status: int, body: bytes, content_type: bytes, headers: Headers) -> None:
-        """A whole answer the sidecar makes (errors, overload)."""
+        """A whole answer the sidecar made, already encoded (``proxy.http.answers``)."""
 
     def respond_whole(
         self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool, trailers: Headers | None = None

@@ -77,3 +77,64 @@ def test_transition_override_and_reload_are_logged_as_json(tmp_path: Path) -> No
         # SIGHUP and the file watcher may both pick the edit up; each is a successful reload.
         line = next(x for x in text.splitlines() if x.startswith('sidecar_config_reloads_total{result="success"}'))
         assert float(line.split()[-1]) >= 1
+
+
+def test_every_answer_gets_exactly_one_request_line_with_its_reason(tmp_path: Path) -> None:
+    """The request log (``logging.requests``) as an operator reads it after a caller complained: one line per
+    answer, proxied or the sidecar's own, with the upstream, route, status, attempts, duration and — for the
+    sidecar's own answers — the reason (502 connect_error after retries, 503 breaker_open, 429 rate_limited,
+    400 bad_request)."""
+    import socket
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    listen, limited = free_port(), free_port()
+    policy = write_policy(
+        tmp_path / "p.yaml",
+        {
+            "pay": {
+                "listen": f"127.0.0.1:{listen}",
+                "targets": [dead],
+                "breaker": {"failure_threshold": 2},
+                "retry": {"max_retries": 1, "base_delay": "1ms", "max_delay": "1ms"},
+                "routes": [{"match": {"path_prefix": "/v1"}, "name": "v1"}],
+            },
+            "quotes": {
+                "listen": f"127.0.0.1:{limited}",
+                "targets": [dead],
+                "rate_limit": {"limits": [{"requests": 1, "per": "1m"}]},
+            },
+        },
+        logging={"level": "info", "requests": True},
+    )
+
+    def status_of(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with sidecar_process(policy) as sidecar:
+        assert status_of(f"http://127.0.0.1:{listen}/v1/pay") == 502  # two attempts fail: the breaker opens
+        assert status_of(f"http://127.0.0.1:{listen}/other") == 503  # breaker_open, answered on the spot
+        assert status_of(f"http://127.0.0.1:{limited}/q") == 502  # the one token: spent on a dead target
+        assert status_of(f"http://127.0.0.1:{limited}/q") == 429  # rate_limited
+        with socket.create_connection(("127.0.0.1", listen), 3) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            assert raw.recv(64).startswith(b"HTTP/1.1 400 ")
+
+        def request_lines() -> list[dict[str, Any]]:
+            found = [e for e in events(sidecar.log()) if e.get("event") == "request"]
+            return found if len(found) >= 5 else []
+
+        lines = eventually_sync(request_lines, timeout=5, interval=0.05, what="five request lines")
+        assert len(lines) == 5, lines
+        summary = [(e["upstream"], e.get("route"), e["status"], e.get("reason"), e["attempts"]) for e in lines]
+        assert summary == [
+            ("pay", "v1", 502, "connect_error", 2),
+            ("pay", None, 503, "breaker_open", 0),
+            ("quotes", None, 502, "connect_error", 1),
+            ("quotes", None, 429, "rate_limited", 0),
+            ("pay", None, 400, "bad_request", 0),
+        ]
+        assert all(isinstance(e["duration_ms"], float | int) for e in lines)
