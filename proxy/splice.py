@@ -1,0 +1,193 @@
+"""A byte relay between two connected sockets that keeps the bytes in the kernel: Linux ``splice(2)`` through
+one pipe per direction, driven by the event loop's readiness callbacks (``add_reader`` / ``add_writer``, which
+asyncio's loop and uvloop both offer).
+
+    a ──splice──▶ pipe ──splice──▶ b        b ──splice──▶ pipe ──splice──▶ a
+
+A direction reads only into an empty pipe and empties the pipe before it reads again, so at most one pipe's
+worth of bytes (``PIPE_SIZE``) is held per direction: while the receiver is slow its socket stays full, the
+pipe stays full, the sender's socket is not read, and the back-pressure reaches the sender through its own TCP
+window. EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once the pipe is empty (half-close); when
+both directions have finished, or either side fails (a reset, a broken pipe), both sockets are closed.
+
+Bytes the caller already read from a side (before it handed the socket over) are sent first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+# Python >= 3.10 on Linux; anything else uses the protocol-based relay.
+AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+
+# Bytes held per direction: large enough that a bulk stream needs few system calls per MiB, small enough that
+# thousands of relays stay cheap (the kernel allocates pipe pages only as they fill). 1 MiB is the default
+# ``fs.pipe-max-size``; a smaller limit (or the per-user pipe budget) just leaves the pipe smaller.
+PIPE_SIZE = 1 << 20
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+class _Direction:
+    """src → pipe → dst, one way."""
+
+    def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket, early: bytes, eof: bool) -> None:
+        self.relay = relay
+        self.src, self.dst = src.fileno(), dst.fileno()
+        self.dst_sock = dst
+        self.pending = memoryview(early)  # read before the hand-over: sent before anything spliced
+        self.src_eof = eof
+        self.in_pipe = 0
+        self.reading = False
+        self.waiting = False  # for dst to become writable
+        self.done = False
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # over the limit: the pipe keeps its default size
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+
+    def start(self) -> None:
+        self._drain()
+
+    def buffered(self) -> int:
+        return self.in_pipe + len(self.pending)
+
+    def on_readable(self) -> None:
+        try:
+            n = os.splice(self.src, self.pipe_w, self.size, flags=_FLAGS)
+        except BlockingIOError:
+            return  # a wake-up with nothing to read
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        if n == 0:
+            self.src_eof = True
+            self._stop_reading()
+        self.in_pipe += n
+        self._drain()
+
+    def on_writable(self) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        """Send what is held; then read again, or pass the EOF on."""
+        try:
+            while self.pending:
+                self.pending = self.pending[self.dst_sock.send(self.pending) :]
+            while self.in_pipe:
+                self.in_pipe -= os.splice(self.pipe_r, self.dst, self.in_pipe, flags=_FLAGS)
+        except BlockingIOError:
+            # dst is full: hold src (its bytes stay in its socket) until dst takes more.
+            self._stop_reading()
+            if not self.waiting:
+                self.waiting = True
+                self.relay.loop.add_writer(self.dst, self.on_writable)
+            return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        if self.waiting:
+            self.waiting = False
+            self.relay.loop.remove_writer(self.dst)
+        if self.src_eof:
+            self._finish()
+        elif not self.reading:
+            self.reading = True
+            self.relay.loop.add_reader(self.src, self.on_readable)
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.relay.loop.remove_reader(self.src)
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.dst_sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # dst is gone already
+            self.relay.fail(exc)
+            return
+        self.relay.direction_done()
+
+    def flush_once(self) -> None:
+        """A last, non-blocking attempt to deliver what is held (the other side failed)."""
+        with contextlib.suppress(OSError):
+            if not self.pending and self.in_pipe:
+                os.splice(self.pipe_r, self.dst, self.in_pipe, flags=_FLAGS)
+
+    def stop(self) -> None:
+        self._stop_reading()
+        if self.waiting:
+            self.waiting = False
+            self.relay.loop.remove_writer(self.dst)
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
+
+class SpliceRelay:
+    """Relays between ``a`` and ``b`` until both directions end or one side fails; owns both sockets from
+    ``start`` on, and calls ``on_close`` once, after closing them."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        a: socket.socket,
+        b: socket.socket,
+        on_close: Callable[[], None],
+        early_a: bytes = b"",
+        a_eof: bool = False,
+    ) -> None:
+        self.loop = loop
+        self.a, self.b = a, b
+        self._on_close = on_close
+        self.closed = False
+        self.error: OSError | None = None
+        # Built here, not in ``start``: a failure to make the pipes (out of file descriptors) leaves the caller
+        # with both sockets untouched, free to relay them another way.
+        forward = _Direction(self, a, b, early_a, a_eof)
+        try:
+            backward = _Direction(self, b, a, b"", False)
+        except OSError:
+            os.close(forward.pipe_r)
+            os.close(forward.pipe_w)
+            raise
+        self._directions = (forward, backward)
+
+    def start(self) -> None:
+        for direction in self._directions:
+            if not self.closed:
+                direction.start()
+
+    def buffered(self) -> int:
+        """Bytes read from one side and not yet sent to the other."""
+        return sum(d.buffered() for d in self._directions)
+
+    def direction_done(self) -> None:
+        if all(d.done for d in self._directions):
+            self.close()
+
+    def fail(self, exc: OSError) -> None:
+        if self.closed:
+            return
+        self.error = exc
+        for direction in self._directions:
+            direction.flush_once()
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for direction in self._directions:
+            direction.stop()
+        self.a.close()
+        self.b.close()
+        self._on_close()
