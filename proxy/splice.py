@@ -1,15 +1,16 @@
-"""A byte relay between two connected sockets that keeps the bytes in the kernel: Linux ``splice(2)`` through
+"""A byte relay between two connected sockets that keeps bulk bytes in the kernel: Linux ``splice(2)`` through
 one pipe per direction, driven by the event loop's readiness callbacks (``add_reader`` / ``add_writer``, which
 asyncio's loop and uvloop both offer).
 
     a ──splice──▶ pipe ──splice──▶ b        b ──splice──▶ pipe ──splice──▶ a
 
 Small reads (request/response traffic) are copied through Python instead, where that is cheaper (see
-``COPY_SIZE``). A direction reads only when everything it read before has been sent, so at most one pipe's worth
-of bytes (``PIPE_SIZE``) is held per direction: while the receiver is slow its socket stays full, the
+``COPY_SIZE``); a direction makes its pipe at its first large read, and without one (out of file descriptors)
+it keeps copying. A direction reads only when everything it read before has been sent, so at most one pipe's
+worth of bytes (``PIPE_SIZE``) is held per direction: while the receiver is slow its socket stays full, the
 pipe stays full, the sender's socket is not read, and the back-pressure reaches the sender through its own TCP
-window. EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once the pipe is empty (half-close); when
-both directions have finished, or either side fails (a reset, a broken pipe), both sockets are closed.
+window. EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once everything read is sent (half-close);
+when both directions have finished, or either side fails (a reset, a broken pipe), both sockets are closed.
 
 Bytes the caller already read from a side (before it handed the socket over) are sent first.
 """
@@ -56,10 +57,24 @@ class _Direction:
         self.reading = False
         self.waiting = False  # for dst to become writable
         self.done = False
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # over the limit: the pipe keeps its default size
+        # The pipe is made at the first large read: request/response traffic never needs one.
+        self.pipe_r = self.pipe_w = -1
+        self.size = 0
+        self.can_splice = True
+
+    def _pipe(self) -> bool:
+        """Whether this direction has its pipe (made now if need be); without one it keeps copying."""
+        if self.pipe_w >= 0 or not self.can_splice:
+            return self.can_splice
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of file descriptors: copying still works
+            self.can_splice = False
+            return False
+        with contextlib.suppress(OSError):  # over the (per-user) limit: the pipe keeps its default size
             fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+        return True
 
     def start(self) -> None:
         self._drain()
@@ -73,7 +88,7 @@ class _Direction:
                 data = self.src_sock.recv(COPY_SIZE)
                 n = len(data)
                 self.pending = data
-                self.copying = n < COPY_SIZE  # a full buffer: a bulk flow, splice from now on
+                self.copying = n < COPY_SIZE or not self._pipe()  # a full buffer: a bulk flow, splice it
             else:
                 n = os.splice(self.src, self.pipe_w, self.size, flags=_FLAGS)
                 self.in_pipe += n
@@ -148,8 +163,10 @@ class _Direction:
         if self.waiting:
             self.waiting = False
             self.relay.loop.remove_writer(self.dst)
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
+        if self.pipe_w >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
 
 class SpliceRelay:
@@ -170,16 +187,7 @@ class SpliceRelay:
         self._on_close = on_close
         self.closed = False
         self.error: OSError | None = None
-        # Built here, not in ``start``: a failure to make the pipes (out of file descriptors) leaves the caller
-        # with both sockets untouched, free to relay them another way.
-        forward = _Direction(self, a, b, early_a, a_eof)
-        try:
-            backward = _Direction(self, b, a, b"", False)
-        except OSError:
-            os.close(forward.pipe_r)
-            os.close(forward.pipe_w)
-            raise
-        self._directions = (forward, backward)
+        self._directions = (_Direction(self, a, b, early_a, a_eof), _Direction(self, b, a, b"", False))
 
     def start(self) -> None:
         for direction in self._directions:

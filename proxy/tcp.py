@@ -263,25 +263,15 @@ class TcpClient(_Side):
         self.transport.pause_reading()  # from here on the client's bytes stay in its socket
         try:
             client = take_socket(self.transport)
-            try:
-                relay = SpliceRelay(
-                    asyncio.get_running_loop(),
-                    client,
-                    upstream,
-                    self._relay_closed,
-                    early_a=b"".join(self._early),
-                    a_eof=self.eof,
-                )
-            except OSError:
-                client.close()
-                raise
-        except OSError as exc:
+        except OSError as exc:  # out of file descriptors
             log.warning(
                 "tcp splice relay unavailable, relaying through the event loop: %s",
                 exc,
                 extra={"event": "tcp_splice_unavailable"},
             )
             return False
+        loop = asyncio.get_running_loop()
+        relay = SpliceRelay(loop, client, upstream, self._relay_closed, early_a=b"".join(self._early), a_eof=self.eof)
         self._early, self._early_size = [], 0
         self.relay = relay
         # The transport lets go of its descriptor; the relay holds a duplicate of it, so the connection lives on.

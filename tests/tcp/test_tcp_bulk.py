@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import splice
+from proxy import splice, tcp
 from proxy.server import Sidecar
 from proxy.tcp import TcpClient
 from tests.support.eventually import eventually
@@ -159,16 +159,41 @@ async def test_stopping_the_sidecar_closes_open_relays(tmp_path: Path) -> None:
             await sidecar.stop()
 
 
-async def test_a_relay_that_cannot_get_its_pipes_falls_back_to_the_protocol_relay(
-    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
+    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if relay_mode != "splice":
-        pytest.skip("the fallback of the splice relay")
+        pytest.skip("a fallback of the splice relay")
 
     def no_pipes(flags: int) -> tuple[int, int]:
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(splice.os, "pipe2", no_pipes)
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy) as sidecar:
+            reader, writer = await asyncio.open_connection(LOCAL, listen)
+            try:
+                payload = os.urandom(3 * MIB)
+                writer.write(payload)
+                async with asyncio.timeout(10):
+                    assert await reader.readexactly(len(payload)) == payload
+                relay = the_relay(sidecar).relay
+                assert relay is not None and relay.spliced() == 0
+            finally:
+                writer.close()
+
+
+async def test_a_client_socket_that_cannot_be_taken_over_is_relayed_by_the_protocols(
+    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if relay_mode != "splice":
+        pytest.skip("the fallback of the splice relay")
+
+    def no_descriptor(transport: object) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(tcp, "take_socket", no_descriptor)
     async with tcp_server(echo) as (_, port):
         policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
         async with running_sidecar(policy) as sidecar:
