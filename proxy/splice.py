@@ -74,7 +74,11 @@ class _Direction:
         with contextlib.suppress(OSError):  # over the (per-user) limit: the pipe keeps its default size
             fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
-        return True
+        if self.size < COPY_SIZE:
+            # Past the per-user pipe budget (fs.pipe-user-pages-soft) new pipes get two pages: copying is better.
+            self._close_pipe()
+            self.can_splice = False
+        return self.can_splice
 
     def start(self) -> None:
         self._drain()
@@ -163,6 +167,9 @@ class _Direction:
         if self.waiting:
             self.waiting = False
             self.relay.loop.remove_writer(self.dst)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         if self.pipe_w >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)

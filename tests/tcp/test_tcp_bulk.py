@@ -208,3 +208,24 @@ async def test_a_client_socket_that_cannot_be_taken_over_is_relayed_by_the_proto
                 assert any(getattr(r, "event", "") == "tcp_splice_unavailable" for r in caplog.records)
             finally:
                 writer.close()
+
+
+async def test_a_pipe_smaller_than_the_copy_buffer_is_not_used(
+    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if relay_mode != "splice":
+        pytest.skip("a fallback of the splice relay")
+    monkeypatch.setattr(splice, "PIPE_SIZE", 4096)  # as past the per-user pipe budget: a page or two
+    async with tcp_server(echo) as (_, port):
+        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
+        async with running_sidecar(policy) as sidecar:
+            reader, writer = await asyncio.open_connection(LOCAL, listen)
+            try:
+                payload = os.urandom(3 * MIB)
+                writer.write(payload)
+                async with asyncio.timeout(10):
+                    assert await reader.readexactly(len(payload)) == payload
+                relay = the_relay(sidecar).relay
+                assert relay is not None and relay.spliced() == 0
+            finally:
+                writer.close()
