@@ -12,6 +12,12 @@ connections already established are left alone (a database session in the middle
 cut because *other* connects failed). Bytes flow both ways with back-pressure (each side pauses reading while
 the other's send buffer is full) and half-close is passed on (EOF from one side becomes ``write_eof`` on the
 other), so "send the request, shut down writing, read the reply" clients work.
+
+How the bytes move, once connected: on Linux the relay takes both sockets off the event loop's transports and
+hands them to ``proxy.splice`` (bulk streams move by ``splice(2)`` and never enter Python; small reads are
+copied; the same back-pressure and half-close). Elsewhere, with ``SEAWALL_TCP_SPLICE=0``, or when the client's
+socket cannot be taken over, the two ``_Side`` protocols relay through their transports. The upstream is dialled
+as a bare socket either way, so nothing is read from it before the relay is chosen.
 """
 
 from __future__ import annotations
