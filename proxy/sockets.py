@@ -19,7 +19,7 @@ async def dial(host: str, port: int) -> socket.socket:
     """A connected non-blocking TCP socket (no transport yet), trying each address ``host`` resolves to in turn,
     as ``loop.create_connection`` does."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _numeric(host, port) or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError = OSError(f"{host}:{port} resolved to no address")
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
@@ -36,6 +36,17 @@ async def dial(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     raise last
+
+
+def _numeric(host: str, port: int) -> list[tuple[int, int, int, str, tuple[str, int]]]:
+    """An IP address needs no resolver (asyncio's ``getaddrinfo`` would take a trip through a thread)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    return []
 
 
 def take_socket(transport: asyncio.BaseTransport) -> socket.socket:
