@@ -236,8 +236,16 @@ def measure_redis(tools: Tools, relay: Relay, requests: int) -> dict[str, float]
     return {"set": float(found["SET"]), "get": float(found["GET"]), "cpu_us_per_op": cpu / (2 * requests) * 1e6}
 
 
+MEASURES = ("bulk", "redis", "ping")
+
+
 def run(
-    tools: Tools, keys: list[str], rounds: int, gib: float, baseline: str | None = None, only_bulk: bool = False
+    tools: Tools,
+    keys: list[str],
+    rounds: int,
+    gib: float,
+    baseline: str | None = None,
+    measures: tuple[str, ...] = MEASURES,
 ) -> dict[str, Any]:
     """Start everything, measure ``rounds`` interleaved rounds, stop everything; the medians per system."""
     workdir = Path(tempfile.mkdtemp(prefix="seawall-tcp-bench-"))
@@ -266,15 +274,20 @@ def run(
         samples: dict[str, list[dict[str, float]]] = {key: [] for key in keys}
         total = int(gib * (1 << 30))
         for relay in relays:  # warm-up, not kept
-            measure_bulk(tools, relay, min(total, 256 << 20))
-            if not only_bulk:
+            if "bulk" in measures:
+                measure_bulk(tools, relay, min(total, 256 << 20))
+            if "redis" in measures:
                 measure_redis(tools, relay, 10_000)
         for i in range(rounds):
             for relay in relays:
                 time.sleep(1)  # let the previous system's connections close first
-                row = measure_bulk(tools, relay, total)
-                if not only_bulk:
-                    row |= measure_redis(tools, relay, 100_000) | measure_ping(tools, relay, 20_000)
+                row: dict[str, float] = {}
+                if "bulk" in measures:
+                    row |= measure_bulk(tools, relay, total)
+                if "redis" in measures:
+                    row |= measure_redis(tools, relay, 100_000)
+                if "ping" in measures:
+                    row |= measure_ping(tools, relay, 20_000)
                 samples[relay.key].append(row)
                 log(f"  tcp round {i + 1}: {relay.key} " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()))
         return {
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"a subset of {','.join(SYSTEMS)}")
     parser.add_argument("--baseline", metavar="REV", help="also the sidecar at this git revision")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--only-bulk", action="store_true", help="measure the bulk stream only")
+    parser.add_argument("--measure", default=",".join(MEASURES), help=f"a subset of {','.join(MEASURES)}")
     args = parser.parse_args(argv)
     if args.role == "sink":
         sink(args.port)
@@ -354,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     tools = Tools(wrk="", nginx="", haproxy="", caddy="", taskset=shutil.which("taskset"), py_spy=None)
     try:
-        results = run(tools, keys, args.rounds, args.gib, args.baseline, args.only_bulk)
+        measures = tuple(m.strip() for m in args.measure.split(",") if m.strip())
+        if unknown := set(measures) - set(MEASURES):
+            parser.error(f"unknown measurements: {', '.join(sorted(unknown))}")
+        results = run(tools, keys, args.rounds, args.gib, args.baseline, measures)
     except BenchError as exc:
         print(f"tcp bench: {exc}", file=sys.stderr)
         return 1
