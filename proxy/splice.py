@@ -87,25 +87,51 @@ class _Direction:
         return self.in_pipe + len(self.pending)
 
     def on_readable(self) -> None:
+        if self.copying:
+            self._copy()
+            return
         try:
-            if self.copying:
-                data = self.src_sock.recv(COPY_SIZE)
-                n = len(data)
-                self.pending = data
-                self.copying = n < COPY_SIZE or not self._pipe()  # a full buffer: a bulk flow, splice it
-            else:
-                n = os.splice(self.src, self.pipe_w, self.size, flags=_FLAGS)
-                self.in_pipe += n
-                self.spliced += n
-                self.copying = n < COPY_BELOW
+            n = os.splice(self.src, self.pipe_w, self.size, flags=_FLAGS)
         except BlockingIOError:
             return  # a wake-up with nothing to read
         except OSError as exc:
             self.relay.fail(exc)
             return
+        self.in_pipe += n
+        self.spliced += n
+        self.copying = n < COPY_BELOW
         if n == 0:
             self.src_eof = True
             self._stop_reading()
+        self._drain()
+
+    def _copy(self) -> None:
+        """One read through Python; most often (request/response traffic) sent on at once, whole."""
+        try:
+            data = self.src_sock.recv(COPY_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        n = len(data)
+        if 0 < n < COPY_SIZE:
+            try:
+                sent = self.dst_sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.relay.fail(exc)
+                return
+            if sent == n:
+                return
+            self.pending = memoryview(data)[sent:]
+        else:
+            self.pending = data
+            self.copying = n < COPY_SIZE or not self._pipe()  # a full buffer: a bulk flow, splice it
+            if n == 0:
+                self.src_eof = True
+                self._stop_reading()
         self._drain()
 
     def on_writable(self) -> None:
