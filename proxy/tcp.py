@@ -12,16 +12,25 @@ connections already established are left alone (a database session in the middle
 cut because *other* connects failed). Bytes flow both ways with back-pressure (each side pauses reading while
 the other's send buffer is full) and half-close is passed on (EOF from one side becomes ``write_eof`` on the
 other), so "send the request, shut down writing, read the reply" clients work.
+
+How the bytes move, once connected: on Linux the relay takes both sockets off the event loop's transports and
+hands them to ``proxy.splice`` (bulk streams move by ``splice(2)`` and never enter Python; small reads are
+copied; the same back-pressure and half-close). Elsewhere, with ``SEAWALL_TCP_SPLICE=0``, or when the client's
+socket cannot be taken over, the two ``_Side`` protocols relay through their transports. The upstream is dialled
+as a bare socket either way, so nothing is read from it before the relay is chosen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.sockets import Drainable, set_no_delay
+from proxy.sockets import Drainable, dial, set_no_delay, take_socket
+from proxy.splice import AVAILABLE, SpliceRelay
 from proxy.upstream.errors import OutOfResources, UpstreamError, map_connect_error
 
 if TYPE_CHECKING:
@@ -32,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("seawall.tcp")
 
 EARLY_BUFFER_LIMIT = 256 * 1024  # client bytes held while the upstream connect is in progress
+
+# Relay by splice (Linux: the bytes never enter Python) unless SEAWALL_TCP_SPLICE=0; the protocol-based relay is
+# the fallback everywhere else, and for a connection whose splice relay cannot be set up.
+SPLICE = AVAILABLE and os.environ.get("SEAWALL_TCP_SPLICE", "1") != "0"
 
 
 class _Side(asyncio.Protocol):
@@ -106,6 +119,7 @@ class TcpClient(_Side):
         # not enough: uvloop starts reading only after ``connection_made`` returns and ignores a pause before.
         self._early: list[bytes] = []
         self._early_size = 0
+        self.relay: SpliceRelay | None = None  # set once the bytes move by splice (see ``_splice``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -156,7 +170,8 @@ class TcpClient(_Side):
                 state = rt.balancer.pick(rt.clock.monotonic(), previous)
                 upstream = await self._connect(rt, state, permit, started)
                 if upstream is not None:
-                    self._link(rt, state, upstream, started)
+                    permit = None  # ``_connect`` recorded the success
+                    await self._link(rt, state, upstream, started)
                     return
                 previous = state
                 permit = None
@@ -177,14 +192,13 @@ class TcpClient(_Side):
 
     async def _connect(
         self, rt: UpstreamRuntime, state: TargetState, permit: Permit | None, started: float
-    ) -> _Side | None:
+    ) -> socket.socket | None:
         target = state.target
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(rt.policy.timeouts.connect):
-                # The upstream end knows its peer from the first byte: a server that speaks first (a MySQL
-                # greeting, an SMTP banner) must not lose its bytes before we link the two ends.
-                _, upstream = await loop.create_connection(lambda: _Side(peer=self), target.host, target.port)
+                # A bare socket, not a transport: nothing is read from it until ``_link`` decides how to relay,
+                # so a server that speaks first (a MySQL greeting, an SMTP banner) loses nothing.
+                upstream = await dial(target.host, target.port)
         except (OSError, TimeoutError) as exc:
             try:
                 error: UpstreamError = map_connect_error(exc, f"{target.host}:{target.port}")
@@ -209,14 +223,34 @@ class TcpClient(_Side):
         rt.report_target(state, ok=True, now=now)
         return upstream
 
-    def _link(self, rt: UpstreamRuntime, state: TargetState, upstream: _Side, started: float) -> None:
+    async def _link(self, rt: UpstreamRuntime, state: TargetState, upstream: socket.socket, started: float) -> None:
         rt.stats.answered(200, rt.clock.monotonic() - started)
         if self.closed:  # the client left while we connected
             upstream.close()
             return
-        self.peer = upstream
         state.outstanding += 1  # least_request counts open relays per target
         self._target = state
+        if SPLICE and self._splice(upstream):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            # The upstream end knows its peer from the first byte it reads.
+            _, side = await loop.connect_accepted_socket(lambda: _Side(peer=self), upstream)
+        except OSError:
+            upstream.close()
+            self.close()
+            return
+        except BaseException:
+            upstream.close()
+            raise
+        self._relay_with(side)
+
+    def _relay_with(self, upstream: _Side) -> None:
+        """Relay through the two protocols (the fallback: no splice here, or it could not be set up)."""
+        if self.closed:  # the client left while the upstream transport was made
+            upstream.close()
+            return
+        self.peer = upstream
         assert upstream.transport is not None and self.transport is not None
         early, self._early, self._early_size = self._early, [], 0
         if early:
@@ -229,8 +263,46 @@ class TcpClient(_Side):
                 return
         self.transport.resume_reading()
 
+    def _splice(self, upstream: socket.socket) -> bool:
+        """Hand both sockets to a splice relay; False (nothing changed) when it cannot be set up."""
+        assert self.transport is not None
+        self.transport.pause_reading()  # from here on the client's bytes stay in its socket
+        try:
+            client = take_socket(self.transport)
+        except OSError as exc:  # out of file descriptors
+            log.warning(
+                "tcp splice relay unavailable, relaying through the event loop: %s",
+                exc,
+                extra={"event": "tcp_splice_unavailable"},
+            )
+            return False
+        loop = asyncio.get_running_loop()
+        relay = SpliceRelay(loop, client, upstream, self._relay_closed, early_a=b"".join(self._early), a_eof=self.eof)
+        self._early, self._early_size = [], 0
+        self.relay = relay
+        # The transport lets go of its descriptor; the relay holds a duplicate of it, so the connection lives on.
+        # ``connection_lost`` sees ``relay`` set and leaves the accounting to ``_relay_closed``.
+        self.transport.abort()
+        relay.start()
+        return True
+
+    def _relay_closed(self) -> None:
+        self.closed = True
+        self._release()
+
+    def buffered(self) -> int:
+        """Bytes the sidecar holds for this relay (read from one side, not yet sent to the other)."""
+        if self.relay is not None:
+            return self.relay.buffered()
+        return sum(s.transport.get_write_buffer_size() for s in (self, self.peer) if s and s.transport)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay is not None:  # the transport let go of a socket the splice relay still uses
+            return
         super().connection_lost(exc)
+        self._release()
+
+    def _release(self) -> None:
         self._connections.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -240,6 +312,12 @@ class TcpClient(_Side):
         if self._admitted and self._rt is not None:
             self._admitted = False
             self._rt.bulkhead.leave()
+
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+            return
+        super().close()
 
     def shutdown_when_idle(self) -> None:
         """Nothing to do: a byte stream has no idle point the sidecar could recognise, so a relay runs on

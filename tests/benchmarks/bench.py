@@ -1036,6 +1036,11 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
             lines += [f"| `{f}` | {p} |" for f, p in ff_prof["self"][:10]]
             lines += ["", "| inclusive time | % |", "|---|---:|"]
             lines += [f"| `{f}` | {p} |" for f, p in ff_prof["inclusive"][:10]]
+    if tcp := extra.get("tcp"):
+        sys.path.insert(0, str(REPO))
+        from tests.benchmarks import tcp_relay
+
+        lines += ["", *tcp_relay.render(tcp["systems"], tcp["rounds"], tcp["gib"])]
     lines += ["", "![throughput](throughput.png)", ""]
     return "\n".join(lines)
 
@@ -1202,6 +1207,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir with configs and logs")
     parser.add_argument(
+        "--tcp",
+        action="store_true",
+        help="also the TCP relay rows (tcp_relay.py: bulk GiB/s, redis-benchmark -P1 vs HAProxy mode tcp)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the sidecar at git revision REV (a temporary worktree) as 'sidecar-baseline', interleaved "
@@ -1271,6 +1281,14 @@ def main(argv: list[str] | None = None) -> int:
                 extra["failfast"] = measure_failfast(bench, run, mode)
                 if args.profile:
                     extra["profile"] = profile(bench, run, args.out, 5 if args.quick else 10)
+        if args.tcp:
+            sys.path.insert(0, str(REPO))  # bench.py runs as a script
+            from tests.benchmarks import tcp_relay
+
+            gib = 0.5 if args.quick else 2.0
+            log("tcp relay: direct, HAProxy mode tcp, sidecar by splice and by protocols")
+            tcp = tcp_relay.run(tools, list(tcp_relay.SYSTEMS), mode.runs, gib)
+            extra["tcp"] = {"rounds": mode.runs, "gib": gib, "systems": tcp}
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Fixtures for the L4 tests: a Redis server and a PostgreSQL cluster (the servers are in tests/support/servers.py).
 
-The in-process relay tests run twice, on asyncio's loop and on uvloop (which ``sidecar run`` uses): the two
-differ in details a byte relay depends on (uvloop ignores ``pause_reading`` inside ``connection_made``).
+The in-process relay tests run on asyncio's loop and on uvloop (which ``sidecar run`` uses): the two differ in
+details a byte relay depends on (uvloop ignores ``pause_reading`` inside ``connection_made``). Each runs with the
+splice relay (where the platform has it) and with the protocol-based one it falls back to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from proxy import splice, tcp
 from tests.support.servers import PostgresCluster, RedisServer, postgres_bindir
 from tests.support.tools import require_tool
 
@@ -29,6 +31,13 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     return LOOPS
+
+
+@pytest.fixture(autouse=True, params=["splice", "protocol"] if splice.AVAILABLE else ["protocol"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    mode: str = request.param
+    monkeypatch.setattr(tcp, "SPLICE", mode == "splice")
+    return mode
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------
