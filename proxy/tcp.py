@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from proxy.runtime import Outcome
 from proxy.sockets import Drainable, dial, set_no_delay, take_socket
 from proxy.splice import AVAILABLE, SpliceRelay
 from proxy.upstream.errors import OutOfResources, UpstreamError, map_connect_error
@@ -186,8 +187,7 @@ class TcpClient(_Side):
             rt.stats.answered(503, rt.clock.monotonic() - started)
             self.close()
         except asyncio.CancelledError:
-            if permit is not None:
-                rt.breaker.record_ignored(permit)
+            rt.settle(permit, None, Outcome.IGNORED, rt.clock.monotonic())
             raise
 
     async def _connect(
@@ -205,22 +205,17 @@ class TcpClient(_Side):
             except OutOfResources as local:
                 rt.out_of_resources(permit, local)  # closed like an overload, nothing held against the breaker
                 raise
-            now = rt.clock.monotonic()
-            rt.stats.failed(error.kind)
-            if permit is not None:
-                rt.breaker.record_failure(permit, now, now - started)
             log.info(
                 "tcp connect to %s failed: %s",
                 target,
                 error,
                 extra={"event": "tcp_connect_failed", "upstream": rt.name, "target": str(target)},
             )
-            rt.report_target(state, ok=False, now=now, kind=error.kind, logger=log)
+            now = rt.clock.monotonic()
+            rt.settle(permit, state, Outcome.FAILURE, now, now - started, error.kind, logger=log)
             return None
         now = rt.clock.monotonic()
-        if permit is not None:
-            rt.breaker.record_success(permit, now, now - started)
-        rt.report_target(state, ok=True, now=now)
+        rt.settle(permit, state, Outcome.SUCCESS, now, now - started, logger=log)
         return upstream
 
     async def _link(self, rt: UpstreamRuntime, state: TargetState, upstream: socket.socket, started: float) -> None:

@@ -450,9 +450,8 @@ class Exchange:
                 conn.abort()
             else:
                 conn.finish()
-        permit, self.permit = self.permit, None
-        if permit is not None:
-            self.rt.breaker.record_ignored(permit)
+        if self.permit is not None:
+            self._settle(None, Outcome.IGNORED)  # the exchange ended without a verdict: free the probe slot
 
     def _breaker_open(self, now: float) -> None:
         rt = self.rt
