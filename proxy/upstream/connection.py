@@ -27,6 +27,7 @@ from proxy.upstream.errors import (
 )
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CLOSED_PARSER = httptools.HttpResponseParser(object())  # a closed connection's: bound to nothing, never fed
 
 
 class _OutOfStep(Exception):
@@ -178,6 +179,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self.pool.forget(self)
+        self._settle_lost(exc)
+        # The parser's callbacks are bound methods of this connection: a reference cycle that would keep the
+        # closed connection, and the transport it holds, until the cyclic GC ran. Over TLS that transport holds
+        # the SSL object and uvloop's 256 KiB read buffer, and held there they grew the heap with every new
+        # connection (issue 19). Without the cycle the connection is freed as soon as its last user drops it.
+        self._parser = _CLOSED_PARSER
+
+    def _settle_lost(self, exc: Exception | None) -> None:
         if self.phase is _IDLE:
             return
         head = self._head
@@ -455,6 +464,10 @@ class UpstreamConnection(asyncio.Protocol):
         ssl_object = self.transport.get_extra_info("ssl_object")
         if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
             return False
+        if ssl_object.session_reused:
+            return False  # a resumed handshake judges no certificate
+        # (On an interpreter where reading the session leaks a copy (see tls.py), this path, a new connection
+        # closed before its first answer, is the only one that reads it for every such connection.)
         session = ssl_object.session
         return session is None or not session.has_ticket
 
