@@ -25,6 +25,7 @@ from proxy.upstream.errors import (
     UpstreamTimedOut,
     tls_detail,
 )
+from proxy.upstream.tls import refused_tls13
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CLOSED_PARSER = httptools.HttpResponseParser(object())  # a closed connection's: bound to nothing, never fed
@@ -180,10 +181,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         self.pool.forget(self)
         self._settle_lost(exc)
-        # The parser's callbacks are bound methods of this connection: a reference cycle that would keep the
-        # closed connection, and the transport it holds, until the cyclic GC ran. Over TLS that transport holds
-        # the SSL object and uvloop's 256 KiB read buffer, and held there they grew the heap with every new
-        # connection (issue 19). Without the cycle the connection is freed as soon as its last user drops it.
+        # The parser's callbacks are bound to this connection: a cycle that kept it and its transport (over TLS
+        # an SSL object and uvloop's 256 KiB buffer) until the cyclic GC, growing the heap (issue 19).
         self._parser = _CLOSED_PARSER
 
     def _settle_lost(self, exc: Exception | None) -> None:
@@ -457,19 +456,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _refused_tls(self) -> bool:
-        """The new TLS connection closed before a byte of answer and before the server sent a session ticket
-        (which a TLS 1.3 server does once it has accepted the handshake): the server refused it."""
-        if self._received_any or self.transport is None:
-            return False
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
-            return False
-        if ssl_object.session_reused:
-            return False  # a resumed handshake judges no certificate
-        # (On an interpreter where reading the session leaks a copy (see tls.py), this path, a new connection
-        # closed before its first answer, is the only one that reads it for every such connection.)
-        session = ssl_object.session
-        return session is None or not session.has_ticket
+        """The new TLS connection closed before a byte of answer, and the server had refused it."""
+        transport = None if self._received_any else self.transport
+        return transport is not None and refused_tls13(transport.get_extra_info("ssl_object"))
 
     def _on_complete(self) -> None:
         self.phase = _COMPLETE

@@ -111,6 +111,17 @@ class ClientContext(ssl.SSLContext):
             saved.session = session
 
 
+def refused_tls13(ssl_object: object) -> bool:
+    """Whether a new TLS 1.3 connection that closed before a byte of answer was refused by the server: it sent
+    no session ticket, which a TLS 1.3 server does once it has accepted the handshake (and judged the client's
+    certificate). A resumed handshake judges no certificate. This error path is the only one that reads the
+    session of every such connection where the read leaks (above)."""
+    if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3" or ssl_object.session_reused:
+        return False
+    session = ssl_object.session
+    return session is None or not session.has_ticket
+
+
 class TlsFileError(Exception):
     """What is wrong with a ``tls`` block's files: (key, message) for each bad one."""
 
