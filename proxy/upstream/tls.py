@@ -16,11 +16,11 @@ TLS 1.2 session), so a new pooled connection resumes instead of paying for a ful
 Reading a session costs memory on some interpreters: before CPython's fix of gh-116810 (in 3.12.7, 3.13.1 and
 3.14) every read of ``SSLObject.session`` leaks a serialized copy of the session (about 7 KiB with a
 certificate), so reading it from every new connection grows the process without bound. There the context
-reads a session only when it has none for that name or when a new connection's offer was not resumed (the
-server forgot it, or its ticket expired), and after an offer that was read and still not resumed it waits
-before it reads again, longer each time (``_LEAKY_BACKOFF``): a server that resumes costs one read per
-session lifetime, one that never resumes a read an hour at most. ``SSLObject.session_reused`` says whether
-the offer was resumed without reading anything.
+reads one only for a connection that did not resume the saved session (``SSLObject.session_reused`` says so
+without reading anything) and at most once per ``backoff`` for each name: 5 minutes, doubled by every read up
+to an hour, back to 5 minutes whenever a connection resumes. A server whose tickets can be resumed until
+they expire (nginx, OpenSSL's default) costs one read per ticket lifetime; a server that never resumes, or
+whose tickets resume only once, one read per 5 minutes at most (about 2 MiB a day per server name).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from proxy.policy.model import SidecarConfig, TlsPolicy, UpstreamPolicy
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _MAX_SESSIONS = 64  # server names remembered per context
-_LEAKY_BACKOFF = (60.0, 3600.0)  # seconds between reads of sessions that were not resumed: first, longest
+_LEAKY_BACKOFF = (300.0, 3600.0)  # where reading leaks, seconds between reads: shortest, longest
 
 
 def session_read_leaks(release: tuple[int, ...]) -> bool:
@@ -56,18 +56,18 @@ class SavedSession:
 
     session: ssl.SSLSession | None = None  # (None: nothing to resume with yet)
     next_read: float = 0.0  # (loop time) no read before this
-    backoff: float = 0.0  # the wait after the next read if its session is not resumed either
+    backoff: float = _LEAKY_BACKOFF[0]  # the wait after the next read
 
     def read_again(self, resumed: bool, now: float) -> bool:
         """Where reading leaks: whether to read a new connection's session, given whether that connection
-        resumed the one saved here. A resumed offer keeps the saved session (and ends any back-off)."""
+        resumed the one saved here (which keeps it, and shortens the wait to the least)."""
         if resumed:
-            self.backoff = 0.0
+            self.backoff = _LEAKY_BACKOFF[0]
             return False
         if now < self.next_read:
             return False
         self.next_read = now + self.backoff
-        self.backoff = min(max(self.backoff * 2, _LEAKY_BACKOFF[0]), _LEAKY_BACKOFF[1])
+        self.backoff = min(self.backoff * 2, _LEAKY_BACKOFF[1])
         return True
 
 
@@ -103,7 +103,7 @@ class ClientContext(ssl.SSLContext):
             if len(self.sessions) >= _MAX_SESSIONS:
                 self.sessions.pop(next(iter(self.sessions)))
             saved = self.sessions[server_hostname] = SavedSession()
-        elif self.read_leaks and not saved.read_again(ssl_object.session_reused, now):
+        if self.read_leaks and not saved.read_again(ssl_object.session_reused, now):
             return
         self.session_reads += 1
         session = ssl_object.session

@@ -13,19 +13,34 @@ def test_the_interpreters_whose_session_read_leaks() -> None:
     assert not session_read_leaks((3, 14, 0))
 
 
-def test_a_resumed_session_is_kept_and_a_refused_one_is_read_again_at_once() -> None:
+def test_a_reusable_ticket_is_read_once_per_lifetime() -> None:
+    """nginx's tickets: resumed again and again until they expire (ssl_session_timeout, 5 minutes)."""
     saved = SavedSession()
-    assert not saved.read_again(resumed=True, now=10.0)  # the saved session works: no read
-    assert saved.read_again(resumed=False, now=300.0)  # it expired: read the new connection's at once
-    assert not saved.read_again(resumed=True, now=301.0)  # ... which resumes again
-    assert saved.read_again(resumed=False, now=600.0)  # the next expiry: at once again
+    reads: list[int] = []
+    for now in range(0, 3600, 10):  # a new connection every 10 s; each read ticket resumes for 300 s
+        fresh = not reads or now - reads[-1] < 300
+        if saved.read_again(resumed=bool(reads) and fresh, now=float(now)):
+            reads.append(now)
+    assert reads == list(range(0, 3600, 300))  # the first, then one per expiry (by the first refused connection)
 
 
 def test_a_server_that_never_resumes_is_read_less_and_less_often() -> None:
     saved = SavedSession()
-    reads = [now for now in range(0, 4 * 3600, 10) if saved.read_again(resumed=False, now=float(now))]
-    # One read at once, one on the next connection, then after 60, 120, ... seconds, at most one an hour.
-    assert reads[:5] == [0, 10, 70, 190, 430]
+    reads = [now for now in range(0, 6 * 3600, 10) if saved.read_again(resumed=False, now=float(now))]
+    assert reads[:5] == [0, 300, 900, 2100, 4500]  # 5 minutes, doubling...
     gaps = [b - a for a, b in itertools.pairwise(reads)]
-    assert max(gaps) <= 3600 + 10 and gaps[-1] >= 3600
-    assert len(reads) < 12
+    assert gaps[-1] == 3600 and max(gaps) == 3600  # ... to an hour
+
+
+def test_single_use_tickets_are_read_once_per_five_minutes() -> None:
+    """Each read ticket resumes one connection, then is refused: one read (and one resumption) per 5 minutes."""
+    saved = SavedSession()
+    reads: list[int] = []
+    used = True
+    for now in range(0, 3600, 10):
+        resumed = not used
+        used = True
+        if saved.read_again(resumed=resumed, now=float(now)):
+            reads.append(now)
+            used = False
+    assert reads == list(range(0, 3600, 300))
