@@ -25,8 +25,10 @@ from proxy.upstream.errors import (
     UpstreamTimedOut,
     tls_detail,
 )
+from proxy.upstream.tls import refused_tls13
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CLOSED_PARSER = httptools.HttpResponseParser(object())  # a closed connection's: bound to nothing, never fed
 
 
 class _OutOfStep(Exception):
@@ -179,6 +181,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self.pool.forget(self)
+        self._settle_lost(exc)
+        # The parser's callbacks are bound to this connection: a cycle that kept it and its transport (over TLS
+        # an SSL object and uvloop's 256 KiB buffer) until the cyclic GC, growing the heap (issue 19).
+        self._parser = _CLOSED_PARSER
+
+    def _settle_lost(self, exc: Exception | None) -> None:
         if self.phase is _IDLE:
             return
         head = self._head
@@ -446,15 +454,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _refused_tls(self) -> bool:
-        """The new TLS connection closed before a byte of answer and before the server sent a session ticket
-        (which a TLS 1.3 server does once it has accepted the handshake): the server refused it."""
-        if self._received_any or self.transport is None:
-            return False
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
-            return False
-        session = ssl_object.session
-        return session is None or not session.has_ticket
+        """The new TLS connection closed before a byte of answer, and the server had refused it."""
+        transport = None if self._received_any else self.transport
+        return transport is not None and refused_tls13(transport.get_extra_info("ssl_object"))
 
     def _on_complete(self) -> None:
         self.phase = _COMPLETE

@@ -105,7 +105,7 @@ class TargetPool:
         """After its first exchange (TLS 1.3 tickets arrive after the handshake), once per connection."""
         self._unsaved.discard(conn)
         if self.tls is not None and conn.transport is not None:
-            self.tls.save_session(self.server_hostname, conn.transport.get_extra_info("ssl_object"))
+            self.tls.save_session(self.server_hostname, conn.transport.get_extra_info("ssl_object"), conn.loop.time())
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)

@@ -12,14 +12,24 @@ Session resumption: asyncio's ``create_connection`` takes no ``ssl.SSLSession``,
 uvloop's SSL transports create their ``SSLObject`` through ``SSLContext.wrap_bio``, which does. ``ClientContext``
 offers each new client connection the session the pool last saved for that server name (TLS 1.3 tickets or a
 TLS 1.2 session), so a new pooled connection resumes instead of paying for a full handshake.
+
+Reading a session costs memory on some interpreters: before CPython's fix of gh-116810 (in 3.12.7, 3.13.1 and
+3.14) every read of ``SSLObject.session`` leaks a serialized copy of the session (about 7 KiB with a
+certificate), so reading it from every new connection grows the process without bound. There the context
+reads one only for a connection that did not resume the saved session (``SSLObject.session_reused`` says so
+without reading anything) and at most once per ``backoff`` for each name: 5 minutes, doubled by every read up
+to an hour, back to 5 minutes whenever a connection resumes. A server whose tickets can be resumed until
+they expire (nginx, OpenSSL's default) costs one read per ticket lifetime; a server that never resumes, or
+whose tickets resume only once, one read per 5 minutes at most (about 2 MiB a day per server name).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ssl
+import sys
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,36 @@ from proxy.policy.model import SidecarConfig, TlsPolicy, UpstreamPolicy
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _MAX_SESSIONS = 64  # server names remembered per context
+_LEAKY_BACKOFF = (300.0, 3600.0)  # where reading leaks, seconds between reads: shortest, longest
+
+
+def session_read_leaks(release: tuple[int, ...]) -> bool:
+    """Whether this CPython leaks a copy of the session on every read of ``SSLObject.session`` (gh-116810)."""
+    return release < (3, 12, 7) or (3, 13, 0) <= release < (3, 13, 1)
+
+
+SESSION_READ_LEAKS = session_read_leaks(sys.version_info[:3])
+
+
+@dataclass
+class SavedSession:
+    """The session kept for one server name, and (where reading one leaks) when a new one may be read."""
+
+    session: ssl.SSLSession | None = None  # (None: nothing to resume with yet)
+    next_read: float = 0.0  # (loop time) no read before this
+    backoff: float = _LEAKY_BACKOFF[0]  # the wait after the next read
+
+    def read_again(self, resumed: bool, now: float) -> bool:
+        """Where reading leaks: whether to read a new connection's session, given whether that connection
+        resumed the one saved here (which keeps it, and shortens the wait to the least)."""
+        if resumed:
+            self.backoff = _LEAKY_BACKOFF[0]
+            return False
+        if now < self.next_read:
+            return False
+        self.next_read = now + self.backoff
+        self.backoff = min(self.backoff * 2, _LEAKY_BACKOFF[1])
+        return True
 
 
 class ClientContext(ssl.SSLContext):
@@ -36,7 +76,9 @@ class ClientContext(ssl.SSLContext):
 
     server_name: str | None
     fingerprint: str
-    sessions: dict[str, ssl.SSLSession]
+    sessions: dict[str, SavedSession]
+    read_leaks: bool  # reading SSLObject.session leaks here: read as few as resumption needs
+    session_reads: int  # reads of SSLObject.session
 
     def wrap_bio(
         self,
@@ -47,20 +89,37 @@ class ClientContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side and isinstance(server_hostname, str):
-            session = self.sessions.get(server_hostname)
+            saved = self.sessions.get(server_hostname)
+            session = saved.session if saved is not None else None
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
-    def save_session(self, server_hostname: str, ssl_object: Any) -> None:
+    def save_session(self, server_hostname: str, ssl_object: Any, now: float) -> None:
         """Keep a connection's session for the next connection to that name (once it holds something to resume
         with: in TLS 1.3 the tickets come after the handshake, with the first answer)."""
         if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.context is not self:
             return  # (a session only resumes with the context it was made with)
-        session = ssl_object.session
-        if session is None or not (session.has_ticket or session.id):
+        saved = self.sessions.get(server_hostname)
+        if saved is None:
+            if len(self.sessions) >= _MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
+            saved = self.sessions[server_hostname] = SavedSession()
+        if self.read_leaks and not saved.read_again(ssl_object.session_reused, now):
             return
-        if len(self.sessions) >= _MAX_SESSIONS and server_hostname not in self.sessions:
-            self.sessions.pop(next(iter(self.sessions)))
-        self.sessions[server_hostname] = session
+        self.session_reads += 1
+        session = ssl_object.session
+        if session is not None and (session.has_ticket or session.id):
+            saved.session = session
+
+
+def refused_tls13(ssl_object: object) -> bool:
+    """Whether a new TLS 1.3 connection that closed before a byte of answer was refused by the server: it sent
+    no session ticket, which a TLS 1.3 server does once it has accepted the handshake (and judged the client's
+    certificate). A resumed handshake judges no certificate. This error path is the only one that reads the
+    session of every such connection where the read leaks (above)."""
+    if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3" or ssl_object.session_reused:
+        return False
+    session = ssl_object.session
+    return session is None or not session.has_ticket
 
 
 class TlsFileError(Exception):
@@ -94,6 +153,8 @@ def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
     ctx.server_name = tls.server_name
     ctx.fingerprint = digest.hexdigest()
     ctx.sessions = {}
+    ctx.read_leaks = SESSION_READ_LEAKS
+    ctx.session_reads = 0
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.set_alpn_protocols(["http/1.1"])
     if "ca_file" in files:
