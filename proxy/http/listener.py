@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.connection import UpstreamConnection
 
+_CLOSED_PARSER = httptools.HttpRequestParser(object())  # a closed connection's: bound to nothing, never fed
 log = logging.getLogger("seawall.listener")
 
 _JOIN_LIMIT = 64 * 1024  # below this, copying head and body together beats a vectored write
@@ -152,6 +153,9 @@ class ClientConnection(asyncio.Protocol):
         task = self._active
         if task is not None and not task.done():
             task.cancel()  # the forwarder drops its upstream attempt at once
+        # The parser's callbacks are this connection's bound methods: a cycle that would keep the closed
+        # connection and its transport until the cyclic GC runs (as upstream connections did, issue 19).
+        self._parser = _CLOSED_PARSER
 
     def pause_writing(self) -> None:
         self._write_paused = True
