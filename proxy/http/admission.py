@@ -151,15 +151,28 @@ class Pipeline:
     def __init__(self, *stages: Stage) -> None:
         self.stages = stages
 
-    async def admit(self, ticket: Ticket) -> Refusal | None:
-        for stage in self.stages:
-            verdict = stage.try_admit(ticket)
-            if verdict is WAIT:
-                verdict = await stage.admit(ticket)
+    def try_admit(self, ticket: Ticket) -> Refusal | _Wait | None:
+        """Every stage that can answer at once, from the first one not yet passed: None (admitted), a refusal,
+        or WAIT (a stage must wait: ``admit`` goes on from it). The common case creates no coroutine."""
+        stages = self.stages
+        while ticket.passed < len(stages):
+            verdict = stages[ticket.passed].try_admit(ticket)
             if verdict is not None:
                 return verdict
             ticket.passed += 1
         return None
+
+    async def admit(self, ticket: Ticket) -> Refusal | None:
+        """After ``try_admit`` said WAIT: wait in that stage, then go on through the rest (waiting where another
+        must), to the end or a refusal."""
+        while True:
+            verdict = await self.stages[ticket.passed].admit(ticket)
+            if verdict is not None:
+                return verdict
+            ticket.passed += 1
+            after = self.try_admit(ticket)
+            if after is not WAIT:
+                return after
 
     def release(self, ticket: Ticket) -> None:
         passed, ticket.passed = ticket.passed, 0

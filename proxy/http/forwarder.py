@@ -20,7 +20,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING
 
-from proxy.http.admission import PIPELINE, Refusal, rate_refusal
+from proxy.http.admission import PIPELINE, WAIT, Refusal, rate_refusal
 from proxy.http.answers import OwnAnswer, encode, log_answer, refuse_breaker_open
 from proxy.http.body import DISCARD_BYTES, BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
@@ -84,7 +84,9 @@ class Exchange:
     async def run(self) -> None:
         rt = self.rt
         try:
-            refusal = await PIPELINE.admit(self)
+            refusal = PIPELINE.try_admit(self)
+            if refusal is WAIT:
+                refusal = await PIPELINE.admit(self)
             if refusal is not None:
                 self._refuse(refusal)
                 return
