@@ -107,10 +107,13 @@ class UpstreamRateLimit:
             self.on_shared_change(state)
 
     def settle_answer(self, status: int, header: Callable[[bytes], bytes | None]) -> bool:
-        """An upstream answer arrived: learn from it. True if it started (or extended) a cool-down: such an
-        answer is delivered as it came, never retried, and is neither a success nor a failure to the breaker."""
-        now = self.clock.monotonic()
+        """An upstream answer arrived: learn from it. True if its status is in ``cooldown_on`` (and, with a
+        Retry-After, it paused the upstream): such an answer is delivered as it came, never retried, and is neither
+        a success nor a failure to the breaker."""
         usage = self.usage
+        if usage is None and status not in self.cooldown_on:
+            return False  # the common answer: nothing to learn (no clock read, no header lookups)
+        now = self.clock.monotonic()
         if usage is not None:
             for observation in read_usage(usage, header, time.time()):
                 observation.apply(self.backend, now)
@@ -118,7 +121,9 @@ class UpstreamRateLimit:
             return False
         wait = parse_retry_after(header(b"retry-after"), time.time())
         if wait is None:
-            return False  # no Retry-After: the answer tells nothing about when; the limits keep pacing
+            # No Retry-After: no pause to start (the limits keep pacing), but it is still the upstream's word on
+            # its limit — delivered as it came, never retried (a 418 is a ban), no verdict for the breaker.
+            return True
         wait = min(wait, self.max_cooldown)
         if wait > 0:
             self.backend.cool_down(wait, now)

@@ -139,11 +139,17 @@ async def test_a_418_is_never_retried_even_when_listed_in_retry_on(tmp_path: Pat
             {},
             retry={"max_retries": 3, "retry_on": [418, 429, 503], "base_delay": "10ms", "max_delay": "20ms"},
         )
-        with sidecar_process(policy):
+        with sidecar_process(policy) as sidecar:
             exchange.script_429.append("1")
             answers = await _burst(_url(policy), 1)
             assert answers[0][0] == 429
             assert len(exchange.arrivals) == 1, "a cool-down answer is never retried"
+            await asyncio.sleep(1.05)
+            exchange.bare_418 = 1  # a ban without Retry-After: no pause to start, still never retried
+            answers = await _burst(_url(policy), 1)
+            assert answers[0][0] == 418 and "x-sidecar-reason" not in answers[0][1]
+            assert len(exchange.arrivals) == 2
+            assert (await _breaker(sidecar))["failures_by_kind"] == {}
 
 
 async def test_route_weights_are_spent_per_request(tmp_path: Path) -> None:

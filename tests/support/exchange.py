@@ -30,6 +30,7 @@ class Exchange:
     report_usage: bool = False
     arrivals: list[tuple[float, int, int]] = field(default_factory=list)  # (time, weight, status)
     script_429: deque[str] = field(default_factory=deque)  # Retry-After values to answer with, in turn
+    bare_418: int = 0  # the next requests answered 418 without a Retry-After
     _window: deque[tuple[float, int]] = field(default_factory=deque)
     _banned_until: float = 0.0
     url: str = ""
@@ -43,7 +44,10 @@ class Exchange:
         now = time.monotonic()
         weight = self.depth_weight if request.path.startswith("/api/v3/depth") else 1
         headers: dict[str, str] = {}
-        if self.script_429:
+        if self.bare_418:
+            self.bare_418 -= 1
+            status = 418
+        elif self.script_429:
             status = 429
             headers["Retry-After"] = self.script_429.popleft()
             self._banned_until = now  # a scripted 429 does not ban
