@@ -439,10 +439,14 @@ async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | 
     return 0
 
 
-def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
+def run_command(
+    config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None, startup_note: str = ""
+) -> int:
     policy = read_policy(config_path)  # the one read of this start: for the log level, then to serve
     level = log_level or (policy.config.logging.level if policy.config else "info")
     logs.configure(level)
+    if startup_note:  # what was done before logging was set up (the malloc thresholds)
+        log.debug(startup_note)
     try:
         import uvloop
 
