@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.server import run_command
 
         return run_command(
-            args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level, startup_note=malloc
+            args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level, malloc=malloc
         )
     if args.command == "check":
         from proxy.policy.check import check_command

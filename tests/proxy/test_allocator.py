@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.allocator import OFF_ENV, tune_malloc
+from proxy.allocator import OFF_ENV, Tuning, tune_malloc
 from tests.support.sidecar import policy_listen, sidecar_process, write_policy
 
 MiB = 1 << 20
@@ -38,7 +38,7 @@ from proxy.allocator import tune_malloc
 def faults():
     return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])
 
-note = tune_malloc(os.environ)
+note = tune_malloc(os.environ).note
 before = faults()
 for _ in range(40):
     buffers = [b"x" * (1 << 20) for _ in range(8)]
@@ -91,12 +91,50 @@ def test_tunables_for_something_else_do_not_count_as_a_malloc_choice() -> None:
     assert note.startswith("malloc: mmap_threshold=")
 
 
+# 50 live 1 MiB buffers with small objects allocated after them (as a busy listener would), all freed; then
+# give_back runs for a few periods. Prints RSS in MiB: after the burst, after give_back.
+GIVE_BACK_PROBE = """
+import asyncio, os
+from proxy.allocator import give_back, tune_malloc
+
+def rss():
+    return int([line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]) // 1024
+
+assert tune_malloc(os.environ).applied
+keep = []
+for _ in range(10):
+    buffers = [b"x" * (1 << 20) for _ in range(50)]
+    keep.append([bytes(600) for _ in range(100)])
+    del buffers
+print(rss())
+
+async def main():
+    task = asyncio.get_running_loop().create_task(give_back(every=0.05))
+    await asyncio.sleep(0.3)
+    task.cancel()
+
+asyncio.run(main())
+print(rss())
+"""
+
+
+def test_give_back_returns_the_free_pages_the_thresholds_keep() -> None:
+    clean = {
+        k: v for k, v in os.environ.items() if k not in (OFF_ENV, "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", GIVE_BACK_PROBE], env=clean, capture_output=True, text=True, timeout=60, check=True
+    )
+    after_burst, after_give_back = (int(line) for line in out.stdout.split())
+    assert after_burst - after_give_back > 35, (after_burst, after_give_back)  # most of the 50 MiB
+
+
 def test_not_glibc_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_such_name(name: str) -> str | None:
         raise ValueError(f"unrecognized configuration name: {name}")  # what musl's and macOS's Pythons say
 
     monkeypatch.setattr(os, "confstr", no_such_name)
-    assert tune_malloc({}) == "malloc: not glibc, left alone"
+    assert tune_malloc({}) == Tuning(False, "malloc: not glibc, left alone")
 
 
 class _Big(http.server.BaseHTTPRequestHandler):
