@@ -32,6 +32,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid seawall --no-create-home --shell /usr/sbin/nologin seawall
 
 COPY --from=build /opt/seawall /opt/seawall
+# No malloc settings here: `sidecar run` raises glibc's mmap/trim thresholds itself at start (proxy/allocator.py).
+# `-e SIDECAR_MALLOC=off` keeps glibc's defaults; a GLIBC_TUNABLES naming glibc.malloc.* is obeyed as given.
 ENV PATH=/opt/seawall/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,9 +36,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
+        from proxy.allocator import tune_malloc
+
+        malloc = tune_malloc(os.environ)  # before the serving code is imported and allocates
         from proxy.server import run_command
 
-        return run_command(args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level)
+        return run_command(
+            args.config, demo=args.demo, watch=not args.no_watch, log_level=args.log_level, malloc=malloc
+        )
     if args.command == "check":
         from proxy.policy.check import check_command
         from proxy.upstream.tls import checked

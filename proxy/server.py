@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy import logs
+from proxy import allocator, logs
 from proxy.admin import start_admin
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
@@ -397,7 +397,9 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | None = None) -> int:
+async def serve(
+    config_path: str, demo: bool, watch: bool, policy: PolicyRead | None = None, give_back: bool = False
+) -> int:
     loop = asyncio.get_running_loop()
     logs.throttle_accept_exhaustion(loop, log)
     demo_runner = None
@@ -432,6 +434,8 @@ async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | 
     loop.add_signal_handler(signal.SIGHUP, lambda: sidecar._spawn(sidecar.reload("SIGHUP")))
     if watch:
         sidecar._spawn(sidecar.watch())
+    if give_back:  # the raised malloc thresholds' resident free pages (proxy/allocator.py)
+        sidecar._spawn(allocator.give_back())
     await stop.wait()
     await sidecar.stop()
     if demo_runner is not None:
@@ -439,13 +443,23 @@ async def serve(config_path: str, demo: bool, watch: bool, policy: PolicyRead | 
     return 0
 
 
-def run_command(config_path: str, demo: bool = False, watch: bool = True, log_level: str | None = None) -> int:
+def run_command(
+    config_path: str,
+    demo: bool = False,
+    watch: bool = True,
+    log_level: str | None = None,
+    malloc: allocator.Tuning | None = None,
+) -> int:
     policy = read_policy(config_path)  # the one read of this start: for the log level, then to serve
     level = log_level or (policy.config.logging.level if policy.config else "info")
     logs.configure(level)
+    give_back = False
+    if malloc is not None:  # set before logging was (cli.py tunes malloc first)
+        log.debug(malloc.note, extra={"event": "malloc"})
+        give_back = malloc.applied
     try:
         import uvloop
 
-        return uvloop.run(serve(config_path, demo, watch, policy))
+        return uvloop.run(serve(config_path, demo, watch, policy, give_back))
     except ImportError:
-        return asyncio.run(serve(config_path, demo, watch, policy))
+        return asyncio.run(serve(config_path, demo, watch, policy, give_back))

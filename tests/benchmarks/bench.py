@@ -496,6 +496,7 @@ class Bench:
         root = self.workdir / "www"
         (root / "files").mkdir(parents=True)
         (root / "files" / "1k").write_bytes(b"k" * 1024)
+        (root / "files" / "64k").write_bytes(b"s" * (64 << 10))
         (root / "files" / "1m").write_bytes(b"m" * (1 << 20))
         # mkdtemp makes 0700 dirs; nginx workers run as an unprivileged user and must traverse them.
         for path in (self.workdir, root, root / "files"):

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--malloc-tunables",
         action="store_true",
-        help=f"start the sidecars (only) with GLIBC_TUNABLES={TUNABLES} (glibc keeps large buffers)",
+        help=f"start the sidecars (only) with GLIBC_TUNABLES={TUNABLES} (glibc keeps large buffers; since "
+        "sidecar run sets the same thresholds itself, compare with SIDECAR_MALLOC=off in the environment)",
     )
     args = parser.parse_args(argv)
     keys = [k for k in args.systems.split(",") if k]
