@@ -33,6 +33,8 @@ from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
+    import asyncio
+
     from proxy.http.request import Request
     from proxy.http.sink import ResponseSink
     from proxy.resilience.breaker import Permit
@@ -122,12 +124,11 @@ class Exchange:
             OwnAnswer(refusal.status, refusal.reason, refusal.detail, decision, refusal.retry_after, refusal.reason)
         )
 
-    async def _retry_tokens(self, deadline: float) -> Refusal | None:
+    async def _retry_tokens(self, deadline: float) -> bool:
         """A retry is one more send the upstream counts: it takes its tokens too, waiting no longer than the
-        rate limit's max_wait and what is left of ``total``."""
+        rate limit's max_wait and what is left of ``total``. False: refused, and answered."""
         limiter = self.rt.rate
-        if limiter is None:
-            return None
+        assert limiter is not None
         route = self.route
         max_wait = route.rate_max_wait if route.rate_max_wait is not None else limiter.max_wait
         max_wait = max(0.0, min(max_wait, deadline - self.rt.clock.monotonic()))
@@ -135,9 +136,10 @@ class Exchange:
         if verdict is None:
             verdict = await limiter.gate.acquire(route.weight, route.name, max_wait)
         if verdict.reason is None:
-            return None
+            return True
         limiter.counts.refuse(verdict.reason)
-        return rate_refusal(verdict.reason, verdict.wait, max_wait)
+        self._retry_refused(rate_refusal(verdict.reason, verdict.wait, max_wait))
+        return False
 
     async def _attempts(self) -> None:
         """Attempts, until one gives an answer to deliver or the retry decision says stop. Read top to bottom:
@@ -151,8 +153,10 @@ class Exchange:
         exclude: TargetState | None = None
         stale_retried = replaying = False
         while True:
-            if not await self._take_permit(deadline, tokens=self.attempts > 0 and not replaying):
+            if not self._take_permit():
                 return
+            if self.attempts > 0 and not replaying and rt.rate is not None and not await self._retry_tokens(deadline):
+                return  # a retry is a send the upstream counts too: no tokens in time, answered
             replaying = False
             state = rt.balancer.pick(rt.clock.monotonic(), exclude)
             attempt = await self._attempt(state, deadline)
@@ -195,9 +199,8 @@ class Exchange:
             if decision.delay > 0:
                 await rt.clock.sleep(decision.delay)
 
-    async def _take_permit(self, deadline: float, tokens: bool) -> bool:
-        """The breaker's permit for the next attempt (and, for a retry, its rate-limit tokens); False when
-        refused, the refusal answered."""
+    def _take_permit(self) -> bool:
+        """The breaker's permit for the next attempt; False when refused, the refusal answered."""
         rt = self.rt
         now = rt.clock.monotonic()
         permit = rt.breaker.try_acquire(now)
@@ -213,26 +216,32 @@ class Exchange:
                 return False
             rt.stats.reject("breaker_open_shadow")
         self.permit = permit
-        if tokens and rt.rate is not None:
-            refused = await self._retry_tokens(deadline)
-            if refused is not None:
-                self._retry_refused(refused)
-                return False
         return True
 
     async def _attempt(
         self, state: TargetState, deadline: float
     ) -> tuple[ResponseHead | None, UpstreamError | None] | None:
         """One attempt on ``state``: the response head, or the error it failed with; None when the sidecar
-        itself ran out of resources (answered here)."""
-        timeouts = self.route.timeouts
+        itself ran out of resources (answered here). A pooled connection is used without a coroutine of its own."""
+        timeouts, clock = self.route.timeouts, self.rt.clock
         self.attempts += 1
         if self.attempts == 1 and self.req.expect_continue:
             self.client.send_continue()
-        remaining = deadline - self.rt.clock.monotonic()
+        remaining = deadline - clock.monotonic()
+        per_try = min(timeouts.per_try, remaining)
         state.outstanding += 1
         try:
-            head = await self._try(state, min(timeouts.per_try, remaining), min(timeouts.connect, remaining))
+            if per_try <= 0:
+                raise UpstreamTimedOut("total timeout ran out")
+            conn = state.pool.take_idle()
+            if conn is None:
+                started = clock.monotonic()
+                conn = await state.pool.connect(min(timeouts.connect, remaining))
+                per_try -= clock.monotonic() - started
+                if per_try <= 0:
+                    conn.close()
+                    raise UpstreamTimedOut("no time left after connecting")
+            head = await self._send(state, conn, per_try)
         except UpstreamError as exc:
             return None, exc
         except OutOfResources as exc:
@@ -240,8 +249,7 @@ class Exchange:
             return None
         finally:
             state.outstanding -= 1
-        conn = self.conn
-        if conn is not None and conn.failure is not None:
+        if conn.failure is not None:
             # The answer broke before a byte of it went to the client (a bad chunk in the same read as the
             # head): a failed attempt like any other, not a 200 head followed by an abort.
             return None, conn.failure
@@ -328,17 +336,9 @@ class Exchange:
 
     # -- one attempt -----------------------------------------------------------------------------------------
 
-    async def _try(self, state: TargetState, per_try: float, connect_timeout: float) -> ResponseHead:
-        if per_try <= 0:
-            raise UpstreamTimedOut("total timeout ran out")
-        conn = state.pool.take_idle()
-        if conn is None:
-            started = self.rt.clock.monotonic()
-            conn = await state.pool.connect(connect_timeout)
-            per_try -= self.rt.clock.monotonic() - started
-            if per_try <= 0:
-                conn.close()
-                raise UpstreamTimedOut("no time left after connecting")
+    def _send(self, state: TargetState, conn: UpstreamConnection, per_try: float) -> asyncio.Future[ResponseHead]:
+        """Write the request on ``conn`` (its body whole, or streamed by a pump); the future of its response head,
+        due within ``per_try`` of the last byte sent."""
         self.conn = conn
         req = self.req
         body = req.body
@@ -363,7 +363,7 @@ class Exchange:
             # ways); the response head's per_try starts at its last byte.
             self.pump = BodyPump(self, body, conn, body.length is None, self.route.timeouts.idle, self.rt.clock)
             self.pump.start()
-        return await waiter
+        return waiter
 
     # -- answers ---------------------------------------------------------------------------------------------
 
