@@ -16,9 +16,9 @@ the permit, so a half-open breaker's probe slots are held by attempts, not by wa
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from proxy.http.answers import OwnAnswer
 from proxy.ratelimits import retry_after_seconds
 from proxy.resilience.ratelimit import Refusal as RateRefusal
 
@@ -33,18 +33,11 @@ class _Wait(enum.Enum):
 WAIT: Final = _Wait.WAIT
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """An answer the sidecar gives instead of forwarding."""
+# A refusal is an answer of the sidecar's own (``proxy.http.answers``); its ``decision`` is the reason part of
+# x-sidecar-decision (the exchange prefixes the upstream and route) and it counts as a rejection under its reason.
+Refusal = OwnAnswer
 
-    status: int
-    reason: str  # x-sidecar-reason, and the sidecar_rejected_total label
-    detail: str  # the JSON body's detail
-    decision: str  # x-sidecar-decision's reason=…
-    retry_after: int | None = None  # whole seconds
-
-
-BREAKER_OPEN: Final = Refusal(503, "breaker_open", "circuit breaker is open", "breaker_open")
+BREAKER_OPEN: Final = Refusal(503, "breaker_open", "circuit breaker is open", "breaker_open", rejected="breaker_open")
 
 
 class Ticket(Protocol):
@@ -74,7 +67,11 @@ class BulkheadStage:
             return None
         limit = ticket.rt.policy.limits.max_concurrent
         return Refusal(
-            503, "overload", "too many requests in flight to this upstream", f"overload max_concurrent={limit}"
+            503,
+            "overload",
+            "too many requests in flight to this upstream",
+            f"overload max_concurrent={limit}",
+            rejected="overload",
         )
 
     def release(self, ticket: Ticket) -> None:
@@ -106,7 +103,7 @@ def rate_refusal(reason: RateRefusal, wait: float, max_wait: float) -> Refusal:
         detail = f"the upstream asked for a pause (Retry-After); {wait:.3g}s left"
     else:
         detail = f"outbound rate limit reached; tokens in {wait:.3g}s, longer than max_wait {max_wait:g}s"
-    return Refusal(429, reason.value, detail, f"{reason.value} retry_in={seconds}s", retry_after=seconds)
+    return Refusal(429, reason.value, detail, f"{reason.value} retry_in={seconds}s", seconds, reason.value)
 
 
 class RateLimitStage:

@@ -15,6 +15,7 @@ counting as an attempt when nothing of the request can have been processed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Iterator
@@ -119,10 +120,7 @@ class Exchange:
         if refusal.reason == "breaker_open":
             self._breaker_open(self.rt.clock.monotonic())
             return
-        decision = self._decision(refusal.decision)
-        self._own(
-            OwnAnswer(refusal.status, refusal.reason, refusal.detail, decision, refusal.retry_after, refusal.reason)
-        )
+        self._own(dataclasses.replace(refusal, decision=self._decision(refusal.decision or refusal.reason)))
 
     async def _retry_tokens(self, deadline: float) -> bool:
         """A retry is one more send the upstream counts: it takes its tokens too, waiting no longer than the
