@@ -22,6 +22,9 @@ from tests.support.eventually import eventually
 from tests.support.servers import echo, tcp_server
 from tests.support.sidecar import running_sidecar, tcp_policy
 
+# Fallbacks of the splice relay: they run with the splice relay only (never as skips on the protocol path).
+SPLICE_ONLY = pytest.mark.parametrize("relay_mode", ["splice"] if splice.AVAILABLE else [], indirect=True)
+
 LOCAL = "127.0.0.1"
 MIB = 1024 * 1024
 STREAM = 64 * MIB
@@ -159,11 +162,10 @@ async def test_stopping_the_sidecar_closes_open_relays(tmp_path: Path) -> None:
             await sidecar.stop()
 
 
+@SPLICE_ONLY
 async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
     tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if relay_mode != "splice":
-        pytest.skip("a fallback of the splice relay")
 
     def no_pipes(flags: int) -> tuple[int, int]:
         raise OSError(24, "Too many open files")
@@ -184,11 +186,10 @@ async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
                 writer.close()
 
 
+@SPLICE_ONLY
 async def test_a_client_socket_that_cannot_be_taken_over_is_relayed_by_the_protocols(
     tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if relay_mode != "splice":
-        pytest.skip("the fallback of the splice relay")
 
     def no_descriptor(transport: object) -> socket.socket:
         raise OSError(24, "Too many open files")
@@ -210,11 +211,10 @@ async def test_a_client_socket_that_cannot_be_taken_over_is_relayed_by_the_proto
                 writer.close()
 
 
+@SPLICE_ONLY
 async def test_a_pipe_smaller_than_the_copy_buffer_is_not_used(
     tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if relay_mode != "splice":
-        pytest.skip("a fallback of the splice relay")
     monkeypatch.setattr(splice, "PIPE_SIZE", 4096)  # as past the per-user pipe budget: a page or two
     async with tcp_server(echo) as (_, port):
         policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
