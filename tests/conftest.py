@@ -7,12 +7,13 @@ pass silently. ``tests.support.tools.require_tool`` fails such tests itself; thi
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.tools import on_ci
+from tests.support.servers import RedisServer
+from tests.support.tools import on_ci, require_tool
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -22,6 +23,21 @@ def artifacts_dir() -> Path:
     """Where tests leave screenshots and reports for a person to look at (ignored by git)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on loopback (the L4 tests relay to it, the rate-limit tests share a budget in it);
+    a test may stop and start it again on the same port."""
+    require_tool("redis-server", "Debian package `redis-server`")
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -256,7 +256,7 @@ def wait_ready(proc: Proc, url: str, timeout: float = 20.0) -> None:
 # ------------------------------------------------------------------------------------------- configs ----
 
 
-def nginx_common(prefix: Path) -> str:
+def nginx_common(prefix: Path, keepalive_requests: int = 1_000_000) -> str:
     # Every path nginx would write to lives under our own prefix, so no root-owned system dirs are touched.
     temps = "\n".join(
         f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -270,7 +270,7 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     default_type application/octet-stream;
-    keepalive_requests 1000000;
+    keepalive_requests {keepalive_requests};
 {temps}
 """
 

@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.benchmarks import bench  # noqa: E402
 from tests.support.sidecar import free_port  # noqa: E402
 
 
@@ -48,20 +49,9 @@ def make_tls(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def nginx_conf(prefix: Path, port: int, tls_port: int, cert: Path, key: Path, close_every: int) -> str:
-    temps = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests {close_every or 1000000};
-{temps}
-    server {{
+    return (
+        bench.nginx_common(prefix, keepalive_requests=close_every or 1_000_000)
+        + f"""    server {{
         listen 127.0.0.1:{port};
         location / {{ return 200 "ok\\n"; }}
     }}
@@ -76,6 +66,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def policy(listen: int, admin: int, target: str, ca: Path) -> str:

@@ -18,8 +18,7 @@ import pytest
 import uvloop
 
 from proxy import splice, tcp
-from tests.support.servers import PostgresCluster, RedisServer, postgres_bindir
-from tests.support.tools import require_tool
+from tests.support.servers import PostgresCluster, postgres_bindir
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -41,19 +40,6 @@ def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    require_tool("redis-server", "Debian package `redis-server`")
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    server = RedisServer(workdir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -162,15 +163,9 @@ async def test_stopping_the_sidecar_closes_open_relays(tmp_path: Path) -> None:
             await sidecar.stop()
 
 
-@SPLICE_ONLY
-async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
-    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-
-    def no_pipes(flags: int) -> tuple[int, int]:
-        raise OSError(24, "Too many open files")
-
-    monkeypatch.setattr(splice.os, "pipe2", no_pipes)
+@contextlib.asynccontextmanager
+async def echoed_through_a_relay(tmp_path: Path) -> AsyncIterator[Sidecar]:
+    """A sidecar relaying to an echo server, after 3 MiB went through it and came back whole."""
     async with tcp_server(echo) as (_, port):
         policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
         async with running_sidecar(policy) as sidecar:
@@ -180,10 +175,23 @@ async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
                 writer.write(payload)
                 async with asyncio.timeout(10):
                     assert await reader.readexactly(len(payload)) == payload
-                relay = the_relay(sidecar).relay
-                assert relay is not None and relay.spliced() == 0
+                yield sidecar
             finally:
                 writer.close()
+
+
+@SPLICE_ONLY
+async def test_a_relay_that_cannot_get_its_pipes_copies_instead(
+    tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    def no_pipes(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(splice.os, "pipe2", no_pipes)
+    async with echoed_through_a_relay(tmp_path) as sidecar:
+        relay = the_relay(sidecar).relay
+        assert relay is not None and relay.spliced() == 0
 
 
 @SPLICE_ONLY
@@ -195,20 +203,10 @@ async def test_a_client_socket_that_cannot_be_taken_over_is_relayed_by_the_proto
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(tcp, "take_socket", no_descriptor)
-    async with tcp_server(echo) as (_, port):
-        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
-        async with running_sidecar(policy) as sidecar:
-            reader, writer = await asyncio.open_connection(LOCAL, listen)
-            try:
-                with caplog.at_level(logging.WARNING, logger="seawall.tcp"):
-                    payload = os.urandom(3 * MIB)
-                    writer.write(payload)
-                    async with asyncio.timeout(10):
-                        assert await reader.readexactly(len(payload)) == payload
-                assert the_relay(sidecar).relay is None
-                assert any(getattr(r, "event", "") == "tcp_splice_unavailable" for r in caplog.records)
-            finally:
-                writer.close()
+    with caplog.at_level(logging.WARNING, logger="seawall.tcp"):
+        async with echoed_through_a_relay(tmp_path) as sidecar:
+            assert the_relay(sidecar).relay is None
+    assert any(getattr(r, "event", "") == "tcp_splice_unavailable" for r in caplog.records)
 
 
 @SPLICE_ONLY
@@ -216,16 +214,6 @@ async def test_a_pipe_smaller_than_the_copy_buffer_is_not_used(
     tmp_path: Path, relay_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(splice, "PIPE_SIZE", 4096)  # as past the per-user pipe budget: a page or two
-    async with tcp_server(echo) as (_, port):
-        policy, listen = tcp_policy(tmp_path, "svc", [f"{LOCAL}:{port}"])
-        async with running_sidecar(policy) as sidecar:
-            reader, writer = await asyncio.open_connection(LOCAL, listen)
-            try:
-                payload = os.urandom(3 * MIB)
-                writer.write(payload)
-                async with asyncio.timeout(10):
-                    assert await reader.readexactly(len(payload)) == payload
-                relay = the_relay(sidecar).relay
-                assert relay is not None and relay.spliced() == 0
-            finally:
-                writer.close()
+    async with echoed_through_a_relay(tmp_path) as sidecar:
+        relay = the_relay(sidecar).relay
+        assert relay is not None and relay.spliced() == 0
