@@ -129,6 +129,7 @@ class Backend(Protocol):
 # The local counter: exact windows in this process (and the fallback of the Redis-shared one).
 
 MIN_WAIT = 1e-9  # the least wait a refusal says: 0 means granted
+SLIDING_GRAIN = 1e-3  # sends closer than this (and than per / 1000) share one log entry
 MAX_CAPS = 8  # ``remaining``/``reset`` caps kept per limit; more are merged into a stricter one
 
 
@@ -159,10 +160,14 @@ class _Limit:
         """Phantom usage: ``amount`` spent by someone else, counted as if sent at ``now``."""
         raise NotImplementedError
 
+    def fits(self, weight: int, now: float) -> bool:
+        """The hot path's one question: does ``weight`` fit now, with no cap to consult? (False: ask ``wait``.)"""
+        raise NotImplementedError
+
     def wait(self, weight: int, now: float) -> float:
         """Seconds until ``weight`` fits this limit (0: now; ``inf``: never)."""
         if self.used(now) + weight <= self.capacity and not self.caps:
-            return 0.0  # the common case, kept short
+            return 0.0
         if weight > self.capacity:
             return math.inf
         wait = self.room_wait(weight, now)
@@ -202,38 +207,56 @@ class _Limit:
 
 
 class _Sliding(_Limit):
-    """A log of (expiry, weight): a send at ``t`` counts in every interval (t' - per - margin, t'] with t' < expiry.
+    """A log of sends by expiry: a send at ``t`` counts in every interval (t' - per - margin, t'] with t' < expiry.
 
-    The log never holds more than ``capacity`` weight (every entry weighs ≥ 1, so at most ``capacity`` entries),
-    and its total is kept as sends come and go."""
+    Sends less than ``grain`` apart share one entry that expires with the latest of them: the earlier ones count a
+    little longer than they must (the safe side), and the log stays within per / grain entries however fast the
+    sends come. Two parallel deques of floats and ints, so a send allocates no tuple for the collector to track.
+    The log's total is kept as sends come and go, and never exceeds ``capacity``."""
 
-    __slots__ = ("log", "span", "total")
+    __slots__ = ("expiries", "grain", "span", "total", "weights")
 
     def __init__(self, spec: LimitSpec, share: int) -> None:
         super().__init__(spec, share)
         self.span = spec.per + spec.margin
-        self.log: deque[tuple[float, int]] = deque()
+        self.grain = min(SLIDING_GRAIN, spec.per / 1000)
+        self.expiries: deque[float] = deque()
+        self.weights: deque[int] = deque()
         self.total = 0
 
     def used(self, now: float) -> int:
-        log = self.log
-        while log and log[0][0] <= now:
-            self.total -= log.popleft()[1]
+        expiries = self.expiries
+        while expiries and expiries[0] <= now:
+            expiries.popleft()
+            self.total -= self.weights.popleft()
         return self.total
+
+    def fits(self, weight: int, now: float) -> bool:
+        expiries = self.expiries
+        if expiries and expiries[0] <= now:
+            self.used(now)
+        return self.total + weight <= self.capacity and not self.caps
 
     def room_wait(self, weight: int, now: float) -> float:
         excess = self.total + weight - self.capacity
         if excess <= 0:
             return 0.0
         # The earliest moment enough of the oldest sends have expired (``excess`` ≤ total, as weight ≤ capacity).
-        for expiry, sent in self.log:
+        for expiry, sent in zip(self.expiries, self.weights, strict=True):
             excess -= sent
             if excess <= 0:
                 return expiry - now
         return math.inf  # unreachable while weight <= capacity
 
     def count(self, weight: int, now: float) -> None:
-        self.log.append((now + self.span, weight))
+        expiry = now + self.span
+        expiries = self.expiries
+        if expiries and expiry - expiries[-1] <= self.grain:
+            expiries[-1] = expiry
+            self.weights[-1] += weight
+        else:
+            expiries.append(expiry)
+            self.weights.append(weight)
         self.total += weight
 
     def add_used(self, amount: int, now: float) -> None:
@@ -242,7 +265,8 @@ class _Sliding(_Limit):
         else:
             # Full until now + span: one full entry at ``now`` counts at least as much as the old log plus
             # ``amount`` at every later moment, and keeps the log within ``capacity``.
-            self.log.clear()
+            self.expiries.clear()
+            self.weights.clear()
             self.total = 0
             self.count(self.capacity, now)
 
@@ -265,6 +289,13 @@ class _Fixed(_Limit):
             self.window = window
             self.counted = 0
         return self.counted
+
+    def fits(self, weight: int, now: float) -> bool:
+        window = (now + self.offset) // self.per
+        if window != self.window:
+            self.window = window
+            self.counted = 0
+        return self.counted + weight <= self.capacity and not self.caps
 
     def room_wait(self, weight: int, now: float) -> float:
         if self.counted + weight <= self.capacity:
@@ -307,11 +338,17 @@ class LocalBackend:
         if now < self._cooldown_until:
             return Verdict(self._cooldown_until - now, Refusal.UPSTREAM_COOLDOWN)
         limits = self._by_route.get(route, self._everyone) if route is not None else self._everyone
-        wait = 0.0
         for limit in limits:
-            need = limit.wait(weight, now)
-            if need > wait:  # noqa: PLR1730 (hot path: no call to max)
-                wait = need
+            if not limit.fits(weight, now):
+                return self._take_slowly(limits, weight, now)
+        for limit in limits:
+            limit.count(weight, now)  # no caps to spend on: ``fits`` said so
+        return GRANTED
+
+    @staticmethod
+    def _take_slowly(limits: tuple[_Limit, ...], weight: int, now: float) -> Verdict:
+        """A limit is full or capped: the longest wait of them all, or spend on every one (caps included)."""
+        wait = max(limit.wait(weight, now) for limit in limits)
         if wait > 0.0:
             return Verdict(wait, Refusal.RATE_LIMITED)
         for limit in limits:

@@ -70,7 +70,18 @@ def test_the_sliding_log_stays_within_requests_entries() -> None:
     for step in range(1000):
         backend.take_now(1, None, T0 + step / 64)
     limit = backend._limits[0]
-    assert len(limit.log) <= 5  # type: ignore[attr-defined]
+    assert len(limit.expiries) <= 5  # type: ignore[attr-defined]
+
+
+def test_sends_within_a_millisecond_share_a_log_entry_and_count_until_the_latest_expires() -> None:
+    backend = LocalBackend([LimitSpec(100_000, 1.0)])
+    for step in range(10_000):  # 10,000 sends over 100 ms: one entry per millisecond, not per send
+        assert backend.take_now(1, None, T0 + step * 1e-5).granted
+    limit = backend._limits[0]
+    assert len(limit.expiries) <= 101  # type: ignore[attr-defined]
+    # Merging only ever counts a send longer: the first send of the first entry is still counted a second later.
+    assert backend.snapshot(T0 + 1.0 + 5e-4).limits[0].left < 100_000
+    assert backend.snapshot(T0 + 1.1).limits[0].left == 100_000
 
 
 # -- fixed windows -----------------------------------------------------------------------------------------------
@@ -179,7 +190,7 @@ def test_observed_used_beyond_the_limit_fills_the_window_for_a_whole_per() -> No
     backend.observe(0, T0 + 0.5, used=25)
     assert backend.take_now(1, None, T0 + 1.0) == refused(0.5)  # not freed when our own five expire
     assert backend.take_now(10, None, T0 + 1.5) is GRANTED
-    assert len(backend._limits[0].log) <= 10  # type: ignore[attr-defined]
+    assert len(backend._limits[0].expiries) <= 10  # type: ignore[attr-defined]
 
 
 def test_remaining_caps_sends_until_reset() -> None:

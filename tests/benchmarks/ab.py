@@ -1,0 +1,129 @@
+"""Interleaved A/B of sidecar variants: CPU time per request, round by round, to tell a few per cent apart.
+
+bench.py compares systems; this compares one sidecar with itself (a config feature on and off, or the code
+before a change) when the difference sought is smaller than a noisy machine's drift. Every variant runs once
+per round, the order reversing each round (a, b, c, c, b, a, ...), each pinned to the proxy core with wrk on the
+load core; a round's figure is the sidecar's CPU seconds (from /proc) over the requests wrk completed. Ratios are
+taken within a round, against the first variant, then their median is reported: drift between rounds cancels.
+
+    python tests/benchmarks/ab.py --variants sidecar,sidecar-ratelimit --rounds 8
+    python tests/benchmarks/ab.py --variants sidecar,sidecar-baseline --baseline HEAD~1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks.bench import (
+    REPO,
+    SETTLE_SECONDS,
+    Bench,
+    BenchError,
+    Proc,
+    Running,
+    Tools,
+    checkout,
+    cpu_seconds,
+    log,
+    need,
+    run_wrk,
+)
+
+VARIANTS = ("sidecar", "sidecar-ratelimit", "sidecar-shared", "sidecar-baseline")
+
+
+def rounds_of(
+    bench: Bench, runs: list[Running], rounds: int, seconds: int, settle: float
+) -> dict[str, list[tuple[float, float]]]:
+    """(CPU µs per request, requests/s) of every variant in every round, the order reversing each round."""
+    for run in runs:
+        run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, 2)  # warm pools and caches; not kept
+    seen: dict[str, list[tuple[float, float]]] = {run.key: [] for run in runs}
+    for i in range(rounds):
+        for run in runs if i % 2 == 0 else reversed(runs):
+            time.sleep(settle)
+            cpu0 = cpu_seconds(run.proc.pid)
+            r = run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, seconds)
+            cpu = cpu_seconds(run.proc.pid) - cpu0
+            if r["non_2xx"] or r["socket_errors"] or not r["requests"]:
+                raise BenchError(f"{run.key}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors")
+            seen[run.key].append((cpu / r["requests"] * 1e6, r["rps"]))
+            log(f"  round {i + 1}: {run.key} {r['rps']:,.0f} rps, {seen[run.key][-1][0]:.1f} µs CPU/request")
+    return seen
+
+
+def report(runs: list[Running], seen: dict[str, list[tuple[float, float]]]) -> str:
+    first = seen[runs[0].key]
+    lines = [
+        "| variant | median rps | median CPU µs / request | spread | CPU ÷ first (median of rounds) | spread |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for run in runs:
+        rows = seen[run.key]
+        cpu = [c for c, _ in rows]
+        ratios = [c / f for (c, _), (f, _) in zip(rows, first, strict=True)]
+        lines.append(
+            f"| {run.label} | {statistics.median(r for _, r in rows):,.0f} | {statistics.median(cpu):.1f} "
+            f"| {min(cpu):.1f} – {max(cpu):.1f} | {statistics.median(ratios):.3f} "
+            f"| {min(ratios):.3f} – {max(ratios):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="sidecar,sidecar-ratelimit", help=f"a subset of {','.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run")
+    parser.add_argument(
+        "--settle", type=float, default=SETTLE_SECONDS, help="pause before each run (the last one's connections close)"
+    )
+    parser.add_argument("--baseline", metavar="REV", help="the code of sidecar-baseline")
+    parser.add_argument("--nice", type=int, metavar="N")
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+    if unknown := set(keys) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    if "sidecar-baseline" in keys and not args.baseline:
+        parser.error("sidecar-baseline needs --baseline REV")
+    tools = Tools.locate(want_profile=False)
+    if args.nice is not None:
+        tools.nice = [need("nice", "coreutils"), "-n", str(args.nice)]
+    workdir = Path(tempfile.mkdtemp(prefix="seawall-ab-"))
+    bench = Bench(tools, workdir)
+    upstream: Proc | None = None
+    runs: list[Running] = []
+    try:
+        if args.baseline:
+            bench.baseline, bench.baseline_rev = checkout(args.baseline, workdir / "baseline")
+        upstream = bench.start_upstream()
+        runs = [bench.start(key, upstream) for key in keys]
+        seen = rounds_of(bench, runs, args.rounds, args.seconds, args.settle)
+    except BenchError as exc:
+        print(f"ab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for run in runs:
+            run.proc.stop()
+        for proc in (upstream, bench.redis):
+            if proc is not None:
+                proc.stop()
+        if bench.baseline is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(bench.baseline)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{args.rounds} rounds × {args.seconds} s, wrk -t1 -c50, order reversing each round\n")
+    print(report(runs, seen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
