@@ -62,21 +62,27 @@ def rounds_of(
 
 
 def report(runs: list[Running], seen: dict[str, list[tuple[float, float]]]) -> str:
+    """Medians and spreads of each variant, and its per-round ratios to the first variant (CPU and rps)."""
     first = seen[runs[0].key]
     lines = [
-        "| variant | median rps | median CPU µs / request | spread | CPU ÷ first (median of rounds) | spread |",
+        "| variant | median rps | rps ÷ first (median, spread) | median CPU µs / request | spread "
+        "| CPU ÷ first (median, spread) |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for run in runs:
         rows = seen[run.key]
         cpu = [c for c, _ in rows]
-        ratios = [c / f for (c, _), (f, _) in zip(rows, first, strict=True)]
+        cpu_ratios = [c / f for (c, _), (f, _) in zip(rows, first, strict=True)]
+        rps_ratios = [r / f for (_, r), (_, f) in zip(rows, first, strict=True)]
         lines.append(
-            f"| {run.label} | {statistics.median(r for _, r in rows):,.0f} | {statistics.median(cpu):.1f} "
-            f"| {min(cpu):.1f} – {max(cpu):.1f} | {statistics.median(ratios):.3f} "
-            f"| {min(ratios):.3f} – {max(ratios):.3f} |"
+            f"| {run.label} | {statistics.median(r for _, r in rows):,.0f} | {spread(rps_ratios)} "
+            f"| {statistics.median(cpu):.1f} | {min(cpu):.1f} – {max(cpu):.1f} | {spread(cpu_ratios)} |"
         )
     return "\n".join(lines)
+
+
+def spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f} – {max(ratios):.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
