@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "proxy.logs": 0,
     "proxy.sockets": 0,
     "proxy.splice": 0,
+    "proxy.h2": 0,
     "proxy.policy": 1,
     "proxy.upstream": 2,
     "proxy.metrics": 3,

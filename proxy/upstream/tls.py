@@ -134,8 +134,11 @@ def _no_password() -> bytes:
     return b""  # an encrypted key fails to load (never an interactive prompt)
 
 
-def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
-    """The context for one upstream's policy; ``TlsFileError`` names each key whose file is wrong."""
+def client_context(tls: TlsPolicy, base: Path, alpn: tuple[str, ...] = ("http/1.1",)) -> ClientContext:
+    """The context for one upstream's policy; ``TlsFileError`` names each key whose file is wrong.
+
+    ``alpn``: the protocols offered, ``("h2",)`` for HTTP/2 upstreams (gRPC), which then require the server to
+    select ``h2`` (``proxy.upstream.h2pool`` checks)."""
     files: dict[str, Path] = {}
     problems: list[tuple[str, str]] = []
     digest = hashlib.sha256(repr(tls).encode())
@@ -156,7 +159,7 @@ def client_context(tls: TlsPolicy, base: Path) -> ClientContext:
     ctx.read_leaks = SESSION_READ_LEAKS
     ctx.session_reads = 0
     ctx.minimum_version = _VERSIONS[tls.min_version]
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     if "ca_file" in files:
         try:
             ctx.load_verify_locations(cafile=str(files["ca_file"]))  # replaces the system trust store
