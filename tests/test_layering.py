@@ -4,7 +4,7 @@ Every import counts, including those under ``if TYPE_CHECKING:`` and inside func
 still coupling, and a cycle hidden behind one is still a cycle.
 
     resilience   breaker, retry, windows, outlier detection, bulkhead, clock   imports nothing else of the project
-    (shared)     logs, sockets: small utilities any layer may use
+    (shared)     logs, sockets, grpc_wire: small utilities any layer may use
     policy       the policy language: values, model, loader, rules, schema     resilience only; no I/O modules
     upstream     connections, pools, balancer, checks                          policy, resilience
     live state   runtime, metrics, ratelimits                                  the above
@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "proxy.logs": 0,
     "proxy.sockets": 0,
     "proxy.splice": 0,
+    "proxy.grpc_wire": 0,
     "proxy.policy": 1,
     "proxy.upstream": 2,
     "proxy.metrics": 3,
