@@ -5,6 +5,7 @@ Everything here follows "gRPC over HTTP2" (grpc/doc/PROTOCOL-HTTP2.md) and the r
 - ``grpc-timeout`` is 1–8 ASCII digits and a unit (``H M S m u n``). ``parse_grpc_timeout`` reads one (None for
   anything else); ``format_grpc_timeout`` writes the time left for the next attempt, rounded *down* in the
   finest unit that fits in 8 digits, so an upstream is never told it has more time than the caller gave.
+- ``grpc-status``: ``parse_grpc_status`` (garbage and codes above 16 read as UNKNOWN, as clients read them).
 - ``grpc-message`` is percent-encoded UTF-8: ``encode_grpc_message`` / ``decode_grpc_message`` (decoding never
   fails: a bad escape is kept as written, bad UTF-8 replaced, as the spec asks).
 - ``grpc-retry-pushback-ms``: ``parse_pushback`` gives seconds, None when absent, and ``math.inf`` when the
@@ -21,6 +22,7 @@ import re
 from typing import Final
 
 Header = tuple[bytes, bytes]
+UNKNOWN_STATUS: Final = 2  # gRPC's UNKNOWN: what a status that cannot be read is taken for
 
 # ---------------------------------------------------------------------------------------------------------------
 # grpc-timeout
@@ -67,6 +69,22 @@ def format_grpc_timeout(seconds: float) -> bytes:
         if count <= _MAX_VALUE:
             return b"%d%s" % (count, unit)
     return MAX_GRPC_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grpc-status
+
+_STATUS = re.compile(rb"\d{1,3}")
+
+
+def parse_grpc_status(value: bytes | None) -> int | None:
+    """A ``grpc-status`` value: None when absent; a number or garbage outside 0–16 is 2 (UNKNOWN), as gRPC
+    clients read it."""
+    if value is None:
+        return None
+    if _STATUS.fullmatch(value) is None or int(value) > 16:
+        return UNKNOWN_STATUS
+    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +155,6 @@ _OWN_STATUS: Final = {
     "bad_request": 13,
     "internal_error": 13,
 }
-UNKNOWN_STATUS: Final = 2
 
 
 def own_answer_status(reason: str) -> int:
