@@ -4,7 +4,7 @@ Every import counts, including those under ``if TYPE_CHECKING:`` and inside func
 still coupling, and a cycle hidden behind one is still a cycle.
 
     resilience   breaker, retry, windows, outlier detection, bulkhead, clock   imports nothing else of the project
-    (shared)     logs, sockets: small utilities any layer may use
+    (shared)     logs, sockets, grpc_wire: small utilities any layer may use
     policy       the policy language: values, model, loader, rules, schema     resilience only; no I/O modules
     upstream     connections, pools, balancer, checks                          policy, resilience
     live state   runtime, metrics, ratelimits                                  the above
@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "proxy.sockets": 0,
     "proxy.splice": 0,
     "proxy.h2": 0,
+    "proxy.grpc_wire": 0,
     "proxy.policy": 1,
     "proxy.upstream": 2,
     "proxy.metrics": 3,
@@ -33,6 +34,7 @@ LAYERS: dict[str, int] = {
     "proxy.ratelimits": 3,
     "proxy.http": 4,
     "proxy.tcp": 4,
+    "proxy.grpc": 4,
 }
 PROCESS_LAYER = 5
 # Standard-library modules that do I/O or run an event loop: the policy language must not need them.
