@@ -22,6 +22,7 @@ from typing import IO
 import yaml
 
 from proxy.policy.check import check_file
+from proxy.policy.explain_grpc import grpc_deadline_words, grpc_failure_words, grpc_retry_words
 from proxy.policy.explain_rates import for_route, rate_limit_words, route_words, without_password
 from proxy.policy.model import RoutePolicy, UpstreamPolicy
 from proxy.policy.schema import to_plain
@@ -111,6 +112,8 @@ def _retried_outcomes(policy: UpstreamPolicy) -> str:
 
 def _retries_possible(policy: UpstreamPolicy) -> bool:
     retry = policy.retry
+    if policy.protocol == "grpc":  # refused streams are retried whatever grpc.retry_on says
+        return retry.max_retries > 0
     return policy.protocol == "http" and retry.max_retries > 0 and bool(retry.methods) and bool(retry.retry_on)
 
 
@@ -122,7 +125,7 @@ def _budget_closed(policy: UpstreamPolicy) -> bool:
 
 def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = None) -> Explanation:
     t, retry = policy.timeouts, policy.retry
-    http = policy.protocol == "http"
+    http = policy.protocol != "tcp"  # http and grpc: the same attempts, backoff and deadlines
     backoffs = _backoffs(policy) if http else []
     attempts = 1 + retry.max_retries if http else 1
     unbounded = attempts * t.per_try + sum(backoffs) if http else t.connect
@@ -131,6 +134,7 @@ def explain_upstream(policy: UpstreamPolicy, replay_buffer_bytes: int | None = N
     amplification = float(attempts) if _retries_possible(policy) and not _budget_closed(policy) else 1.0
     ex = Explanation(policy.name, attempts, backoffs, unbounded, worst, timing_out, amplification)
     ex.consequences += _waiting(policy, ex) if http else _tcp_waiting(policy)
+    ex.consequences += grpc_deadline_words(policy)
     ex.consequences += _retries(policy, ex, replay_buffer_bytes)
     ex.consequences += _breaker(policy, ex)
     ex.consequences += _health(policy)
@@ -184,17 +188,12 @@ def _tcp_waiting(policy: UpstreamPolicy) -> list[str]:
 def _retries(policy: UpstreamPolicy, ex: Explanation, replay_buffer_bytes: int | None) -> list[str]:
     """What is retried, and the upstream load that makes."""
     retry = policy.retry
-    if policy.protocol != "http":
+    if policy.protocol == "tcp":
         return ["Nothing is retried: a tcp upstream is a byte relay (the retry settings do not apply)."]
     if not _retries_possible(policy):
         return ["Nothing is retried: every request makes exactly one attempt (1× upstream load)."]
-    said = [
-        f"Retried: {_retried_outcomes(policy)} — for {', '.join(retry.methods)} requests only, up to "
-        f"{retry.max_retries} time{'s' if retry.max_retries > 1 else ''}, on another target when there is one. "
-        f"An upstream's Retry-After is honoured up to max_delay {_d(retry.max_delay)}."
-    ]
-    if replay_buffer_bytes is not None:
-        said.append(f"Requests with bodies over {replay_buffer_bytes} bytes are streamed and never retried.")
+    grpc = policy.protocol == "grpc"
+    said = grpc_retry_words(policy) if grpc else _http_retry_words(policy, replay_buffer_bytes)
     if retry.jitter:
         said.append("Backoff has full jitter: each delay is a random draw between 0 and the value shown.")
     said += _retry_load(policy, ex.attempts)
@@ -203,6 +202,18 @@ def _retries(policy: UpstreamPolicy, ex: Explanation, replay_buffer_bytes: int |
             f"When every try times out, only {ex.attempts_when_timing_out} of the {ex.attempts} attempts fit in "
             f"total {_d(policy.timeouts.total)}; the rest only happen for failures that come back fast."
         )
+    return said
+
+
+def _http_retry_words(policy: UpstreamPolicy, replay_buffer_bytes: int | None) -> list[str]:
+    retry = policy.retry
+    said = [
+        f"Retried: {_retried_outcomes(policy)} — for {', '.join(retry.methods)} requests only, up to "
+        f"{retry.max_retries} time{'s' if retry.max_retries > 1 else ''}, on another target when there is one. "
+        f"An upstream's Retry-After is honoured up to max_delay {_d(retry.max_delay)}."
+    ]
+    if replay_buffer_bytes is not None:
+        said.append(f"Requests with bodies over {replay_buffer_bytes} bytes are streamed and never retried.")
     return said
 
 
@@ -231,7 +242,7 @@ def _retry_load(policy: UpstreamPolicy, attempts: int) -> list[str]:
 
 def _breaker(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
     """What the breaker counts, when it opens, what it answers while open, how it closes."""
-    breaker, http = policy.breaker, policy.protocol == "http"
+    breaker, http = policy.breaker, policy.protocol != "tcp"
     counted = ", ".join(_HTTP_FAILURES) if http else _TCP_FAILURES
     not_counted = (
         "4xx answers, client aborts and requests the sidecar rejected itself."
@@ -239,7 +250,9 @@ def _breaker(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
         else "connections the client closes."
     )
     said = [
-        f"Counted as failures by the breaker: {counted}. Not counted: {not_counted}",
+        grpc_failure_words(policy)
+        if policy.protocol == "grpc"
+        else f"Counted as failures by the breaker: {counted}. Not counted: {not_counted}",
         f"The breaker opens after {_opens_after(policy)}. It then stays open {_d(breaker.open_duration)}, "
         f"{_open_answer(policy)}; then lets {_count(breaker.half_open_max_calls, 'probe')} through: a success "
         f"closes it, a failure keeps it open another {_d(breaker.open_duration)}.",
@@ -272,8 +285,10 @@ def _opens_after(policy: UpstreamPolicy) -> str:
 
 
 def _open_answer(policy: UpstreamPolicy) -> str:
-    if policy.protocol != "http":
+    if policy.protocol == "tcp":
         return "refusing connections"
+    if policy.protocol == "grpc":
+        return "answering trailers-only grpc-status 14 UNAVAILABLE (breaker_open) with grpc-retry-pushback-ms"
     if policy.fallback is not None:
         return f"answering {policy.fallback.status} from the fallback"
     return "answering 503 breaker_open with Retry-After"
@@ -293,7 +308,7 @@ def _health(policy: UpstreamPolicy) -> list[str]:
             else f" {h.healthy_threshold} passing checks in a row after the breaker opened end the open interval early"
         )
         + f" (half-open, health_check_passed) instead of after {_d(policy.breaker.open_duration)}: the next "
-        + ("connection" if policy.protocol != "http" else "request")
+        + ("connection" if policy.protocol == "tcp" else "request")
         + " is the probe that closes or re-opens it. Once such a probe fails (a check that passes while the "
         "calls fail), only open_duration ends the breaker's open intervals until it closes."
     ]
@@ -302,7 +317,7 @@ def _health(policy: UpstreamPolicy) -> list[str]:
 def _contradictions(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
     """Settings that quietly cancel each other out."""
     t, breaker = policy.timeouts, policy.breaker
-    http = policy.protocol == "http"
+    http = policy.protocol != "tcp"
     flags = []
     if t.per_try < t.connect:
         flags.append(
@@ -347,6 +362,8 @@ def _retry_contradictions(policy: UpstreamPolicy, ex: Explanation) -> list[str]:
             "retry.budget has ratio 0 and min_per_second 0: no retry is ever allowed, so max_retries "
             f"{retry.max_retries} has no effect (set budget: null to turn the budget off instead)."
         )
+    if policy.protocol == "grpc":  # retry_on and methods are HTTP's: a grpc upstream has grpc.retry_on
+        return flags
     if retry.max_retries > 0 and not retry.methods:
         flags.append("retry.methods is empty: max_retries has no effect.")
     if retry.max_retries > 0 and not retry.retry_on:
@@ -374,6 +391,16 @@ def render(policy: UpstreamPolicy, ex: Explanation) -> str:
     effective.pop("listen", None)
     effective.pop("targets", None)
     effective.pop("routes", None)
+    if policy.protocol == "grpc":  # what a grpc upstream retries is grpc.retry_on; every call is a POST
+        for key in ("retry_on", "methods"):
+            effective["retry"].pop(key, None)
+        effective.pop("fallback", None)
+        if effective.get("health"):
+            effective["health"].pop("path", None)
+    else:
+        effective.pop("grpc", None)
+        if effective.get("health"):
+            effective["health"].pop("service", None)
     shared = (effective.get("rate_limit") or {}).get("shared")
     if shared:
         shared["redis"] = without_password(shared["redis"])
@@ -385,6 +412,9 @@ def render(policy: UpstreamPolicy, ex: Explanation) -> str:
         lines += ["", f"    route {route.name}: {describe_match(route)}", "", "      effective policy:"]
         retry = to_plain(route.retry)
         retry.pop("budget", None)  # the upstream's, shared
+        if policy.protocol == "grpc":
+            retry.pop("retry_on", None)
+            retry.pop("methods", None)
         shown = {"timeouts": to_plain(route.timeouts), "retry": retry}
         if policy.rate_limit is not None:
             shown |= {"weight": route.weight, "rate_limit": to_plain(route.rate_limit)}

@@ -123,7 +123,7 @@ def route_costs(policy: UpstreamPolicy) -> str | None:
 def rate_limit_words(policy: UpstreamPolicy) -> tuple[list[str], list[str]]:
     """What the rate limit does (consequences) and what in it cancels something else out (contradictions)."""
     rate = policy.rate_limit
-    if rate is None or policy.protocol != "http":
+    if rate is None or policy.protocol == "tcp":
         return [], []
     if rate.limits:
         rates = _and([describe_rate(w, rate.margin) for w in rate.limits])

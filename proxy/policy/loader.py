@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.policy.build import ModelBuilder
+from proxy.policy.grpc_rules import with_grpc_defaults
 from proxy.policy.issues import ConfigError, ConfigIssue
 from proxy.policy.model import (
     TOP_LEVEL,
@@ -144,7 +145,7 @@ class _Upstreams:
         # Possibly partial (bad keys at defaults): its other rules still get checked.
         check_upstream(builder, policy, merged)
         routes = build_routes(builder, merged, policy)
-        policy = without_unused_rate_limit(policy)
+        policy = with_grpc_defaults(without_unused_rate_limit(policy), merged)
         self.merged[name] = merged
         self.policies.append(dataclasses.replace(policy, routes=routes) if routes else policy)
         _tls_positions(merged, f"upstreams.{name}.tls", self.positions)

@@ -17,6 +17,8 @@ from proxy.policy.values import (
     Address,
     Target,
     parse_address,
+    parse_grpc_failure_on,
+    parse_grpc_retry_on,
     parse_method,
     parse_retry_on,
     parse_route_name,
@@ -25,6 +27,7 @@ from proxy.policy.values import (
 )
 from proxy.resilience.breaker import BreakerSettings
 from proxy.resilience.failures import FailureKind
+from proxy.resilience.grpc import DEFAULT_FAILURE_ON, DEFAULT_RETRY_ON, GrpcRules, GrpcStatus
 from proxy.resilience.ratelimit import LimitSpec
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,6 +150,50 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcPolicy:
+    """How a grpc upstream's calls are judged: which statuses are failures, which are retried, and deadlines."""
+
+    retry_on: tuple[str, ...] = meta(
+        "gRPC statuses retried (before anything reached the client), by name or number: unavailable, "
+        "deadline_exceeded (only while the caller's deadline leaves time), internal, resource_exhausted (after "
+        "grpc-retry-pushback-ms when the server sends it; a negative one stops retries). Others are refused: the "
+        "server answered the call itself. Streams the upstream refused (REFUSED_STREAM, or above a GOAWAY's last "
+        "stream id) were never processed and are always retried; streams lost after it took them never are.",
+        default=tuple(s.word for s in DEFAULT_RETRY_ON),
+        parse=parse_grpc_retry_on,
+    )
+    failure_on: tuple[str, ...] = meta(
+        "gRPC statuses the breaker counts as failures (any but ok). A reset or lost stream without a status always "
+        "is one; the client's own cancel never is. resource_exhausted is warned about: gRPC also sends it for "
+        "oversized messages, so a client's mistake would open the breaker.",
+        default=tuple(s.word for s in DEFAULT_FAILURE_ON),
+        parse=parse_grpc_failure_on,
+    )
+    timeout_offset: float = meta(
+        "Subtracted from the caller's grpc-timeout before it bounds the attempts and is forwarded, so the sidecar's "
+        "answer reaches the caller in time (Envoy's grpc_timeout_header_offset).",
+        default=0.0,
+        duration=True,
+    )
+    max_timeout: float | None = meta(
+        "Cap on a caller's grpc-timeout (Envoy's max_grpc_timeout). None: the caller's own, and timeouts.total "
+        "bounds the attempts either way (the sooner wins).",
+        default=None,
+        duration=True,
+        exclusive_minimum=0,
+    )
+
+    def rules(self) -> GrpcRules:
+        """The pure core's view (``proxy.resilience.grpc``) for the exchange."""
+        return GrpcRules(
+            failure_codes=frozenset(GrpcStatus[w.upper()] for w in self.failure_on),
+            retry_codes=frozenset(GrpcStatus[w.upper()] for w in self.retry_on),
+            timeout_offset=self.timeout_offset,
+            max_timeout=self.max_timeout,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class HealthPolicy:
     path: str = meta("HTTP path probed with GET (http upstreams).", default="/health")
     interval: float = meta("Time between checks (with ±10% jitter).", default=10.0, duration=True, exclusive_minimum=0)
@@ -162,10 +209,13 @@ class HealthPolicy:
         "Consecutive failures before a healthy upstream counts as unhealthy.", default=2, minimum=1
     )
     probe: str = meta(
-        "tcp upstreams: connect (a TCP connect), redis (PING → +PONG) or postgres (an SSLRequest answered).",
+        "tcp upstreams: connect (a TCP connect), redis (PING → +PONG) or postgres (an SSLRequest answered). grpc "
+        "upstreams: grpc (grpc.health.v1.Health/Check, passing only on SERVING; what they get when probe is not "
+        "written) or connect.",
         default="connect",
-        choices=("connect", "redis", "postgres"),
+        choices=("connect", "redis", "postgres", "grpc"),
     )
+    service: str = meta("The service a grpc probe asks about; empty: the server as a whole.", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,14 +335,16 @@ class UpstreamPolicy:
         "Where this upstream's listener accepts connections.", default=Address("127.0.0.1", 0), parse=parse_address
     )
     targets: tuple[Target, ...] = meta(
-        "Where requests go: http://host:port or https://host:port (http), or host:port (tcp).",
+        "Where requests go: http://host:port or https://host:port (http; grpc: h2c with prior knowledge, or TLS "
+        "with ALPN h2), or host:port (tcp).",
         default=(),
         parse=parse_target,
     )
     protocol: str = meta(
-        "http: L7 proxy with retries; tcp: byte relay with a connection-level breaker.",
+        "http: L7 proxy with retries; grpc: gRPC calls over HTTP/2, judged by grpc-status (see grpc); tcp: byte "
+        "relay with a connection-level breaker.",
         default="http",
-        choices=("http", "tcp"),
+        choices=("http", "grpc", "tcp"),
     )
     balance: str = meta(
         "How a target is chosen among several.", default="round_robin", choices=("round_robin", "least_request")
@@ -300,7 +352,14 @@ class UpstreamPolicy:
     preserve_host: bool = meta("Forward the client's Host header instead of the target's authority.", default=False)
     timeouts: Timeouts = meta("Connect, per-try and total deadlines.", factory=Timeouts)
     breaker: BreakerPolicy = meta("When to stop sending traffic, and for how long.", factory=BreakerPolicy)
-    retry: RetryPolicy = meta("When and how to try again.", factory=RetryPolicy)
+    retry: RetryPolicy = meta(
+        "When and how to try again. grpc upstreams use max_retries, delays, jitter and budget; what is retried "
+        "is grpc.retry_on.",
+        factory=RetryPolicy,
+    )
+    grpc: GrpcPolicy = meta(
+        "grpc upstreams: which statuses are failures and retried, and the caller's deadline.", factory=GrpcPolicy
+    )
     health: HealthPolicy | None = meta("Active checks, run without traffic. Off when absent.", default=None)
     fallback: FallbackPolicy | None = meta("The answer given while the breaker is open (default: 503).", default=None)
     limits: LimitsPolicy = meta("Bulkhead: in-flight and pending bounds.", factory=LimitsPolicy)

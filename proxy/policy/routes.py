@@ -43,6 +43,8 @@ def build_routes(builder: ModelBuilder, up_node: Sourced, policy: UpstreamPolicy
         if route is None:
             continue
         name = route.name or f"routes[{index}]"
+        if policy.protocol == "grpc":
+            _check_grpc_route(builder, item, where)
         check_route_rate_limit(builder, policy, up_node, route, item, where)
         if route.name is not None:
             if route.name in named:
@@ -103,6 +105,19 @@ def _build_one(builder: ModelBuilder, up_node: Sourced, item: Sourced, where: st
 
     check_timing(reader, where, route.timeouts, route.retry, ok, at)
     return route
+
+
+def _check_grpc_route(builder: ModelBuilder, item: Sourced, where: str) -> None:
+    """A grpc upstream's route retries by its ``grpc.retry_on``: HTTP's retry_on and methods mean nothing there."""
+    own = item.value if isinstance(item.value, dict) else {}
+    for key in ("retry_on", "methods"):
+        written = _written(own, f"retry.{key}")
+        if written is not None:
+            builder.reader.error(
+                written,
+                f"{where}.retry.{key}",
+                f"a grpc upstream retries by gRPC status (its grpc.retry_on): retry.{key} does not apply",
+            )
 
 
 def _written(own: dict[str, Sourced], dotted: str) -> Sourced | None:

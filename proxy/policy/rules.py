@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 
 from proxy.policy.build import ModelBuilder
+from proxy.policy.grpc_rules import check_grpc_upstream
 from proxy.policy.model import AdminPolicy, RetryPolicy, Timeouts, UpstreamPolicy
 from proxy.policy.rates import check_upstream_rate_limit
 from proxy.policy.source import Sourced, SourceReader
@@ -39,11 +40,11 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
     for target in up.targets if ok("protocol") else ():
         wanted = "tcp" if up.protocol == "tcp" else "http"
         if target.scheme != wanted and not (wanted == "http" and target.scheme == "https"):
-            example = "host:port" if wanted == "tcp" else "http://host:port or https://host:port"
+            example = _TARGET_EXAMPLES.get(up.protocol, "host:port")
             reader.error(
                 at("targets"),
                 f"{path}.targets",
-                f"{target} is not a {wanted} target (write {example} for protocol {up.protocol})",
+                f"{target} is not a {up.protocol} target (write {example} for protocol {up.protocol})",
             )
     if "listen" not in children:
         reader.error(node, f"{path}.listen", "a listen address is required")
@@ -65,6 +66,14 @@ def check_upstream(builder: ModelBuilder, up: UpstreamPolicy, node: Sourced) -> 
         reader.error(at("fallback"), f"{path}.fallback", "a tcp upstream has no HTTP fallback answer")
     _check_tls(builder, up, node, at("tls"))
     check_upstream_rate_limit(builder, up, node)
+    check_grpc_upstream(builder, up, node)
+
+
+_TARGET_EXAMPLES = {
+    "tcp": "host:port",
+    "http": "http://host:port or https://host:port",
+    "grpc": "http://host:port (h2c, prior knowledge) or https://host:port (TLS, ALPN h2)",
+}
 
 
 _SERVER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+")

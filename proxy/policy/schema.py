@@ -37,6 +37,8 @@ from proxy.policy.values import (
     format_duration,
     parse_address,
     parse_cooldown_status,
+    parse_grpc_failure_on,
+    parse_grpc_retry_on,
     parse_header_name,
     parse_method,
     parse_redis_url,
@@ -46,6 +48,7 @@ from proxy.policy.values import (
     parse_shared_key,
     parse_target,
 )
+from proxy.resilience.grpc import RETRYABLE, GrpcStatus
 
 SCHEMA_ID = "https://seawall.dev/schemas/sidecar.schema.json"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -75,6 +78,16 @@ def _retry_on_item() -> dict[str, Any]:
     )
 
 
+def _grpc_status_item(statuses: list[GrpcStatus]) -> dict[str, Any]:
+    """A gRPC status by name (lower-case) or number; the loader also reads upper-case names."""
+    return {
+        "anyOf": [
+            {"type": "string", "enum": [s.word for s in statuses]},
+            {"type": "integer", "enum": [int(s) for s in statuses]},
+        ]
+    }
+
+
 # Values with a ``parse`` function: the JSON shape each accepts.
 _PARSED: dict[Callable[[object], Any], Callable[[], dict[str, Any]]] = {
     parse_address: lambda: _or_env({"type": "string", "pattern": ADDRESS_PATTERN}),
@@ -87,6 +100,8 @@ _PARSED: dict[Callable[[object], Any], Callable[[], dict[str, Any]]] = {
     parse_method: lambda: {"type": "string", "pattern": METHOD_PATTERN},
     parse_retry_on: _retry_on_item,
     parse_route_path: lambda: {"type": "string", "pattern": ROUTE_PATH_PATTERN},
+    parse_grpc_retry_on: lambda: _grpc_status_item(sorted(RETRYABLE)),
+    parse_grpc_failure_on: lambda: _grpc_status_item([s for s in GrpcStatus if s is not GrpcStatus.OK]),
     parse_route_name: lambda: {"type": "string", "pattern": UPSTREAM_NAME_PATTERN},
     parse_cooldown_status: lambda: _or_env(
         {"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"type": "string", "pattern": r"^[45]\d\d$"}]}
@@ -212,6 +227,7 @@ _SECTIONS: tuple[type, ...] = (
     model.BreakerPolicy,
     model.RetryPolicy,
     model.RetryBudgetPolicy,
+    model.GrpcPolicy,
     model.HealthPolicy,
     model.FallbackPolicy,
     model.LimitsPolicy,

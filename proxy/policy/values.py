@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass
 
 from proxy.resilience.failures import FailureKind
+from proxy.resilience.grpc import GrpcStatus, why_not_retryable
 
 # Each value's syntax, written once: the loader matches it and the JSON Schema publishes it, so the patterns
 # stay within what both Python's re and ECMA-262 (JSON Schema's dialect) read alike.
@@ -155,6 +156,42 @@ def parse_retry_on(value: object) -> str | int:
         hint = did_you_mean(token, (*RETRY_KINDS, *STATUS_GROUPS))
         raise ValueError(f"unknown retry_on value {value!r}{hint}")
     raise ValueError(f"expected a failure kind or a status code, got {value!r}")
+
+
+GRPC_STATUS_WORDS: tuple[str, ...] = tuple(status.word for status in GrpcStatus)
+
+
+def _grpc_status(value: object) -> GrpcStatus:
+    """A gRPC status as a policy writes it: its lower-case name (``unavailable``) or its number 0–16."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= 16:
+            return GrpcStatus(value)
+        raise ValueError(f"gRPC status codes are 0–16, got {value}")
+    if isinstance(value, str):
+        token = value.strip().lower().replace("-", "_")
+        if token in GRPC_STATUS_WORDS:
+            return GrpcStatus[token.upper()]
+        raise ValueError(f"unknown gRPC status {value!r}{did_you_mean(token, GRPC_STATUS_WORDS)}")
+    raise ValueError(f"expected a gRPC status such as unavailable, got {value!r}")
+
+
+def parse_grpc_retry_on(value: object) -> str:
+    """A status ``grpc.retry_on`` may name: unavailable, deadline_exceeded, internal or resource_exhausted."""
+    status = _grpc_status(value)
+    why = why_not_retryable(status)
+    if why is not None:
+        raise ValueError(f"{status.word} cannot be retried: {why}")
+    return status.word
+
+
+def parse_grpc_failure_on(value: object) -> str:
+    """A status ``grpc.failure_on`` may name: any but ok."""
+    status = _grpc_status(value)
+    if status is GrpcStatus.OK:
+        raise ValueError("ok is a success, never a failure")
+    return status.word
 
 
 def parse_method(value: object) -> str:

@@ -150,6 +150,7 @@ def test_command_on_a_broken_file_prints_the_errors(tmp_path: Path) -> None:
         "training-orchestrator-shadow.yaml",
         "exchange-api-mtls.yaml",
         "exchange-api.yaml",
+        "grpc-model-server.yaml",
     ],
 )
 def test_the_examples_explain_without_contradictions(name: str) -> None:
