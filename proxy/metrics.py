@@ -57,6 +57,12 @@ METRICS: dict[str, MetricSpec] = {
     "sidecar_upstream_failures_total": MetricSpec(
         "counter", ("upstream", "kind"), f"Failed attempts: {', '.join([*FailureKind, TLS_ERROR, FAILED_ANSWER])}."
     ),
+    "sidecar_grpc_responses_total": MetricSpec(
+        "counter",
+        ("upstream", "grpc_status"),
+        "gRPC calls answered (protocol: grpc), by the grpc-status the caller got (0-16; proxied and the sidecar's "
+        "own trailers-only answers; 1 CANCELLED also for calls the client cancelled).",
+    ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
     "sidecar_upgraded_connections": MetricSpec(
         "gauge", ("upstream",), "Upgraded connections (WebSocket) open: relaying after a 101."
@@ -124,11 +130,15 @@ class UpstreamStats:
     pending: int = 0
     upgraded: int = 0  # connections relaying after a 101 (also in ``inflight``: each holds its bulkhead slot)
     checks: dict[str, int] = field(default_factory=dict)
+    grpc: dict[int, int] = field(default_factory=dict)  # calls answered by grpc-status (protocol: grpc)
 
     def answered(self, status: int, duration: float) -> None:
         self.requests[status] = self.requests.get(status, 0) + 1
         self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
+
+    def grpc_answered(self, status: int) -> None:
+        self.grpc[status] = self.grpc.get(status, 0) + 1
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -239,6 +249,8 @@ def _add_outcomes(add: _Add, view: UpstreamView) -> None:
         add("sidecar_rejected_total", [up, reason], count)
     for kind, count in sorted(stats.failures.items()):
         add("sidecar_upstream_failures_total", [up, kind], count)
+    for status, count in sorted(stats.grpc.items()):
+        add("sidecar_grpc_responses_total", [up, str(status)], count)
     remaining = view.budget_remaining()
     if remaining is not None:
         add("sidecar_retry_budget_remaining", [up], remaining)

@@ -24,6 +24,7 @@ from proxy.resilience.clock import Clock
 from proxy.resilience.retry import RetryRules
 from proxy.upstream.balancer import Balancer, TargetState
 from proxy.upstream.errors import OutOfResources
+from proxy.upstream.h2pool import H2Pool
 from proxy.upstream.health import CheckResult, HealthStatus
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES
 from proxy.upstream.tls import ClientContext
@@ -149,11 +150,32 @@ class UpstreamRuntime:
         self.answer_cache: dict[tuple[object, ...], bytes] = {}  # fail-fast answers (see forwarder)
         self.rate = self._rate_limit(policy, previous)
         self.fallback = policy.fallback
+        self.grpc_rules = policy.grpc.rules()  # protocol: grpc: what a call's end means (proxy.resilience.grpc)
+        if policy.protocol == "grpc":
+            self._h2_pools(policy, tls, idle_timeout)
+
+    def _h2_pools(self, policy: UpstreamPolicy, tls: ClientContext | None, idle_timeout: float) -> None:
+        """A gRPC upstream's targets are reached over multiplexed HTTP/2 connections, kept with the balancer
+        across reloads (new connections take a reloaded TLS context)."""
+        for state in self.balancer.states:
+            context = tls if state.target.is_tls else None
+            if state.h2 is None:
+                state.h2 = H2Pool(state.target, context, policy.timeouts.connect, idle_timeout)
+            elif state.h2.tls is not context:
+                state.h2.tls = context
+                state.h2.server_hostname = (context.server_name or state.target.host) if context is not None else ""
+
+    def close_pools(self) -> None:
+        """Drop every upstream connection now (the sidecar stops, or the upstream was removed)."""
+        for state in self.balancer.states:
+            state.pool.abort_all()
+            if state.h2 is not None:
+                state.h2.close()
 
     def _rate_limit(self, policy: UpstreamPolicy, previous: UpstreamRuntime | None) -> UpstreamRateLimit | None:
         """The outbound rate limit; kept across a reload that leaves it (and the routes' weights and limits)
         unchanged, so its windows, line and cool-down carry on. A changed one starts counting afresh."""
-        if policy.rate_limit is None or policy.protocol != "http":
+        if policy.rate_limit is None or policy.protocol == "tcp":
             return None
         if (
             previous is not None

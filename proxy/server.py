@@ -21,6 +21,8 @@ from typing import Any
 
 from proxy import allocator, logs
 from proxy.admin import start_admin
+from proxy.grpc.server import Http2Listener
+from proxy.h2.limits import AbuseLimits
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
 from proxy.policy.issues import ConfigError
@@ -196,9 +198,12 @@ class Sidecar:
                 return TcpClient(get_runtime, connections)
         else:
             http, log_requests = config.http, config.logging.requests
+            # gRPC upstreams: a connection that opens with HTTP/2's preface is served as HTTP/2, call by call.
+            grpc = policy.protocol == "grpc"
+            http2 = Http2Listener(get_runtime, log_requests, AbuseLimits()).handoff if grpc else None
 
             def factory() -> asyncio.Protocol:
-                return ClientConnection(get_runtime, http, connections, log_requests)
+                return ClientConnection(get_runtime, http, connections, log_requests, http2)
 
         server = await loop.create_server(
             factory, policy.listen.host, policy.listen.port, reuse_address=True, backlog=2048
@@ -229,8 +234,7 @@ class Sidecar:
         if removed and listener.name not in self.runtimes:
             runtime = self._spare_runtimes.pop(listener.name, None)
             if runtime is not None:
-                for pool in runtime.balancer.pools():
-                    pool.abort_all()
+                runtime.close_pools()
         log.info(
             "listener for %s on %s stopped",
             listener.name,
@@ -368,8 +372,7 @@ class Sidecar:
         for task in list(self._tasks):
             task.cancel()
         for rt in self.runtimes.values():
-            for pool in rt.balancer.pools():
-                pool.abort_all()
+            rt.close_pools()
             if rt.rate is not None:
                 await rt.rate.close()
         if self._admin_runner is not None:

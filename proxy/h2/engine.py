@@ -127,6 +127,12 @@ class H2Stream:
         self._window: asyncio.Future[None] | None = None
         self._written = False  # a frame of this stream reached the transport
 
+    @property
+    def error(self) -> StreamReset | None:
+        """Why the stream died (reset by either side, or the connection lost); None while it lives or once it
+        ended cleanly."""
+        return self._error
+
     async def wait_headers(self) -> Headers:
         """(Client role) the response headers, informational ones skipped."""
         while self.headers is None:

@@ -66,9 +66,10 @@ def log_answer(
     reason: str | None,
     attempts: int,
     duration: float,
+    grpc_status: int | None = None,
 ) -> None:
     """The request log's one line for an answer, proxied (``reason`` None) or the sidecar's own (its
-    ``x-sidecar-reason``), like Envoy's access log with its response flags."""
+    ``x-sidecar-reason``), like Envoy's access log with its response flags; a gRPC call's with its grpc-status."""
     extra: dict[str, object] = {
         "event": "request",
         "upstream": upstream,
@@ -80,6 +81,8 @@ def log_answer(
         extra["route"] = route
     if reason is not None:
         extra["reason"] = reason
+    if grpc_status is not None:
+        extra["grpc_status"] = grpc_status
     log.info("%s %s -> %d", method, path.decode("latin-1"), status, extra=extra)
 
 

@@ -23,6 +23,7 @@ from proxy.http import wire
 from proxy.http.answers import OwnAnswer, count, encode, fail_fast, log_answer
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
+from proxy.http.h2_refusal import refuse_http2
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
@@ -30,6 +31,10 @@ from proxy.sockets import Drainable, set_no_delay
 if TYPE_CHECKING:
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.connection import UpstreamConnection
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Takes an HTTP/2 connection over: its transport, the bytes read so far (the preface first), the listener's set.
+Http2Handoff = Callable[[asyncio.Transport, bytes, set[Drainable]], None]
 
 _CLOSED_PARSER = httptools.HttpRequestParser(object())  # a closed connection's: bound to nothing, never fed
 log = logging.getLogger("seawall.listener")
@@ -64,8 +69,10 @@ class ClientConnection(asyncio.Protocol):
         http: HttpServerPolicy,
         connections: set[Drainable],
         log_requests: bool,
+        http2: Http2Handoff | None = None,
     ) -> None:
         self._get_runtime = get_runtime
+        self._http2 = http2 if http2 is not None else refuse_http2
         self._http = http
         self._connections = connections
         self.log_requests = log_requests
@@ -96,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused_since = 0.0
         self._held: Request | None = None  # served, but the next request waits for the client to read
         self._upgrading: list[bytes] | None = None  # an upgrade request is forwarded: the bytes read past it
+        self._preface = b""  # the first bytes, held while they could still be the start of HTTP/2's preface
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -110,6 +118,10 @@ class ClientConnection(asyncio.Protocol):
         self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout), self._on_timer)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase is _NEW:
+            data = self._sniff_http2(data)  # the connection's first bytes: HTTP/1.1, or HTTP/2's preface?
+            if not data:
+                return
         if self._closing or self._deferred_reject is not None:
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES and self.transport is not None:
@@ -118,18 +130,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            if self._parser.get_method() == b"CONNECT":
-                self._reject(405, CONNECT_REFUSED)
-                return
-            consumed = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
-            if self._upgrading is not None:  # forwarded as an upgrade: nothing after it is parsed (see mark_upgrade)
-                self._upgrading.append(data[consumed:])
-                self._pause_reading()
-                return
-            # Not upgraded (h2c, not a GET, HTTP/1.0): served as plain HTTP/1.1 like nginx; the next request follows.
-            self._parser = httptools.HttpRequestParser(self)
-            if consumed < len(data):
-                self.data_received(data[consumed:])
+            self._upgrade_parsed(data, upgrade)
         except httptools.HttpParserCallbackError:
             # llhttp wraps what a callback raised; the callback left the rejection here for us.
             rejection, self._rejection = self._rejection, None
@@ -143,6 +144,41 @@ class ClientConnection(asyncio.Protocol):
         else:
             if self._phase is _HEAD and is_http09(data, self._parser):
                 self._reject(400, "HTTP/0.9 requests are not served")
+
+    def _sniff_http2(self, data: bytes) -> bytes:
+        """What to parse as HTTP/1.1: everything, unless the connection opened with HTTP/2's client preface (h2c
+        prior knowledge, what gRPC clients send), also when it comes split across reads. Then the connection is
+        handed over whole, and nothing is left to parse here."""
+        seen = self._preface + data if self._preface else data
+        if seen[: len(H2_PREFACE)] != H2_PREFACE[: len(seen)]:
+            self._preface = b""
+            return seen
+        if len(seen) < len(H2_PREFACE):
+            self._preface = seen  # so far, so like the preface: wait for the rest
+            return b""
+        transport, self.transport = self.transport, None
+        self._closing = True
+        self._cancel_timer()
+        self._connections.discard(self)
+        self._parser = _CLOSED_PARSER
+        if transport is not None:
+            self._http2(transport, seen, self._connections)
+        return b""
+
+    def _upgrade_parsed(self, data: bytes, upgrade: httptools.HttpParserUpgrade) -> None:
+        """llhttp stopped after a request asking to upgrade (or CONNECT): relay what follows, or parse on."""
+        if self._parser.get_method() == b"CONNECT":
+            self._reject(405, CONNECT_REFUSED)
+            return
+        consumed = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+        if self._upgrading is not None:  # forwarded as an upgrade: nothing after it is parsed (see mark_upgrade)
+            self._upgrading.append(data[consumed:])
+            self._pause_reading()
+            return
+        # Not upgraded (h2c, not a GET, HTTP/1.0): served as plain HTTP/1.1 like nginx; the next request follows.
+        self._parser = httptools.HttpRequestParser(self)
+        if consumed < len(data):
+            self.data_received(data[consumed:])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True

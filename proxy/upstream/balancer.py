@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from proxy.policy.model import OutlierPolicy
 from proxy.policy.values import Target
 from proxy.resilience.outlier import EjectionRecord, OutlierDetector, max_ejected
+from proxy.upstream.h2pool import H2Pool
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES, TargetPool
 from proxy.upstream.tls import ClientContext
 
@@ -25,6 +26,7 @@ class TargetState(EjectionRecord):
     target: Target
     pool: TargetPool
     outstanding: int = 0
+    h2: H2Pool = None  # type: ignore[assignment]  # protocol: grpc: its multiplexed HTTP/2 connections (runtime)
 
 
 class Balancer:

@@ -3,7 +3,8 @@
 A check never counts against the breaker: it answers "is the upstream up?" for /health and the metrics, while
 the breaker answers "should this request go?" from real traffic.
 
-Probes: HTTP ``GET health.path`` (2xx/3xx passes; over TLS to https targets, with the upstream's own client
+Probes: gRPC ``grpc.health.v1.Health/Check`` for ``probe: grpc`` (passing only on SERVING); HTTP
+``GET health.path`` (2xx/3xx passes; over TLS to https targets, with the upstream's own client
 context: the same trust, client certificate and server name as its traffic); for tcp upstreams a TCP connect,
 Redis ``PING`` (expects ``+PONG``) or a PostgreSQL ``SSLRequest`` (expects ``S`` or ``N``).
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from proxy.policy.model import HealthPolicy, UpstreamPolicy
 from proxy.policy.values import Target
 from proxy.upstream.errors import tls_detail
+from proxy.upstream.grpc_health import grpc_health_check
+from proxy.upstream.h2pool import H2Pool
 from proxy.upstream.tls import ClientContext
 
 log = logging.getLogger("seawall.health")
@@ -48,6 +51,15 @@ async def _http_probe(target: Target, health: HealthPolicy, tls: ClientContext |
         return None if 200 <= status < 400 else f"status {status}"
     finally:
         writer.close()
+
+
+async def _grpc_probe(target: Target, health: HealthPolicy, tls: ClientContext | None) -> str | None:
+    """grpc.health.v1.Health/Check on a connection of its own (closed after), like the HTTP probe's."""
+    pool = H2Pool(target, tls if target.is_tls else None, health.timeout)
+    try:
+        return await grpc_health_check(pool, health.service, health.timeout)
+    finally:
+        await pool.aclose()
 
 
 async def _tcp_probe(target: Target, health: HealthPolicy) -> str | None:
@@ -117,6 +129,8 @@ async def check_once(policy: UpstreamPolicy, tls: ClientContext | None = None) -
             async with asyncio.timeout(health.timeout):
                 if policy.protocol == "tcp":
                     problem = await _tcp_probe(target, health)
+                elif health.probe == "grpc":
+                    problem = await _grpc_probe(target, health, tls)
                 else:
                     problem = await _http_probe(target, health, tls)
         except TimeoutError:

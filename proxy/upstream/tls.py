@@ -141,7 +141,7 @@ def client_context(tls: TlsPolicy, base: Path, alpn: tuple[str, ...] = ("http/1.
     select ``h2`` (``proxy.upstream.h2pool`` checks)."""
     files: dict[str, Path] = {}
     problems: list[tuple[str, str]] = []
-    digest = hashlib.sha256(repr(tls).encode())
+    digest = hashlib.sha256(repr((tls, alpn)).encode())
     for key in ("ca_file", "cert_file", "key_file"):
         name = getattr(tls, key)
         if name is None:
@@ -203,7 +203,7 @@ def build_contexts(
         if not _uses_tls(up):
             continue
         try:
-            ctx = client_context(up.tls, base)
+            ctx = client_context(up.tls, base, ("h2",) if up.protocol == "grpc" else ("http/1.1",))
         except TlsFileError as exc:
             where = f"upstreams.{up.name}.tls"
             for key, message in exc.problems:
@@ -220,7 +220,7 @@ def build_contexts(
 
 
 def _uses_tls(up: UpstreamPolicy) -> bool:
-    return up.protocol == "http" and any(t.is_tls for t in up.targets)
+    return up.protocol != "tcp" and any(t.is_tls for t in up.targets)
 
 
 def checked(

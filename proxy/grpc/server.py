@@ -1,0 +1,73 @@
+"""HTTP/2 on a ``protocol: grpc`` upstream's listener: the connection the listener hands over, one call per stream.
+
+The listener (``proxy.http.listener``) serves HTTP/1.1 until a connection opens with HTTP/2's preface; then it
+hands the transport and the bytes read so far to ``Http2Listener.handoff``, which serves it as an HTTP/2 server
+endpoint (``proxy.h2.engine``, with the abuse limits of ``AbuseLimits``). Each client stream becomes a
+``GrpcCall`` task; a stream the client resets cancels its task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.grpc.call import GrpcCall
+from proxy.h2.engine import H2Endpoint, H2Stream
+from proxy.h2.limits import AbuseLimits
+
+if TYPE_CHECKING:
+    from proxy.runtime import UpstreamRuntime
+    from proxy.sockets import Drainable
+
+log = logging.getLogger("seawall.grpc")
+
+
+class Http2Connection:
+    """One client's HTTP/2 connection, as the draining server sees it (``Drainable``)."""
+
+    __slots__ = ("calls", "connections", "endpoint")
+
+    def __init__(self, endpoint: H2Endpoint, connections: set[Drainable]) -> None:
+        self.endpoint = endpoint
+        self.connections = connections
+        self.calls: set[asyncio.Task[None]] = set()
+
+    def shutdown_when_idle(self) -> None:
+        self.endpoint.close()  # GOAWAY: calls in flight finish, no new ones start
+
+    def close(self) -> None:
+        for task in list(self.calls):
+            task.cancel()
+        self.endpoint.abort()
+
+
+class Http2Listener:
+    """Serves the HTTP/2 connections of one listener (the ``http2`` handoff of its ``ClientConnection``s)."""
+
+    def __init__(self, get_runtime: Callable[[], UpstreamRuntime], log_requests: bool, limits: AbuseLimits) -> None:
+        self.get_runtime = get_runtime
+        self.log_requests = log_requests
+        self.limits = limits
+
+    def handoff(self, transport: asyncio.Transport, received: bytes, connections: set[Drainable]) -> None:
+        loop = asyncio.get_running_loop()
+        conn: Http2Connection
+
+        def on_stream(stream: H2Stream) -> None:
+            call = GrpcCall(self.get_runtime(), stream, self.log_requests)
+            task = loop.create_task(call.run())
+            conn.calls.add(task)
+            task.add_done_callback(conn.calls.discard)
+            # The stream closes when the call is done with it, or when the client resets it (its deadline, a
+            # cancel): then the call is cancelled and lets go of its upstream stream.
+            stream.closed.add_done_callback(lambda _: task.cancel() if stream.error is not None else None)
+
+        endpoint = H2Endpoint.server(on_stream, self.limits)
+        conn = Http2Connection(endpoint, connections)
+        connections.add(conn)
+        endpoint.lost.add_done_callback(lambda _: connections.discard(conn))
+        transport.set_protocol(endpoint)
+        endpoint.connection_made(transport)
+        endpoint.data_received(received)
