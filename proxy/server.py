@@ -195,10 +195,10 @@ class Sidecar:
             def factory() -> asyncio.Protocol:
                 return TcpClient(get_runtime, connections)
         else:
-            http, log_requests = config.http, config.logging.requests
+            http, log_requests, clock = config.http, config.logging.requests, self.clock
 
             def factory() -> asyncio.Protocol:
-                return ClientConnection(get_runtime, http, connections, log_requests)
+                return ClientConnection(get_runtime, http, connections, log_requests, clock)
 
         server = await loop.create_server(
             factory, policy.listen.host, policy.listen.port, reuse_address=True, backlog=2048
