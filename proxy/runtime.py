@@ -133,6 +133,7 @@ class UpstreamRuntime:
                 idle_timeout,
                 max_head_bytes=max_response_head,
                 tls=tls,
+                clock=clock,
             )
         if previous is not None:
             # One bulkhead across reloads: requests waiting in line keep their place, the new limits apply.

@@ -21,8 +21,9 @@ from typing import Any
 
 from proxy import allocator, logs
 from proxy.admin import start_admin
-from proxy.grpc.server import Http2Listener
+from proxy.grpc.server import Http2Listener, refuse_http1
 from proxy.h2.limits import AbuseLimits
+from proxy.http.forwarder import forward
 from proxy.http.listener import ClientConnection
 from proxy.metrics import ProcessStats
 from proxy.policy.issues import ConfigError
@@ -197,13 +198,15 @@ class Sidecar:
             def factory() -> asyncio.Protocol:
                 return TcpClient(get_runtime, connections)
         else:
-            http, log_requests = config.http, config.logging.requests
-            # gRPC upstreams: a connection that opens with HTTP/2's preface is served as HTTP/2, call by call.
+            http, log_requests, clock = config.http, config.logging.requests, self.clock
+            # gRPC upstreams: a connection that opens with HTTP/2's preface is served as HTTP/2, call by call;
+            # an HTTP/1.1 request on it is answered 505 (never forwarded: the target speaks HTTP/2 only).
             grpc = policy.protocol == "grpc"
             http2 = Http2Listener(get_runtime, log_requests, AbuseLimits()).handoff if grpc else None
+            serve = refuse_http1 if grpc else forward
 
             def factory() -> asyncio.Protocol:
-                return ClientConnection(get_runtime, http, connections, log_requests, http2)
+                return ClientConnection(get_runtime, http, connections, log_requests, clock, serve, http2)
 
         server = await loop.create_server(
             factory, policy.listen.host, policy.listen.port, reuse_address=True, backlog=2048

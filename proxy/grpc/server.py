@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 from proxy.grpc.call import GrpcCall
 from proxy.h2.engine import H2Endpoint, H2Stream
 from proxy.h2.limits import AbuseLimits
+from proxy.http.answers import OwnAnswer, count, encode, log_answer
 
 if TYPE_CHECKING:
+    from proxy.http.request import Request
+    from proxy.http.sink import ResponseSink
     from proxy.runtime import UpstreamRuntime
     from proxy.sockets import Drainable
 
@@ -71,3 +74,21 @@ class Http2Listener:
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
         endpoint.data_received(received)
+
+
+HTTP2_REQUIRED = OwnAnswer(
+    505,
+    "http2_required",
+    "this listener forwards gRPC (HTTP/2) only: call it with a gRPC client, or HTTP/2 with prior knowledge",
+    "http2_required",
+    rejected="http2_required",
+)
+
+
+async def refuse_http1(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> None:
+    """What serves an HTTP/1.1 request on a gRPC upstream's listener: a 505 of the sidecar's own. Its target
+    speaks HTTP/2 only, so forwarding would only fail there — and count against the breaker of a healthy service."""
+    client.send_raw(encode(HTTP2_REQUIRED, rt.name, client.keep_alive, client.http11))
+    count(rt.stats, HTTP2_REQUIRED, 0.0)
+    if client.log_requests:
+        log_answer(rt.name, req.method, req.path, None, 505, HTTP2_REQUIRED.reason, 0, 0.0)

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.resilience.clock import Clock, Timer
 
 # Pause reading the client while this much of its body waits for the upstream to take it.
 _HIGH_WATER = 1 << 20
@@ -25,6 +30,7 @@ class BodyAborted(Exception):
 
 class RequestBody:
     __slots__ = (
+        "_clock",
         "_consumed",
         "_discard_limit",
         "_discard_over",
@@ -53,6 +59,7 @@ class RequestBody:
         replay_limit: int,
         pause: Callable[[], None],
         resume: Callable[[], None],
+        clock: Clock,
     ) -> None:
         self.length = length  # from Content-Length; None when chunked
         self.chunks: list[bytes] = []
@@ -71,9 +78,10 @@ class RequestBody:
         self._error: BaseException | None = None
         self._pause = pause
         self._resume = resume
+        self._clock = clock
         self._paused = False
         self._discard_limit = 0
-        self._discard_timer: asyncio.TimerHandle | None = None
+        self._discard_timer: Timer | None = None
         self._ended: Callable[[], None] | None = None  # discarding: the body is over
         self._discard_over: Callable[[], None] | None = None  # discarding: past the bounds
 
@@ -122,8 +130,11 @@ class RequestBody:
         TimeoutError when the client sends nothing for ``idle`` (a silence, however long the body takes)."""
         while not self.complete and self.replayable and self._error is None:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
-            async with asyncio.timeout(idle):
+            timer = self._clock.call_later(idle, partial(_time_out, waiter))
+            try:
                 await waiter
+            finally:
+                timer.cancel()
         if self._error is not None:
             raise BodyAborted(str(self._error))
 
@@ -164,7 +175,7 @@ class RequestBody:
         if ended is not None and over is not None:
             self._ended, self._discard_over = ended, over
             self._discard_limit = self.size + DISCARD_BYTES
-            self._discard_timer = asyncio.get_running_loop().call_later(DISCARD_SECONDS, self._discard_failed)
+            self._discard_timer = self._clock.call_later(DISCARD_SECONDS, self._discard_failed)
 
     def _discard_failed(self) -> None:
         over = self._discard_over
@@ -187,3 +198,8 @@ class RequestBody:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

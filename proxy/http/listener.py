@@ -12,7 +12,7 @@ import enum
 import logging
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -29,8 +29,13 @@ from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
 
 if TYPE_CHECKING:
+    from proxy.http.sink import ResponseSink
+    from proxy.resilience.clock import Clock, Timer
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.connection import UpstreamConnection
+
+    # What serves one request: ``forward`` in the sidecar; a test's stand-in answers through the same sink calls.
+    Serve = Callable[[UpstreamRuntime, Request, ResponseSink], Awaitable[None]]
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Takes an HTTP/2 connection over: its transport, the bytes read so far (the preface first), the listener's set.
@@ -69,6 +74,8 @@ class ClientConnection(asyncio.Protocol):
         http: HttpServerPolicy,
         connections: set[Drainable],
         log_requests: bool,
+        clock: Clock,
+        serve: Serve = forward,
         http2: Http2Handoff | None = None,
     ) -> None:
         self._get_runtime = get_runtime
@@ -76,6 +83,8 @@ class ClientConnection(asyncio.Protocol):
         self._http = http
         self._connections = connections
         self.log_requests = log_requests
+        self._clock = clock
+        self._serve_one = serve
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -86,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._queue: deque[Request] = deque()
         self._active: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._closing = False
         self.http11 = True
         self.keep_alive = True
@@ -114,8 +123,9 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self._client_ip = str(peer[0]).encode()
         set_no_delay(transport)
-        self._phase_since = self.loop.time()
-        self._timer = self.loop.call_later(min(self._http.keepalive_timeout, self._http.header_timeout), self._on_timer)
+        clock = self._clock
+        self._phase_since = clock.monotonic()
+        self._timer = clock.call_later(min(self._http.keepalive_timeout, self._http.header_timeout), self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         if self._phase is _NEW:
@@ -195,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._write_paused_since = self.loop.time()
+        self._write_paused_since = self._clock.monotonic()
         if self._upstream is not None:
             self._upstream.pause_reading()
 
@@ -215,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         if self._active is None:
             self._phase = _HEAD
-            self._phase_since = self.loop.time()
+            self._phase_since = self._clock.monotonic()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -259,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
                 self._http.replay_buffer_bytes,
                 self._pause_reading,
                 self._resume_reading,
+                self._clock,
             )
         self._parsing = req
         if self._active is None:
@@ -305,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _serve(self, rt: UpstreamRuntime, req: Request) -> None:
         try:
-            await forward(rt, req, self)
+            await self._serve_one(rt, req, self)
         except asyncio.CancelledError:
             pass  # the client went away (connection_lost); the forwarder has dropped its upstream attempt
         except Exception:
@@ -353,7 +364,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume_reading()
         self._response_started = False  # between requests: a bad next request must still get its answer
         self._phase = _IDLE
-        self._phase_since = self.loop.time()
+        self._phase_since = self._clock.monotonic()
 
     # -- answers (called by the forwarder) -------------------------------------------------------------------
 
@@ -462,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self._closing:
             return
-        now = self.loop.time()
+        now = self._clock.monotonic()
         if self._phase is _HEAD:
             limit = self._http.header_timeout
             if now - self._phase_since >= limit:
@@ -479,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._phase_since = now
             limit = min(self._http.keepalive_timeout, self._http.header_timeout)
-        self._timer = self.loop.call_later(max(0.01, self._phase_since + limit - now), self._on_timer)
+        self._timer = self._clock.call_later(max(0.01, self._phase_since + limit - now), self._on_timer)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._closing:
@@ -518,7 +529,7 @@ class ClientConnection(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-        self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+        self._timer = self._clock.call_later(LINGER_SECONDS, transport.close)
 
     def close(self) -> None:
         """Drop the connection now, whatever it is doing (a drain that ran out of time)."""

@@ -26,7 +26,7 @@ from proxy.http.body import DISCARD_BYTES, DISCARD_SECONDS
 
 if TYPE_CHECKING:
     from proxy.http.body import RequestBody
-    from proxy.resilience.clock import Clock
+    from proxy.resilience.clock import Clock, Timer
     from proxy.upstream.connection import UpstreamConnection
 
 
@@ -79,8 +79,8 @@ class BodyPump:
         self._waiting_upstream = False  # which silence the timer bounds: the upstream's, else the client's
         self._settled: asyncio.Future[bool] | None = None
         self._settle_from = 0
-        self._since = self.loop.time()
-        self._timer: asyncio.TimerHandle | None = self.loop.call_later(idle, self._check)
+        self._since = self._started
+        self._timer: Timer | None = clock.call_later(idle, self._check)
 
     def start(self) -> None:
         """Send what has arrived, and from now on what arrives."""
@@ -95,7 +95,7 @@ class BodyPump:
         settled = self._settled = self.loop.create_future()
         self._settle_from = self.body.size
         self._limit = DISCARD_SECONDS
-        self._since = self.loop.time()
+        self._since = self._clock.monotonic()
         self._rearm(DISCARD_SECONDS)
         if not keep_upstream:
             self._drop_upstream()
@@ -126,7 +126,7 @@ class BodyPump:
                     # Wait for the upstream (a closed one: the response side reports it, and stops us).
                     if not self._waiting_upstream:
                         self._waiting_upstream = True
-                        self._since = self.loop.time()
+                        self._since = self._clock.monotonic()
                     return
                 self._drop_upstream()  # it has answered and takes no more, or is gone: drop the rest here
             else:
@@ -134,7 +134,7 @@ class BodyPump:
                 conn.write_body(chunked.frames(chunks, body.complete) if self._chunked else chunks)
                 if not settling:
                     self._waiting_upstream = False
-                    self._since = self.loop.time()
+                    self._since = self._clock.monotonic()
         if body.complete:
             self._owner.client_time += self._clock.monotonic() - self._started
             if not self._dropped:
@@ -168,15 +168,15 @@ class BodyPump:
     def _rearm(self, delay: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self._check)
+        self._timer = self._clock.call_later(delay, self._check)
 
     def _check(self) -> None:
         self._timer = None
         if self.done:
             return
-        now = self.loop.time()
+        now = self._clock.monotonic()
         if now - self._since < self._limit:
-            self._timer = self.loop.call_later(self._since + self._limit - now, self._check)
+            self._timer = self._clock.call_later(self._since + self._limit - now, self._check)
         elif self._settled is not None:
             self._end(False)  # the body did not end within the discard bound's time
         elif self._waiting_upstream:

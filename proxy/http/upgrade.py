@@ -23,6 +23,7 @@ from proxy.http.heads import response_head
 
 if TYPE_CHECKING:
     from proxy.http.sink import ResponseSink
+    from proxy.resilience.clock import Clock, Timer
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.connection import ResponseHead, UpstreamConnection
 
@@ -51,7 +52,7 @@ class _End(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         if peer is not None and not peer.lost:
-            self.relay.last_activity = self.relay.loop.time()
+            self.relay.last_activity = self.relay.clock.monotonic()
             peer.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -81,14 +82,14 @@ class _End(asyncio.Protocol):
 class Relay:
     """Both ends of one upgraded connection, and the idle bound they share."""
 
-    def __init__(self, idle: float) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, idle: float, clock: Clock) -> None:
+        self.clock = clock
         self.idle = idle
-        self.last_activity = self.loop.time()
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.last_activity = clock.monotonic()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ends: list[_End] = []
         self.timed_out = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
 
     def start(
         self,
@@ -114,7 +115,7 @@ class Relay:
         for end in self.ends:
             if end.transport.is_reading() is False:  # paused for the switch (by the listener, by the connection)
                 end.transport.resume_reading()
-        self._timer = self.loop.call_later(self.idle, self._check_idle)
+        self._timer = self.clock.call_later(self.idle, self._check_idle)
 
     def end(self) -> None:
         """Close both sides (what is buffered for either is still sent first)."""
@@ -138,12 +139,12 @@ class Relay:
 
     def _check_idle(self) -> None:
         self._timer = None
-        silent = self.loop.time() - self.last_activity
+        silent = self.clock.monotonic() - self.last_activity
         if silent >= self.idle:
             self.timed_out = True
             self.end()
         else:
-            self._timer = self.loop.call_later(self.idle - silent, self._check_idle)
+            self._timer = self.clock.call_later(self.idle - silent, self._check_idle)
 
 
 async def relay(
@@ -164,7 +165,7 @@ async def relay(
         conn.abort()
         return  # the client is gone (the upstream's 101 is counted, and that is all)
     # An upstream already gone still has its 101 (and what followed it) delivered, then the close: as directly.
-    link = Relay(idle)  # the matched route's timeouts.idle
+    link = Relay(idle, rt.clock)  # the matched route's timeouts.idle
     stats = rt.stats
     stats.upgraded += 1
     try:

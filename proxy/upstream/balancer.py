@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from proxy.policy.model import OutlierPolicy
 from proxy.policy.values import Target
+from proxy.resilience.clock import Clock
 from proxy.resilience.outlier import EjectionRecord, OutlierDetector, max_ejected
 from proxy.upstream.h2pool import H2Pool
 from proxy.upstream.pool import DEFAULT_MAX_HEAD_BYTES, TargetPool
@@ -39,9 +40,11 @@ class Balancer:
         rng: random.Random | None = None,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         tls: ClientContext | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.states = [
-            TargetState(t, TargetPool(t, idle_timeout, max_head_bytes, tls if t.is_tls else None)) for t in targets
+            TargetState(t, TargetPool(t, idle_timeout, max_head_bytes, tls if t.is_tls else None, clock))
+            for t in targets
         ]
         self.balance = balance
         self.outlier = outlier if len(targets) > 1 else None

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import httptools
 
+from proxy.resilience.clock import Clock, SystemClock, Timer
 from proxy.upstream.errors import (
     BadResponse,
     ConnectionReset,
@@ -83,6 +84,9 @@ _IDLE, _AWAITING_HEAD, _RECEIVING_BODY, _COMPLETE = (
 )
 
 
+_SYSTEM_CLOCK = SystemClock()
+
+
 class Home(Protocol):
     """Where a connection goes back to (its pool), without the connection knowing the pool."""
 
@@ -94,8 +98,9 @@ class Home(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """Carries one exchange at a time; returns itself to its pool when the exchange ends cleanly."""
 
-    def __init__(self, home: Home, max_head_bytes: int = 64 * 1024) -> None:
+    def __init__(self, home: Home, max_head_bytes: int = 64 * 1024, clock: Clock | None = None) -> None:
         self.pool = home
+        self._clock: Clock = clock if clock is not None else _SYSTEM_CLOCK
         self._max_head_bytes = max_head_bytes
         self._head_bytes = 0  # of the trailer section: a peer must not grow it forever
         self.trailers: list[tuple[bytes, bytes]] | None = None  # a chunked answer's trailer section, if it had one
@@ -118,7 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._received_any = False
         self._head_only = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._idle_limit = 0.0
         self._last_activity = 0.0
         self.write_paused = False  # the socket buffer is full (a large upload to a slow reader)
@@ -286,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _OutOfStep  # a body to a HEAD request
         sink = self._sink
         if sink is not None:
-            self._last_activity = self.loop.time()
+            self._last_activity = self._clock.monotonic()
             sink(body)
         else:
             self._pending_body.append(body)
@@ -323,7 +328,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(head + body if body else head)
         self._head_timeout = head_timeout
         if self.request_complete:
-            self._timer = self.loop.call_later(head_timeout, self._on_head_timeout, head_timeout)
+            self._timer = self._clock.call_later(head_timeout, self._on_head_timeout)
         # else: the clock for the response head starts when the last body byte is sent (``request_sent``)
         return waiter
 
@@ -339,7 +344,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _arm_head_timer(self) -> None:
         self._cancel_timer()
-        self._timer = self.loop.call_later(self._head_timeout, self._on_head_timeout, self._head_timeout)
+        self._timer = self._clock.call_later(self._head_timeout, self._on_head_timeout)
 
     @property
     def received_any(self) -> bool:
@@ -381,8 +386,8 @@ class UpstreamConnection(asyncio.Protocol):
             return waiter
         self._sink = sink
         self._idle_limit = idle_timeout
-        self._last_activity = self.loop.time()
-        self._timer = self.loop.call_later(idle_timeout, self._check_idle)
+        self._last_activity = self._clock.monotonic()
+        self._timer = self._clock.call_later(idle_timeout, self._check_idle)
         return waiter
 
     def pause_reading(self) -> None:
@@ -393,7 +398,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         self._held_by_client = False
-        self._last_activity = self.loop.time()
+        self._last_activity = self._clock.monotonic()
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -478,19 +483,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
             self.pool.forget(self)
 
-    def _on_head_timeout(self, limit: float) -> None:
+    def _on_head_timeout(self) -> None:
         self._timer = None
-        self._fail(UpstreamTimedOut(f"no response head within {limit:g}s"))
+        self._fail(UpstreamTimedOut(f"no response head within {self._head_timeout:g}s"))
 
     def _check_idle(self) -> None:
         self._timer = None
         # While the client holds us (we stopped reading for it), nothing is silent: the listener bounds a client
         # that never reads.
-        silent = 0.0 if self._held_by_client else self.loop.time() - self._last_activity
+        silent = 0.0 if self._held_by_client else self._clock.monotonic() - self._last_activity
         if silent >= self._idle_limit:
             self._fail(UpstreamTimedOut(f"response body stalled for {self._idle_limit:g}s"))
         else:
-            self._timer = self.loop.call_later(self._idle_limit - silent, self._check_idle)
+            self._timer = self._clock.call_later(self._idle_limit - silent, self._check_idle)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

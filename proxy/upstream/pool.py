@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.policy.values import Target
+from proxy.resilience.clock import Clock
 from proxy.sockets import set_no_delay
 from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.errors import TlsFailed, UpstreamError, map_connect_error, tls_failure
@@ -23,8 +24,10 @@ class TargetPool:
         idle_timeout: float,
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         tls: ClientContext | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.target = target
+        self.clock = clock  # the connections' timers run on it (None: the system clock)
         self.idle_timeout = idle_timeout
         self.max_head_bytes = max_head_bytes  # a response head larger than this is a bad response
         self._idle: list[UpstreamConnection] = []
@@ -69,7 +72,7 @@ class TargetPool:
             async with asyncio.timeout(timeout):
                 # A hostname resolves here, on every connect, and each of its addresses is tried in turn.
                 transport, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self, self.max_head_bytes), target.host, target.port
+                    lambda: UpstreamConnection(self, self.max_head_bytes, self.clock), target.host, target.port
                 )
                 set_no_delay(transport)
                 if tls is not None:

@@ -51,7 +51,7 @@ class Owner:
 
 
 def _pump(length: int | None, idle: float = 5.0) -> tuple[BodyPump, RequestBody, Upstream, Owner]:
-    body = RequestBody(length, 0, lambda: None, lambda: None)
+    body = RequestBody(length, 0, lambda: None, lambda: None, SystemClock())
     upstream, owner = Upstream(), Owner()
     pump = BodyPump(owner, body, cast(UpstreamConnection, upstream), length is None, idle, SystemClock())
     pump.start()
