@@ -63,6 +63,13 @@ METRICS: dict[str, MetricSpec] = {
         "gRPC calls answered (protocol: grpc), by the grpc-status the caller got (0-16; proxied and the sidecar's "
         "own trailers-only answers; 1 CANCELLED also for calls the client cancelled).",
     ),
+    "sidecar_http2_abuse_total": MetricSpec(
+        "counter",
+        ("upstream", "kind"),
+        "HTTP/2 client connections told to go away or streams refused for abuse (grpc listeners): rapid_reset, "
+        "continuation_flood, header_list_too_large, refused_stream, protocol_error, max_streams_per_connection. "
+        "Counted when the connection ends.",
+    ),
     "sidecar_inflight_requests": MetricSpec("gauge", ("upstream",), "Requests (tcp: connections) in flight."),
     "sidecar_upgraded_connections": MetricSpec(
         "gauge", ("upstream",), "Upgraded connections (WebSocket) open: relaying after a 101."
@@ -131,6 +138,7 @@ class UpstreamStats:
     upgraded: int = 0  # connections relaying after a 101 (also in ``inflight``: each holds its bulkhead slot)
     checks: dict[str, int] = field(default_factory=dict)
     grpc: dict[int, int] = field(default_factory=dict)  # calls answered by grpc-status (protocol: grpc)
+    h2_abuse: dict[str, int] = field(default_factory=dict)  # HTTP/2 limits a client ran into, by kind
 
     def answered(self, status: int, duration: float) -> None:
         self.requests[status] = self.requests.get(status, 0) + 1
@@ -251,6 +259,8 @@ def _add_outcomes(add: _Add, view: UpstreamView) -> None:
         add("sidecar_upstream_failures_total", [up, kind], count)
     for status, count in sorted(stats.grpc.items()):
         add("sidecar_grpc_responses_total", [up, str(status)], count)
+    for kind, count in sorted(stats.h2_abuse.items()):
+        add("sidecar_http2_abuse_total", [up, kind], count)
     remaining = view.budget_remaining()
     if remaining is not None:
         add("sidecar_retry_budget_remaining", [up], remaining)

@@ -54,6 +54,12 @@ class Http2Listener:
         self.log_requests = log_requests
         self.limits = limits
 
+    def _ended(self, conn: Http2Connection) -> None:
+        conn.connections.discard(conn)
+        abuse = self.get_runtime().stats.h2_abuse
+        for kind, times in conn.endpoint.abuse.items():
+            abuse[kind] = abuse.get(kind, 0) + times
+
     def handoff(self, transport: asyncio.Transport, received: bytes, connections: set[Drainable]) -> None:
         loop = asyncio.get_running_loop()
         conn: Http2Connection
@@ -70,7 +76,7 @@ class Http2Listener:
         endpoint = H2Endpoint.server(on_stream, self.limits)
         conn = Http2Connection(endpoint, connections)
         connections.add(conn)
-        endpoint.lost.add_done_callback(lambda _: connections.discard(conn))
+        endpoint.lost.add_done_callback(lambda _: self._ended(conn))
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
         endpoint.data_received(received)

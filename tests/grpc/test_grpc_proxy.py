@@ -251,3 +251,35 @@ async def test_the_grpc_health_probe_reports_serving_and_not_serving(
             await asyncio.sleep(0.1)
         assert code == 503
         assert "NOT_SERVING" in str(body["checks"]["model"])
+
+
+async def test_rapid_reset_and_continuation_floods_are_told_to_go_away_while_others_are_served(
+    tmp_path: Path, stubs: Stubs, echo: EchoServer
+) -> None:
+    from hyperframe.frame import ContinuationFrame, RstStreamFrame
+
+    from tests.h2.test_server_role import ENHANCE_YOUR_CALM, RawClient, goaway_code
+
+    pb2, pb2_grpc = stubs
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
+        port = sidecar.config.upstream("model").listen.port  # type: ignore[union-attr]
+        rapid = await RawClient.connect(port)
+        for i in range(300):  # open and cancel at once: each costs the server work, none counts as open
+            rapid.headers(2 * i + 1, rapid.block(b"/seawall.test.Echo/Unary"))
+            reset = RstStreamFrame(2 * i + 1)
+            reset.error_code = 8
+            rapid.writer.write(reset.serialize())
+        assert goaway_code(await rapid.frames()) == ENHANCE_YOUR_CALM
+        rapid.close()
+        flood = await RawClient.connect(port)
+        flood.headers(1, flood.block(), end_headers=False)
+        for _ in range(100):  # a header block that never ends
+            flood.writer.write(ContinuationFrame(1, b"\x40\x01a\x01b").serialize())
+        assert goaway_code(await flood.frames()) == ENHANCE_YOUR_CALM
+        flood.close()
+        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+            assert (await pb2_grpc.EchoStub(channel).Unary(pb2.Msg(data=b"still here"))).data == b"still here"
+        async with aiohttp.ClientSession() as client, client.get(admin_url(sidecar) + "/metrics") as answer:
+            metrics = await answer.text()
+        assert 'sidecar_http2_abuse_total{kind="rapid_reset",upstream="model"} 1.0' in metrics
+        assert 'sidecar_http2_abuse_total{kind="continuation_flood",upstream="model"} 1.0' in metrics
