@@ -59,7 +59,7 @@ async def _grpc_probe(target: Target, health: HealthPolicy, tls: ClientContext |
     try:
         return await grpc_health_check(pool, health.service, health.timeout)
     finally:
-        await pool.aclose()
+        pool.close()  # GOAWAY, closed in the background: a TLS close waits for the peer's close_notify
 
 
 async def _tcp_probe(target: Target, health: HealthPolicy) -> str | None:

@@ -239,10 +239,11 @@ async def test_the_grpc_health_probe_reports_serving_and_not_serving(
 
         for _ in range(50):
             code, body = await status()
-            if body["checks"].get("model", {}).get("status") == "healthy":
+            if body["checks"]["model"]["checked_at"] is not None:
                 break
             await asyncio.sleep(0.1)
         assert code == 200, body
+        assert body["checks"]["model"]["healthy"] is True, body
         echo.health.set("seawall.test.Echo", health_pb2.HealthCheckResponse.NOT_SERVING)
         for _ in range(50):
             code, body = await status()
@@ -283,3 +284,62 @@ async def test_rapid_reset_and_continuation_floods_are_told_to_go_away_while_oth
             metrics = await answer.text()
         assert 'sidecar_http2_abuse_total{kind="rapid_reset",upstream="model"} 1.0' in metrics
         assert 'sidecar_http2_abuse_total{kind="continuation_flood",upstream="model"} 1.0' in metrics
+
+
+async def test_each_attempt_forwards_the_time_left_of_the_callers_deadline(
+    tmp_path: Path, stubs: Stubs, echo: EchoServer
+) -> None:
+    pb2, pb2_grpc = stubs
+    async with running_sidecar(_policy(tmp_path, echo, grpc={"timeout_offset": "100ms"})) as sidecar:
+        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            left = (await stub.Unary(pb2.Msg(data=b"deadline?"), timeout=2.0)).count
+            no_deadline = (await stub.Unary(pb2.Msg(data=b"deadline?"))).count
+    assert 1500 <= left <= 1900  # the caller's 2 s, less the 100 ms offset, less the way there
+    assert 4000 <= no_deadline <= 5000  # without one of the caller's: timeouts.total (5 s in these tests)
+
+
+async def test_an_upstream_lost_mid_stream_ends_the_clients_stream_with_an_error_never_ok(
+    tmp_path: Path, stubs: Stubs, echo: EchoServer
+) -> None:
+    pb2, pb2_grpc = stubs
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
+        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            call = stub.ServerStream(pb2.Msg(count=1000, size=1024, sleep_ms=5))
+            assert len((await call.read()).data) == 1024  # the head and a message reached the client
+            await echo.server.stop(grace=None)  # the upstream goes away mid-stream
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        assert caught.value.code() is not grpc.StatusCode.OK
+        assert caught.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        # grpcio's stop cancels the stream with UNAVAILABLE in its trailers (a status: delivered as it came).
+        assert sum((await _breakers(sidecar))["failures_by_kind"].values()) == 1
+
+
+async def test_an_https_target_is_reached_over_tls_with_alpn_h2(tmp_path: Path, stubs: Stubs) -> None:
+    import trustme
+
+    from tests.support.tls import ca_file, leaf
+
+    pb2, pb2_grpc = stubs
+    ca = trustme.CA()
+    server_cert = leaf(ca, tmp_path, "model", "model.internal", "127.0.0.1")
+    credentials = grpc.ssl_server_credentials([(server_cert.key_file.read_bytes(), server_cert.cert_file.read_bytes())])
+    async with running_echo(pb2, pb2_grpc, credentials) as echo:
+        tls = {"ca_file": str(ca_file(ca, tmp_path / "ca.pem")), "server_name": "model.internal"}
+        health = {"interval": "100ms", "timeout": "1s", "healthy_threshold": 1}
+        async with running_sidecar(_policy(tmp_path, echo, tls=tls, health=health)) as sidecar:
+            async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+                stub = pb2_grpc.EchoStub(channel)
+                assert (await stub.Unary(pb2.Msg(data=b"over tls"))).data == b"over tls"
+                sizes = [len(m.data) async for m in stub.ServerStream(pb2.Msg(count=4, size=100_000))]
+            assert sizes == [100_000] * 4
+            for _ in range(50):
+                async with aiohttp.ClientSession() as client, client.get(admin_url(sidecar) + "/health") as answer:
+                    body = await answer.json()
+                if body["checks"]["model"]["checked_at"] is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert body["checks"]["model"]["healthy"] is True, body["checks"]["model"]["detail"]

@@ -63,6 +63,7 @@ class EchoServer:
     port: int
     server: Any
     health: health.HealthServicer
+    tls: bool = False
     calls: int = 0
     cancelled: int = 0
     fail_next: int = 0  # the next this many unary calls fail UNAVAILABLE (a server restarting)
@@ -70,7 +71,7 @@ class EchoServer:
 
     @property
     def target(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 def _servicer(pb2: ModuleType, pb2_grpc: ModuleType, state: dict[str, EchoServer]) -> Any:
@@ -95,6 +96,9 @@ def _servicer(pb2: ModuleType, pb2_grpc: ModuleType, state: dict[str, EchoServer
                 raise
             if msg.fail_code:
                 await fail(context, msg)
+            if msg.data == b"deadline?":  # what is left of the call's deadline as the server sees it, in ms
+                remaining = context.time_remaining()
+                return pb2.Msg(count=-1 if remaining is None else int(remaining * 1000))
             return pb2.Msg(data=msg.data)
 
         async def ServerStream(self, msg: Any, context: Any) -> AsyncIterator[Any]:
@@ -132,17 +136,23 @@ def _code(number: int) -> tuple[int, str]:
 
 
 @contextlib.asynccontextmanager
-async def running_echo(pb2: ModuleType, pb2_grpc: ModuleType, **options: Any) -> AsyncIterator[EchoServer]:
-    """An echo server (and the standard health service, SERVING) on a free loopback port."""
+async def running_echo(
+    pb2: ModuleType, pb2_grpc: ModuleType, credentials: Any = None, **options: Any
+) -> AsyncIterator[EchoServer]:
+    """An echo server (and the standard health service, SERVING) on a free loopback port; over TLS with
+    ``credentials`` (``grpc.ssl_server_credentials``)."""
     server = grpc.aio.server(options=list(options.items()))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     state: dict[str, EchoServer] = {}
     pb2_grpc.add_EchoServicer_to_server(_servicer(pb2, pb2_grpc, state), server)
     checker = health.HealthServicer()
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
     checker.set("seawall.test.Echo", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    echo = EchoServer(port, server, checker)
+    echo = EchoServer(port, server, checker, tls=credentials is not None)
     state["server"] = echo
     await server.start()
     try:
