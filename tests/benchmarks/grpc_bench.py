@@ -99,7 +99,7 @@ async def serve(port: int, stubs: Path) -> None:
 
 async def load(port: int, seconds: float, inflight: int, stubs: Path) -> dict[str, Any]:
     """``inflight`` workers on one channel, each calling Unary back to back until ``seconds`` have passed."""
-    import grpc  # type: ignore[import-untyped]
+    import grpc
 
     pb2, pb2_grpc = import_stubs(stubs)
     ok = 0
