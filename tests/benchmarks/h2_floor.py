@@ -8,7 +8,8 @@ exactly what any HTTP/2 relay must: parse the request's HEADERS and DATA, send t
 response's HEADERS, DATA and trailers, send them back, and acknowledge the DATA for flow control. Only the relay's
 calls are timed, as CPU time of the thread (``time.thread_time_ns``: a busy machine does not inflate it); the
 client's and the server's work is not counted. grpcio's real header set is used (user-agent, te, grpc-timeout,
-...), so HPACK sees what it sees in the benchmark. What this prints is a floor for any relay built on `h2` in CPython, below which no code of ours can go.
+...), so HPACK sees what it sees in the benchmark. What this prints is a floor for any relay built on `h2` in
+CPython, below which no code of ours can go.
 """
 
 from __future__ import annotations
