@@ -102,6 +102,7 @@ def measure(calls: int, batch: int, check_upstream: bool = True) -> dict[str, fl
     down.receive_data(client.data_to_send())
     server.receive_data(up.data_to_send())
     relay_ns = 0
+    answered = 0  # calls whose trailers reached the client: the relay really relayed
     for _ in range(calls // batch):
         streams: dict[int, int] = {}
         for _ in range(batch):
@@ -119,10 +120,12 @@ def measure(calls: int, batch: int, check_upstream: bool = True) -> dict[str, fl
         for event in client.receive_data(wire):
             if isinstance(event, DataReceived):
                 client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, TrailersReceived):
+                answered += 1
         up.receive_data(server.data_to_send())  # window updates, untimed on both sides
         down.receive_data(client.data_to_send())
     done = calls // batch * batch
-    return {"calls": done, "relay_us_per_call": relay_ns / done / 1000}
+    return {"calls": done, "answered": answered, "relay_us_per_call": relay_ns / done / 1000}
 
 
 def main() -> None:
