@@ -5,6 +5,7 @@ One run, one machine, everything on 127.0.0.1. See README.md beside this file fo
     python tests/benchmarks/bench.py --quick          # ~2 minutes, to check that everything works
     python tests/benchmarks/bench.py                  # full run (~10 minutes)
     python tests/benchmarks/bench.py --long --profile # + RSS after 1,000,000 requests, + py-spy profile
+    python tests/benchmarks/bench.py --grpc           # + gRPC unary rows (grpc_bench.py): direct, nginx, sidecar
 
 Results land in bench-results/ at the repository root: results.md, results.json, throughput.png (and
 profile.svg / profile-top.md with --profile).
@@ -1011,7 +1012,7 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
                 + ("" if lg["complete"] else " — stopped early at the time cap")
                 + "."
             )
-        lines += ["", "## Targets (issue 8)", "", "| target | measured | |", "|---|---|---|"]
+        lines += ["", "## Targets (issues 8 and 21)", "", "| target | measured | |", "|---|---|---|"]
         lines += [f"| {name} | {measured} | {verdict} |" for name, measured, verdict in targets(by, extra)]
     if prof := extra.get("profile"):
         lines += [
@@ -1042,6 +1043,11 @@ def render(results: list[dict[str, Any]], extra: dict[str, Any], meta: dict[str,
         from tests.benchmarks import tcp_relay
 
         lines += ["", *tcp_relay.render(tcp["systems"], tcp["rounds"], tcp["gib"])]
+    if grpc := extra.get("grpc"):
+        sys.path.insert(0, str(REPO))
+        from tests.benchmarks import grpc_bench
+
+        lines += ["", *grpc_bench.render(grpc["systems"], grpc["rounds"], grpc["seconds"])]
     lines += ["", "![throughput](throughput.png)", ""]
     return "\n".join(lines)
 
@@ -1083,6 +1089,12 @@ def targets(by: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[tuple[
     if "sidecar-shared" in by:
         x = by["sidecar-shared"]["rps"] / side["rps"]
         check("shared rate_limit (redis): throughput, for the record", f"{x:.0%}", True)
+    if grpc := extra.get("grpc"):
+        sys.path.insert(0, str(REPO))
+        from tests.benchmarks import grpc_bench
+
+        for name, measured, ok in grpc_bench.checks(grpc["systems"]):
+            check(name, measured, ok)
     check("idle RSS ≤ 60 MB", f"{side['rss_idle_mb']:.1f} MiB", side["rss_idle_mb"] * 1.048576 <= 60)
     if lg := extra.get("long"):
         check(
@@ -1213,6 +1225,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also the TCP relay rows (tcp_relay.py: bulk GiB/s, redis-benchmark -P1 vs HAProxy mode tcp)",
     )
     parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="also the gRPC rows (grpc_bench.py: unary calls/s and CPU per call, direct vs nginx grpc_pass vs sidecar)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the sidecar at git revision REV (a temporary worktree) as 'sidecar-baseline', interleaved "
@@ -1290,6 +1307,17 @@ def main(argv: list[str] | None = None) -> int:
             log("tcp relay: direct, HAProxy mode tcp, sidecar by splice and by protocols")
             tcp = tcp_relay.run(tools, list(tcp_relay.SYSTEMS), mode.runs, gib)
             extra["tcp"] = {"rounds": mode.runs, "gib": gib, "systems": tcp}
+        if args.grpc:
+            sys.path.insert(0, str(REPO))
+            from tests.benchmarks import grpc_bench
+
+            rounds, seconds = max(mode.runs, 3), mode.tput_seconds  # issue 21 asks for at least 3 rounds
+            log("grpc: direct, nginx grpc_pass, sidecar protocol: grpc")
+            profile_seconds = (5 if args.quick else 10) if args.profile else 0
+            grpc = grpc_bench.run(
+                tools, list(grpc_bench.SYSTEMS), rounds, seconds, 50, profile_seconds, args.out / "profile-grpc.txt"
+            )
+            extra["grpc"] = {"rounds": rounds, "seconds": seconds, "systems": grpc}
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
