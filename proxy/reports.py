@@ -101,7 +101,10 @@ def breaker_json(rt: UpstreamRuntime, now: float, wall_offset: float) -> dict[st
             "failures": snap.total_failures,
             "rejected": snap.total_rejected,
         },
+        "protocol": rt.policy.protocol,
         "requests": {str(code): count for code, count in sorted(stats.requests.items())},
+        # protocol: grpc: calls by the grpc-status their callers got (the HTTP status of each is 200)
+        "grpc_statuses": {str(code): count for code, count in sorted(stats.grpc.items())},
         "failures_by_kind": dict(stats.failures),
         "inflight": stats.inflight,
         "pending": stats.pending,

@@ -4,11 +4,11 @@ Every import counts, including those under ``if TYPE_CHECKING:`` and inside func
 still coupling, and a cycle hidden behind one is still a cycle.
 
     resilience   breaker, retry, windows, outlier detection, bulkhead, clock   imports nothing else of the project
-    (shared)     logs, sockets, grpc_wire: small utilities any layer may use
+    (shared)     logs, sockets, grpc_wire, h2 (one HTTP/2 connection): utilities any layer may use
     policy       the policy language: values, model, loader, rules, schema     resilience only; no I/O modules
     upstream     connections, pools, balancer, checks                          policy, resilience
     live state   runtime, metrics, ratelimits                                  the above
-    data plane   http/, tcp                                                    the above
+    data plane   http/, grpc/, tcp                                             the above
     process      server, admin, reports, cli, demo, in-process API             anything
 """
 

@@ -26,10 +26,24 @@ class RequestPump:
         self.ended = client.ended  # the client has sent its whole request (END_STREAM)
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, upstream: H2Stream) -> None:
-        """Send the request on ``upstream``: what was kept first, then the rest as the client sends it."""
+    async def send(self, upstream: H2Stream) -> None:
+        """Send the request on ``upstream``. All in already (a unary call, the common case): now, without a task;
+        else what was kept first, then the rest by a task as the client sends it."""
         self.stop()
-        self._task = asyncio.get_running_loop().create_task(self._pump(upstream))
+        client = self.client
+        if not client.ended:
+            self._task = asyncio.get_running_loop().create_task(self._pump(upstream))
+            return
+        fresh: list[bytes] = []
+        while chunk := await client.read():  # buffered: no wait
+            self._keep(chunk)
+            fresh.append(chunk)
+        self.ended = True
+        chunks = self.kept if self.replayable else fresh  # (not replayable: this is the first attempt)
+        for chunk in chunks[:-1]:
+            await upstream.send_data(chunk)
+        await upstream.send_data(chunks[-1] if chunks else b"", end_stream=True)
+        client.consumed(sum(map(len, fresh)))
 
     def stop(self) -> None:
         task, self._task = self._task, None

@@ -205,18 +205,23 @@ class GrpcCall:
         clock, timeouts = self.rt.clock, self.route.timeouts
         left = self.deadline - clock.monotonic()
         if left <= 0:
-            return _local(FailureKind.TIMEOUT, "timeout", "the call's deadline passed")
+            if self.caller_bound:
+                return Attempt(_CALLER_DEADLINE, "timeout", "the caller's deadline passed")
+            return _local(FailureKind.TIMEOUT, "timeout", "timeouts.total ran out")
         state.outstanding += 1
         try:
             async with asyncio.timeout(min(timeouts.per_try, left)):
                 upstream = await state.h2.open_stream(self._headers(left), False, min(timeouts.connect, left))
                 self.upstream = upstream
-                self.pump.start(upstream)
+                await self.pump.send(upstream)
                 head = await upstream.wait_headers()
         except UpstreamError as exc:
             return _local(exc.kind, exc.reason, str(exc))
         except StreamReset as exc:
             self._drop()
+            if self.client.error is not None:  # it was the client's stream that went (its deadline, a cancel)
+                self._answered(GrpcStatus.CANCELLED, "client_cancelled")
+                return Attempt(_CANCELLED, committed=True)
             end = StreamEnd.REFUSED if exc.never_processed else StreamEnd.LOST
             outcome = classify(self.rt.grpc_rules, grpc_status=None, http_status=None, end=end)
             return Attempt(outcome, "reset", str(exc))

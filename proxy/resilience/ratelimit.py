@@ -164,6 +164,12 @@ class _Limit:
         """The hot path's one question: does ``weight`` fit now, with no cap to consult? (False: ask ``wait``.)"""
         raise NotImplementedError
 
+    def credit(self, now: float) -> tuple[int, float]:
+        """Right after ``fits(…, now)``: weight that may be sent without asking again, and until when. The room
+        only grows as time passes (sends expire) until the horizon (a fixed window's end, or ``grain`` for a
+        sliding log, whose sends in between then share one entry)."""
+        raise NotImplementedError
+
     def wait(self, weight: int, now: float) -> float:
         """Seconds until ``weight`` fits this limit (0: now; ``inf``: never)."""
         if self.used(now) + weight <= self.capacity and not self.caps:
@@ -237,6 +243,9 @@ class _Sliding(_Limit):
             self.used(now)
         return self.total + weight <= self.capacity and not self.caps
 
+    def credit(self, now: float) -> tuple[int, float]:
+        return self.capacity - self.total, now + self.grain
+
     def room_wait(self, weight: int, now: float) -> float:
         excess = self.total + weight - self.capacity
         if excess <= 0:
@@ -297,6 +306,9 @@ class _Fixed(_Limit):
             self.counted = 0
         return self.counted + weight <= self.capacity and not self.caps
 
+    def credit(self, now: float) -> tuple[int, float]:
+        return self.capacity - self.counted, (self.window + 1) * self.per - self.offset
+
     def room_wait(self, weight: int, now: float) -> float:
         if self.counted + weight <= self.capacity:
             return 0.0
@@ -333,8 +345,21 @@ class LocalBackend:
             for limit in self._limits
             if limit.spec.scope is not None
         }
+        # The hot path's credit: weight every unscoped limit had room for when last asked, valid until
+        # ``_credit_until``; requests it grants are owed to the limits (``_owed``, the latest at ``_owed_at``) and
+        # counted there at once on the next full take, ``observe`` or ``snapshot``.
+        self._credit = 0
+        self._credit_until = -math.inf
+        self._owed = 0
+        self._owed_at = 0.0
 
     def take_now(self, weight: int, route: str | None, now: float) -> Verdict:
+        if weight <= self._credit and now < self._credit_until and route not in self._by_route:
+            self._credit -= weight  # room known to be there: no limit needs asking (see credit())
+            self._owed += weight
+            self._owed_at = now
+            return GRANTED
+        self._settle_owed()
         if now < self._cooldown_until:
             return Verdict(self._cooldown_until - now, Refusal.UPSTREAM_COOLDOWN)
         limits = self._by_route.get(route, self._everyone) if route is not None else self._everyone
@@ -343,7 +368,27 @@ class LocalBackend:
                 return self._take_slowly(limits, weight, now)
         for limit in limits:
             limit.count(weight, now)  # no caps to spend on: ``fits`` said so
+        if limits is self._everyone:
+            self._extend_credit(now)
         return GRANTED
+
+    def _extend_credit(self, now: float) -> None:
+        """After a full take that every limit (none capped) had room for: what the next ones may take unasked.
+
+        Owed sends are counted as one, sent at the latest of them: within a sliding log's grain, that is what
+        ``count`` would have merged them into anyway; within a fixed window, the window they were sent in."""
+        credit, until = math.inf, self._cooldown_until if self._cooldown_until > now else math.inf
+        for limit in self._everyone:
+            room, horizon = limit.credit(now)
+            credit, until = min(credit, room), min(until, horizon)
+        self._credit, self._credit_until = (0, -math.inf) if math.isinf(credit) else (int(credit), until)
+
+    def _settle_owed(self) -> None:
+        owed, self._owed = self._owed, 0
+        self._credit, self._credit_until = 0, -math.inf
+        if owed:
+            for limit in self._everyone:
+                limit.count(owed, self._owed_at)
 
     @staticmethod
     def _take_slowly(limits: tuple[_Limit, ...], weight: int, now: float) -> Verdict:
@@ -359,6 +404,7 @@ class LocalBackend:
         return self.take_now(weight, route, now)
 
     def cool_down(self, seconds: float, now: float) -> None:
+        self._settle_owed()
         self._cooldown_until = max(self._cooldown_until, now + seconds)
 
     def observe(
@@ -384,6 +430,7 @@ class LocalBackend:
         Anything out of range (no such limit, negative numbers) is ignored."""
         if not 0 <= limit < len(self._limits):
             return
+        self._settle_owed()  # (and no credit: what the upstream said must be weighed by the next take)
         target = self._limits[limit]
         if remaining is not None and remaining >= 0:
             if reset is None:
@@ -397,6 +444,7 @@ class LocalBackend:
 
     def snapshot(self, now: float) -> RateSnapshot:
         """Each limit as configured, with the weight it has ``left`` now (after ``share`` and the caps)."""
+        self._settle_owed()
         return RateSnapshot(
             limits=tuple(LimitState(limit.spec, limit.left(now)) for limit in self._limits),
             cooldown_left=max(0.0, self._cooldown_until - now),

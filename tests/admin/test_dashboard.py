@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -244,6 +245,45 @@ async def test_dashboard_shows_an_upstream_cooldown_and_tokens_left(tmp_path: Pa
                     assert 28 <= left <= 30
                     assert "upstream_cooldown 1" in await box.inner_text()
                     await page.screenshot(path=str(artifacts_dir / "dashboard-rate-limit.png"), full_page=True)
+                    assert errors == []
+                finally:
+                    await browser.close()
+
+
+async def test_dashboard_shows_a_grpc_upstreams_calls_by_status(tmp_path: Path, artifacts_dir: Path) -> None:
+    """A gRPC upstream's card: marked gRPC, its calls counted by the grpc-status their callers got."""
+    import grpc
+    from playwright import async_api as playwright_api
+
+    from tests.support.grpc_echo import generate_stubs, running_echo
+
+    if not Path(CHROMIUM).exists():
+        missing("chromium is not installed (Debian package `chromium`)")
+    pb2, pb2_grpc = generate_stubs(tmp_path / "stubs")
+    async with running_echo(pb2, pb2_grpc) as echo:
+        listen = f"127.0.0.1:{free_port()}"
+        policy = write_policy(
+            tmp_path / "p.yaml", {"model": {"protocol": "grpc", "listen": listen, "targets": [echo.target]}}
+        )
+        async with running_sidecar(policy) as sidecar, grpc.aio.insecure_channel(listen) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            for _ in range(3):
+                await stub.Unary(pb2.Msg(data=b"ok"))
+            for code in (5, 5, 14):  # NOT_FOUND twice, UNAVAILABLE once
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Unary(pb2.Msg(fail_code=code))
+            async with playwright_api.async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    page = await browser.new_page(viewport={"width": 1280, "height": 700})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    await page.goto(f"{admin_url(sidecar)}/dashboard")
+                    statuses = page.locator('[data-upstream="model"] [data-role="grpc-statuses"]')
+                    await statuses.wait_for(timeout=5000)
+                    assert await statuses.inner_text() == "3 ok · NOT_FOUND 2 · UNAVAILABLE 1"
+                    assert await page.locator('[data-upstream="model"] [data-role="protocol"]').inner_text() == "gRPC"
+                    await page.screenshot(path=str(artifacts_dir / "dashboard-grpc.png"), full_page=True)
                     assert errors == []
                 finally:
                     await browser.close()

@@ -8,6 +8,7 @@ taken within a round, against the first variant, then their median is reported: 
 
     python tests/benchmarks/ab.py --variants sidecar,sidecar-ratelimit --rounds 8
     python tests/benchmarks/ab.py --variants sidecar,sidecar-baseline --baseline HEAD~1
+    python tests/benchmarks/ab.py --variants sidecar,sidecar#2       # A/A: the noise between two equal processes
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ from tests.benchmarks.bench import (
     run_wrk,
 )
 
+# Per variant, per round: CPU µs per request, requests/s, CPU seconds, requests.
+Seen = dict[str, list[tuple[float, float, float, int]]]
+
 VARIANTS = ("sidecar", "sidecar-ratelimit", "sidecar-shared", "sidecar-baseline")
 
 
-def rounds_of(
-    bench: Bench, runs: list[Running], rounds: int, seconds: int, settle: float
-) -> dict[str, list[tuple[float, float]]]:
+def rounds_of(bench: Bench, runs: list[Running], rounds: int, seconds: int, settle: float) -> Seen:
     """(CPU µs per request, requests/s) of every variant in every round, the order reversing each round."""
     for run in runs:
         run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, 2)  # warm pools and caches; not kept
-    seen: dict[str, list[tuple[float, float]]] = {run.key: [] for run in runs}
+    seen: Seen = {run.key: [] for run in runs}
     for i in range(rounds):
         for run in runs if i % 2 == 0 else reversed(runs):
             time.sleep(settle)
@@ -56,27 +58,40 @@ def rounds_of(
             cpu = cpu_seconds(run.proc.pid) - cpu0
             if r["non_2xx"] or r["socket_errors"] or not r["requests"]:
                 raise BenchError(f"{run.key}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors")
-            seen[run.key].append((cpu / r["requests"] * 1e6, r["rps"]))
+            seen[run.key].append((cpu / r["requests"] * 1e6, r["rps"], cpu, r["requests"]))
             log(f"  round {i + 1}: {run.key} {r['rps']:,.0f} rps, {seen[run.key][-1][0]:.1f} µs CPU/request")
     return seen
 
 
-def report(runs: list[Running], seen: dict[str, list[tuple[float, float]]]) -> str:
+def _start(bench: Bench, key: str, upstream: Proc) -> Running:
+    """A variant's sidecar; ``sidecar#2`` is a second process of the same variant (an A/A run: how far apart two
+    identical processes measure on this machine)."""
+    base, _, copy = key.partition("#")
+    run = bench.start(base, upstream)
+    if copy:
+        run.key, run.label = key, f"{run.label} (copy {copy})"
+    return run
+
+
+def report(runs: list[Running], seen: Seen) -> str:
     """Medians and spreads of each variant, and its per-round ratios to the first variant (CPU and rps)."""
     first = seen[runs[0].key]
     lines = [
         "| variant | median rps | rps ÷ first (median, spread) | median CPU µs / request | spread "
-        "| CPU ÷ first (median, spread) |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| CPU ÷ first (median, spread) | pooled CPU µs / request (÷ first) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
+    pooled_first = sum(row[2] for row in first) / sum(row[3] for row in first) * 1e6
     for run in runs:
         rows = seen[run.key]
-        cpu = [c for c, _ in rows]
-        cpu_ratios = [c / f for (c, _), (f, _) in zip(rows, first, strict=True)]
-        rps_ratios = [r / f for (_, r), (_, f) in zip(rows, first, strict=True)]
+        cpu = [row[0] for row in rows]
+        cpu_ratios = [row[0] / f[0] for row, f in zip(rows, first, strict=True)]
+        rps_ratios = [row[1] / f[1] for row, f in zip(rows, first, strict=True)]
+        pooled = sum(row[2] for row in rows) / sum(row[3] for row in rows) * 1e6
         lines.append(
-            f"| {run.label} | {statistics.median(r for _, r in rows):,.0f} | {spread(rps_ratios)} "
-            f"| {statistics.median(cpu):.1f} | {min(cpu):.1f} – {max(cpu):.1f} | {spread(cpu_ratios)} |"
+            f"| {run.label} | {statistics.median(row[1] for row in rows):,.0f} | {spread(rps_ratios)} "
+            f"| {statistics.median(cpu):.1f} | {min(cpu):.1f} – {max(cpu):.1f} | {spread(cpu_ratios)} "
+            f"| {pooled:.1f} ({pooled / pooled_first:.3f}) |"
         )
     return "\n".join(lines)
 
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, metavar="N")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
-    if unknown := set(keys) - set(VARIANTS):
+    if unknown := {k.split("#")[0] for k in keys} - set(VARIANTS):
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     if "sidecar-baseline" in keys and not args.baseline:
         parser.error("sidecar-baseline needs --baseline REV")
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             bench.baseline, bench.baseline_rev = checkout(args.baseline, workdir / "baseline")
         upstream = bench.start_upstream()
-        runs = [bench.start(key, upstream) for key in keys]
+        runs = [_start(bench, key, upstream) for key in keys]
         seen = rounds_of(bench, runs, args.rounds, args.seconds, args.settle)
     except BenchError as exc:
         print(f"ab: {exc}", file=sys.stderr)

@@ -84,6 +84,41 @@ def test_sends_within_a_millisecond_share_a_log_entry_and_count_until_the_latest
     assert backend.snapshot(T0 + 1.1).limits[0].left == 100_000
 
 
+def test_sends_granted_on_credit_never_exceed_a_sliding_window_and_count_until_the_latest_expires() -> None:
+    """Requests the hot path grants without asking each limit (its credit) are counted as one send at the latest
+    of them: a burst within a millisecond fills the window exactly, and frees it one period after its last send."""
+    backend = LocalBackend([LimitSpec(5, 1.0), LimitSpec(1000, 60.0, fixed=True)])
+    times = [T0 + i * 1e-4 for i in range(5)]
+    assert all(backend.take_now(1, None, t) is GRANTED for t in times)
+    verdict = backend.take_now(1, None, T0 + 5e-4)
+    assert verdict.reason is Refusal.RATE_LIMITED
+    assert verdict.wait == pytest.approx(1.0 + 4e-4 - 5e-4)  # until the burst's last send expires
+    assert backend.snapshot(T0 + 1.0 + 3.9e-4).limits[0].left == 0  # the first send, counted with the last
+    assert backend.snapshot(T0 + 1.0 + 4e-4).limits[0].left == 5
+    assert backend.snapshot(T0 + 1.0 + 4e-4).limits[1].left == 995
+
+
+def test_credit_never_lets_any_window_hold_more_than_its_limit_under_sub_millisecond_traffic() -> None:
+    import random
+
+    rng = random.Random(7)
+    spec = LimitSpec(20, 0.05)  # grain: 50 µs
+    backend = LocalBackend([spec, LimitSpec(450, 1.0, fixed=True)], epoch_offset=0.25)
+    now, sent = T0, []
+    for _ in range(5000):
+        now += rng.choice((0.0, 1e-6, 3e-5, 2e-4, 1e-3))
+        weight = rng.choice((1, 1, 2))
+        if backend.take_now(weight, None, now).granted:
+            sent.append((now, weight))
+    for i, (start, _) in enumerate(sent):  # every interval of length per that starts at a send
+        assert sum(w for t, w in sent[i:] if t < start + spec.per) <= spec.requests
+    windows: dict[float, int] = {}
+    for t, w in sent:
+        windows[(t + 0.25) // 1.0] = windows.get((t + 0.25) // 1.0, 0) + w
+    assert max(windows.values()) <= 450
+    assert sum(w for _, w in sent) > 450  # the limits were reached, not just never approached
+
+
 # -- fixed windows -----------------------------------------------------------------------------------------------
 
 EPOCH = 1_700_000_000.0 - T0  # wall time minus the monotonic clock: T0 sits on a whole minute (1.7e9 = 60 × …)
