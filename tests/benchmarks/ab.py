@@ -9,11 +9,13 @@ taken within a round, against the first variant, then their median is reported: 
     python tests/benchmarks/ab.py --variants sidecar,sidecar-ratelimit --rounds 8
     python tests/benchmarks/ab.py --variants sidecar,sidecar-baseline --baseline HEAD~1
     python tests/benchmarks/ab.py --variants sidecar,sidecar#2       # A/A: the noise between two equal processes
+    python tests/benchmarks/ab.py --variants sidecar,sidecar@HEAD~3,sidecar@HEAD~9   # several revisions at once
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -63,11 +65,20 @@ def rounds_of(bench: Bench, runs: list[Running], rounds: int, seconds: int, sett
     return seen
 
 
-def _start(bench: Bench, key: str, upstream: Proc) -> Running:
+def _start(bench: Bench, key: str, upstream: Proc, checkouts: list[Path]) -> Running:
     """A variant's sidecar; ``sidecar#2`` is a second process of the same variant (an A/A run: how far apart two
-    identical processes measure on this machine)."""
+    identical processes measure on this machine); ``sidecar@REV`` the sidecar at git revision REV."""
     base, _, copy = key.partition("#")
+    saved = bench.baseline, bench.baseline_rev  # --baseline's, for a sidecar-baseline variant
+    if "@" in base:
+        where = bench.workdir / f"code-{len(checkouts)}"
+        bench.baseline, bench.baseline_rev = checkout(base.split("@", 1)[1], where)
+        checkouts.append(where)
+        base = "sidecar-baseline"
     run = bench.start(base, upstream)
+    bench.baseline, bench.baseline_rev = saved
+    if "@" in key:
+        run.key = key
     if copy:
         run.key, run.label = key, f"{run.label} (copy {copy})"
     return run
@@ -112,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, metavar="N")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
-    if unknown := {k.split("#")[0] for k in keys} - set(VARIANTS):
+    if unknown := {k.split("#")[0].split("@")[0] for k in keys} - set(VARIANTS):
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     if "sidecar-baseline" in keys and not args.baseline:
         parser.error("sidecar-baseline needs --baseline REV")
+    # Every sidecar hashes alike: with per-process random hash seeds two identical sidecars measured up to 6 %
+    # apart here (dict layouts differ); with one seed, within 1 %.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
     tools = Tools.locate(want_profile=False)
     if args.nice is not None:
         tools.nice = [need("nice", "coreutils"), "-n", str(args.nice)]
@@ -123,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(tools, workdir)
     upstream: Proc | None = None
     runs: list[Running] = []
+    checkouts: list[Path] = []
     try:
         if args.baseline:
             bench.baseline, bench.baseline_rev = checkout(args.baseline, workdir / "baseline")
         upstream = bench.start_upstream()
-        runs = [_start(bench, key, upstream) for key in keys]
+        runs = [_start(bench, key, upstream, checkouts) for key in keys]
         seen = rounds_of(bench, runs, args.rounds, args.seconds, args.settle)
     except BenchError as exc:
         print(f"ab: {exc}", file=sys.stderr)
@@ -138,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc in (upstream, bench.redis):
             if proc is not None:
                 proc.stop()
-        if bench.baseline is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(bench.baseline)], check=False)
+        for where in {*checkouts, *([bench.baseline] if bench.baseline is not None else [])}:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{args.rounds} rounds × {args.seconds} s, wrk -t1 -c50, order reversing each round\n")
     print(report(runs, seen))

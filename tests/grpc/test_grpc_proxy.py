@@ -343,3 +343,26 @@ async def test_an_https_target_is_reached_over_tls_with_alpn_h2(tmp_path: Path, 
                     break
                 await asyncio.sleep(0.1)
             assert body["checks"]["model"]["healthy"] is True, body["checks"]["model"]["detail"]
+
+
+async def test_a_client_cancelling_a_stream_cancels_the_upstream_call(
+    tmp_path: Path, stubs: Stubs, echo: EchoServer
+) -> None:
+    pb2, pb2_grpc = stubs
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
+        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            call = stub.Unary(pb2.Msg(sleep_ms=5000))
+            for _ in range(50):  # the server has the call
+                if echo.calls:
+                    break
+                await asyncio.sleep(0.02)
+            call.cancel()
+            for _ in range(100):
+                if echo.cancelled:
+                    break
+                await asyncio.sleep(0.02)
+            assert echo.cancelled == 1  # the cancel went on upstream: the server stopped working on it
+            assert (await stub.Unary(pb2.Msg(data=b"next"))).data == b"next"
+        breaker = await _breakers(sidecar)
+        assert breaker["failures"] == 0 and breaker["grpc_statuses"] == {"0": 1, "1": 1}
