@@ -850,16 +850,19 @@ def short_frame(frame: str, keep_line: bool = False) -> str:
     return f"{func} ({path}{line or '' if keep_line else ''})"
 
 
+def raw_stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw format (``-f raw``): per line a stack, root to leaf, frames joined by ';', then its count."""
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
+
+
 def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        raw_frames = stack.split(";")
+    for raw_frames, count in raw_stacks(raw):
         frames = [short_frame(f) for f in raw_frames]
         total += count
         own[short_frame(raw_frames[-1], keep_line=True)] += count

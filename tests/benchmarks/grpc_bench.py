@@ -47,6 +47,7 @@ from tests.benchmarks.bench import (  # noqa: E402
     log,
     need,
     nginx_common,
+    raw_stacks,
     spawn,
     summarise_profile,
     wait_ready,
@@ -300,12 +301,7 @@ def time_by_package(raw: Path) -> list[tuple[str, float, float]]:
     own: Counter[str] = Counter()
     attributed: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
+    for frames, count in raw_stacks(raw):
         own[_group(frames[-1]) or "other (stdlib, ...)"] += count
         attributed[next(filter(None, map(_group, reversed(frames))), "other (stdlib, ...)")] += count
         total += count
