@@ -383,7 +383,8 @@ class Sidecar:
         log.info("stopped", extra={"event": "stopped"})
 
     async def _drain_clients(self, timeout: float) -> None:
-        """Stop accepting, let in-flight http requests finish for up to ``timeout``, then close what is left."""
+        """Stop accepting, let in-flight http requests and gRPC calls finish for up to ``timeout`` (HTTP/2 clients
+        are told GOAWAY), then close what is left."""
         for listener in self.listeners.values():
             listener.server.close()
         for listener in self.listeners.values():
@@ -391,7 +392,7 @@ class Sidecar:
                 conn.shutdown_when_idle()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while any(listener.connections for listener in self.listeners.values() if listener.protocol == "http"):
+                while any(listener.connections for listener in self.listeners.values() if listener.protocol != "tcp"):
                     await asyncio.sleep(0.05)
         for listener in self.listeners.values():
             for conn in list(listener.connections):

@@ -366,3 +366,24 @@ async def test_a_client_cancelling_a_stream_cancels_the_upstream_call(
             assert (await stub.Unary(pb2.Msg(data=b"next"))).data == b"next"
         breaker = await _breakers(sidecar)
         assert breaker["failures"] == 0 and breaker["grpc_statuses"] == {"0": 1, "1": 1}
+
+
+async def test_a_draining_sidecar_lets_calls_in_flight_finish(tmp_path: Path, stubs: Stubs, echo: EchoServer) -> None:
+    pb2, pb2_grpc = stubs
+    sidecar = Sidecar(_policy(tmp_path, echo))
+    await sidecar.start()
+    stopping: asyncio.Future[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            call = asyncio.ensure_future(stub.Unary(pb2.Msg(data=b"in flight", sleep_ms=300)))
+            for _ in range(200):  # the server has the call
+                if echo.calls:
+                    break
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(sidecar.stop(drain_timeout=5.0))
+            assert (await call).data == b"in flight"  # answered during the drain, not cut off
+            await asyncio.wait_for(stopping, 5)
+    finally:
+        if stopping is None:
+            await sidecar.stop(drain_timeout=0.1)
