@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             bench.baseline, bench.baseline_rev = checkout(args.baseline, workdir / "baseline")
         upstream = bench.start_upstream()
-        runs = [_start(bench, key, upstream, checkouts) for key in keys]
+        for key in keys:  # one by one: those started are stopped below even if a later one fails to start
+            runs.append(_start(bench, key, upstream, checkouts))
         seen = rounds_of(bench, runs, args.rounds, args.seconds, args.settle)
     except BenchError as exc:
         print(f"ab: {exc}", file=sys.stderr)
