@@ -65,7 +65,11 @@ class Http2Listener:
         conn: Http2Connection
 
         def on_stream(stream: H2Stream) -> None:
-            call = GrpcCall(self.get_runtime(), stream, self.log_requests)
+            rt = self.get_runtime()
+            if rt.policy.protocol != "grpc":  # reloaded to another protocol while this connection drains
+                stream.reset(7)  # REFUSED_STREAM: never processed, the client may retry it elsewhere
+                return
+            call = GrpcCall(rt, stream, self.log_requests)
             task = loop.create_task(call.run())
             conn.calls.add(task)
             task.add_done_callback(conn.calls.discard)
