@@ -163,8 +163,7 @@ class UpstreamRuntime:
             if state.h2 is None:
                 state.h2 = H2Pool(state.target, context, policy.timeouts.connect, idle_timeout)
             elif state.h2.tls is not context:
-                state.h2.tls = context
-                state.h2.server_hostname = (context.server_name or state.target.host) if context is not None else ""
+                state.h2.set_tls(context)
 
     def close_pools(self) -> None:
         """Drop every upstream connection now (the sidecar stops, or the upstream was removed)."""

@@ -41,16 +41,22 @@ class H2Pool:
         connection_window: int = CONNECTION_WINDOW,
     ) -> None:
         self.target = target
-        self.tls = tls
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.server_hostname = (tls.server_name or target.host) if tls is not None else ""
+        self.tls: ClientContext | None = None
+        self.server_hostname = ""  # SNI and the name verified
+        self.set_tls(tls)
         self.connections: list[H2Endpoint] = []
         self.closing = False
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._opening: asyncio.Task[H2Endpoint] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def set_tls(self, tls: ClientContext | None) -> None:
+        """The context new connections use (a reload built a new one); open connections finish their streams."""
+        self.tls = tls
+        self.server_hostname = (tls.server_name or self.target.host) if tls is not None else ""
 
     async def open_stream(
         self, headers: Headers, end_stream: bool = False, connect_timeout: float | None = None
@@ -130,8 +136,9 @@ class H2Pool:
                 f"TLS to {target}: the server did not select HTTP/2 by ALPN (got {selected})", sent_nothing=True
             )
         secure.set_protocol(endpoint)
-        endpoint._initial_data = bytes(buffering.data)
         endpoint.connection_made(secure)
+        if buffering.data:  # the server's first frames, read during the handshake
+            endpoint.data_received(bytes(buffering.data))
         self.tls.save_session(self.server_hostname, ssl_object, loop.time())
 
     def _schedule_sweep(self) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.server import Sidecar
 from tests.support.eventually import eventually
 from tests.support.sidecar import admin_url, free_port, listener_url, running_sidecar, write_policy
 from tests.support.tools import missing
@@ -28,6 +31,25 @@ CHROMIUM_ARGS = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def open_dashboard(
+    sidecar: Sidecar, viewport: dict[str, int] | None = None
+) -> AsyncIterator[tuple[Any, list[str]]]:
+    """The sidecar's /dashboard in headless Chromium: the page, and the script errors it has raised so far."""
+    from playwright import async_api as playwright_api  # a test dependency: missing means a broken install
+
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await (browser.new_page(viewport=viewport) if viewport else browser.new_page())  # type: ignore[arg-type]
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{admin_url(sidecar)}/dashboard")
+            yield page, errors
+        finally:
+            await browser.close()
+
+
 async def routed(request: web.Request) -> web.StreamResponse:
     if request.path.startswith("/fail"):
         return web.Response(status=503, text="down")
@@ -35,7 +57,6 @@ async def routed(request: web.Request) -> web.StreamResponse:
 
 
 async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: Path) -> None:
-    from playwright import async_api as playwright_api  # a test dependency: missing means a broken install
 
     if not Path(CHROMIUM).exists():
         missing("chromium is not installed (Debian package `chromium`)")
@@ -82,48 +103,39 @@ async def test_dashboard_shows_a_breaker_opening(tmp_path: Path, artifacts_dir: 
                     await response.read()
             await eventually(lambda: all(rt.health.healthy is not None for rt in sidecar.runtimes.values()))
 
-            async with playwright_api.async_playwright() as pw:
-                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                try:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 900})
-                    errors: list[str] = []
-                    page.on("pageerror", lambda exc: errors.append(str(exc)))
-                    await page.goto(f"{admin_url(sidecar)}/dashboard")
-                    payments = page.locator('[data-upstream="payments"]')
-                    await payments.wait_for(timeout=5000)
-                    assert await payments.get_attribute("data-state") == "closed"
-                    assert await page.locator('[data-upstream="recommendations"]').get_attribute("data-state") == "open"
+            async with open_dashboard(sidecar, {"width": 1280, "height": 900}) as (page, errors):
+                payments = page.locator('[data-upstream="payments"]')
+                await payments.wait_for(timeout=5000)
+                assert await payments.get_attribute("data-state") == "closed"
+                assert await page.locator('[data-upstream="recommendations"]').get_attribute("data-state") == "open"
 
-                    # Open the breaker with real failing traffic, then time how long the page takes to show it.
-                    for _ in range(3):
-                        async with session.get(listener_url(sidecar, "payments") + "/fail") as response:
-                            assert response.status == 503
-                    assert sidecar.runtimes["payments"].effective_state().value == "open"
-                    opened = time.monotonic()
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=2000)
-                    shown_after = time.monotonic() - opened
-                    assert shown_after < 2.0
-                    state_text = await payments.locator('[data-role="state"]').inner_text()
-                    assert state_text.strip().lower() == "open"
-                    assert "3_failures_in_60s" in await payments.inner_text()
-                    assert await page.locator("#overall").inner_text() == "UNHEALTHY"
-                    assert "ejected" in await page.locator('[data-upstream="data-service"]').inner_text()
-                    # A few rejected requests, so the page shows them, then the picture a person looks at.
-                    for _ in range(2):
-                        async with session.get(listener_url(sidecar, "payments") + "/") as response:
-                            assert response.headers["x-sidecar-reason"] == "breaker_open"
-                    await page.wait_for_timeout(700)
-                    await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
-                    assert errors == []
-                finally:
-                    await browser.close()
+                # Open the breaker with real failing traffic, then time how long the page takes to show it.
+                for _ in range(3):
+                    async with session.get(listener_url(sidecar, "payments") + "/fail") as response:
+                        assert response.status == 503
+                assert sidecar.runtimes["payments"].effective_state().value == "open"
+                opened = time.monotonic()
+                await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=2000)
+                shown_after = time.monotonic() - opened
+                assert shown_after < 2.0
+                state_text = await payments.locator('[data-role="state"]').inner_text()
+                assert state_text.strip().lower() == "open"
+                assert "3_failures_in_60s" in await payments.inner_text()
+                assert await page.locator("#overall").inner_text() == "UNHEALTHY"
+                assert "ejected" in await page.locator('[data-upstream="data-service"]').inner_text()
+                # A few rejected requests, so the page shows them, then the picture a person looks at.
+                for _ in range(2):
+                    async with session.get(listener_url(sidecar, "payments") + "/") as response:
+                        assert response.headers["x-sidecar-reason"] == "breaker_open"
+                await page.wait_for_timeout(700)
+                await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
+                assert errors == []
 
 
 async def test_dashboard_shows_checks_half_opening_a_breaker_and_calls_deciding(tmp_path: Path) -> None:
     """Passing checks end an open interval early (half-open) and a real call closes the breaker; then, with a
     /health that passes while the calls fail, the failed probe re-opens it and the card says why checks no longer
     end the interval early."""
-    from playwright import async_api as playwright_api
 
     if not Path(CHROMIUM).exists():
         missing("chromium is not installed (Debian package `chromium`)")
@@ -156,45 +168,36 @@ async def test_dashboard_shows_checks_half_opening_a_breaker_and_calls_deciding(
             for _ in range(2):
                 await call(503)
             assert sidecar.runtimes["payments"].effective_state().value == "open"
-            async with playwright_api.async_playwright() as pw:
-                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                try:
-                    page = await browser.new_page()
-                    errors: list[str] = []
-                    page.on("pageerror", lambda exc: errors.append(str(exc)))
-                    await page.goto(f"{admin_url(sidecar)}/dashboard")
-                    card = page.locator('[data-upstream="payments"]')
-                    reasons = card.locator("td.reason")
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
-                    up_now.update({"/health": True, "/": True})  # back; no client request until it reads half-open
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
-                    assert "Half-open" in await card.inner_text()
-                    assert (await reasons.all_inner_texts())[0] == "health_check_passed"  # newest transition first
-                    assert await page.locator("#overall").inner_text() == "DEGRADED"
-                    await call(200)  # the probe
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="closed"]', timeout=5000)
-                    assert "(probe_succeeded)" in await card.inner_text()  # the card's "Closed since … (reason)"
-                    assert (await reasons.all_inner_texts())[:2] == ["probe_succeeded", "health_check_passed"]
+            async with open_dashboard(sidecar) as (page, errors):
+                card = page.locator('[data-upstream="payments"]')
+                reasons = card.locator("td.reason")
+                await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
+                up_now.update({"/health": True, "/": True})  # back; no client request until it reads half-open
+                await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
+                assert "Half-open" in await card.inner_text()
+                assert (await reasons.all_inner_texts())[0] == "health_check_passed"  # newest transition first
+                assert await page.locator("#overall").inner_text() == "DEGRADED"
+                await call(200)  # the probe
+                await page.wait_for_selector('[data-upstream="payments"][data-state="closed"]', timeout=5000)
+                assert "(probe_succeeded)" in await card.inner_text()  # the card's "Closed since … (reason)"
+                assert (await reasons.all_inner_texts())[:2] == ["probe_succeeded", "health_check_passed"]
 
-                    up_now["/"] = False  # the calls fail again while /health keeps passing: a shallow check
-                    for _ in range(2):
-                        await call(503)
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
-                    await call(503)  # the probe fails: open again, and the checks may not end it early
-                    await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
-                    text = await card.inner_text()
-                    assert "probe_failed" in text and "checks pass but a probe failed" in text, text
-                    await page.wait_for_timeout(1000)  # five more passing checks: still open
-                    assert await card.get_attribute("data-state") == "open"
-                    assert errors == []
-                finally:
-                    await browser.close()
+                up_now["/"] = False  # the calls fail again while /health keeps passing: a shallow check
+                for _ in range(2):
+                    await call(503)
+                await page.wait_for_selector('[data-upstream="payments"][data-state="half_open"]', timeout=5000)
+                await call(503)  # the probe fails: open again, and the checks may not end it early
+                await page.wait_for_selector('[data-upstream="payments"][data-state="open"]', timeout=5000)
+                text = await card.inner_text()
+                assert "probe_failed" in text and "checks pass but a probe failed" in text, text
+                await page.wait_for_timeout(1000)  # five more passing checks: still open
+                assert await card.get_attribute("data-state") == "open"
+                assert errors == []
 
 
 async def test_dashboard_shows_an_upstream_cooldown_and_tokens_left(tmp_path: Path, artifacts_dir: Path) -> None:
     """The rate-limit card: tokens left per limit as requests spend them, an upstream's 429 + Retry-After turning
     into a cool-down with its seconds left, and the refusals by reason."""
-    from playwright import async_api as playwright_api
 
     if not Path(CHROMIUM).exists():
         missing("chromium is not installed (Debian package `chromium`)")
@@ -222,38 +225,29 @@ async def test_dashboard_shows_an_upstream_cooldown_and_tokens_left(tmp_path: Pa
             for _ in range(3):
                 async with session.get(url + "/api/v3/ticker") as response:
                     assert response.status == 200
-            async with playwright_api.async_playwright() as pw:
-                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                try:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 700})
-                    errors: list[str] = []
-                    page.on("pageerror", lambda exc: errors.append(str(exc)))
-                    await page.goto(f"{admin_url(sidecar)}/dashboard")
-                    box = page.locator('[data-upstream="binance"] [data-role="rate-limit"]')
-                    await box.wait_for(timeout=5000)
-                    text = await box.inner_text()
-                    assert "7 left" in text and "10 / 60s sliding" in text, text
-                    assert "sending" in text and "local" in text
+            async with open_dashboard(sidecar, {"width": 1280, "height": 700}) as (page, errors):
+                box = page.locator('[data-upstream="binance"] [data-role="rate-limit"]')
+                await box.wait_for(timeout=5000)
+                text = await box.inner_text()
+                assert "7 left" in text and "10 / 60s sliding" in text, text
+                assert "sending" in text and "local" in text
 
-                    async with session.get(url + "/slow-down") as response:
-                        assert response.status == 429 and response.headers["Retry-After"] == "30"
-                    async with session.get(url + "/api/v3/ticker") as response:
-                        assert response.headers["x-sidecar-reason"] == "upstream_cooldown"
-                    cooldown = box.locator('[data-role="cooldown"]')
-                    await cooldown.wait_for(timeout=2000)
-                    left = int((await cooldown.inner_text()).split("·")[1].split("s")[0])
-                    assert 28 <= left <= 30
-                    assert "upstream_cooldown 1" in await box.inner_text()
-                    await page.screenshot(path=str(artifacts_dir / "dashboard-rate-limit.png"), full_page=True)
-                    assert errors == []
-                finally:
-                    await browser.close()
+                async with session.get(url + "/slow-down") as response:
+                    assert response.status == 429 and response.headers["Retry-After"] == "30"
+                async with session.get(url + "/api/v3/ticker") as response:
+                    assert response.headers["x-sidecar-reason"] == "upstream_cooldown"
+                cooldown = box.locator('[data-role="cooldown"]')
+                await cooldown.wait_for(timeout=2000)
+                left = int((await cooldown.inner_text()).split("·")[1].split("s")[0])
+                assert 28 <= left <= 30
+                assert "upstream_cooldown 1" in await box.inner_text()
+                await page.screenshot(path=str(artifacts_dir / "dashboard-rate-limit.png"), full_page=True)
+                assert errors == []
 
 
 async def test_dashboard_shows_a_grpc_upstreams_calls_by_status(tmp_path: Path, artifacts_dir: Path) -> None:
     """A gRPC upstream's card: marked gRPC, its calls counted by the grpc-status their callers got."""
     import grpc
-    from playwright import async_api as playwright_api
 
     from tests.support.grpc_echo import generate_stubs, running_echo
 
@@ -272,18 +266,10 @@ async def test_dashboard_shows_a_grpc_upstreams_calls_by_status(tmp_path: Path, 
             for code in (5, 5, 14):  # NOT_FOUND twice, UNAVAILABLE once
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await stub.Unary(pb2.Msg(fail_code=code))
-            async with playwright_api.async_playwright() as pw:
-                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                try:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 700})
-                    errors: list[str] = []
-                    page.on("pageerror", lambda exc: errors.append(str(exc)))
-                    await page.goto(f"{admin_url(sidecar)}/dashboard")
-                    statuses = page.locator('[data-upstream="model"] [data-role="grpc-statuses"]')
-                    await statuses.wait_for(timeout=5000)
-                    assert await statuses.inner_text() == "3 ok · NOT_FOUND 2 · UNAVAILABLE 1"
-                    assert await page.locator('[data-upstream="model"] [data-role="protocol"]').inner_text() == "gRPC"
-                    await page.screenshot(path=str(artifacts_dir / "dashboard-grpc.png"), full_page=True)
-                    assert errors == []
-                finally:
-                    await browser.close()
+            async with open_dashboard(sidecar, {"width": 1280, "height": 700}) as (page, errors):
+                statuses = page.locator('[data-upstream="model"] [data-role="grpc-statuses"]')
+                await statuses.wait_for(timeout=5000)
+                assert await statuses.inner_text() == "3 ok · NOT_FOUND 2 · UNAVAILABLE 1"
+                assert await page.locator('[data-upstream="model"] [data-role="protocol"]').inner_text() == "gRPC"
+                await page.screenshot(path=str(artifacts_dir / "dashboard-grpc.png"), full_page=True)
+                assert errors == []

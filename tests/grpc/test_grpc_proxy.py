@@ -4,6 +4,7 @@ sidecar in process on the same loop. Every call is compared with the same call m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,13 @@ async def _breakers(sidecar: Sidecar) -> dict[str, Any]:
         return body["model"]
 
 
+@contextlib.asynccontextmanager
+async def _echo_stub(sidecar: Sidecar, pb2_grpc: ModuleType) -> AsyncIterator[Any]:
+    """An Echo stub whose channel calls through the sidecar's listener."""
+    async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
+        yield pb2_grpc.EchoStub(channel)
+
+
 @pytest.fixture
 async def echo(stubs: Stubs) -> AsyncIterator[EchoServer]:
     async with running_echo(*stubs) as server:
@@ -70,10 +78,8 @@ async def test_unary_and_streaming_calls_through_the_sidecar_equal_direct_ones(
 
 async def test_a_30_mb_server_stream_arrives_whole(tmp_path: Path, stubs: Stubs, echo: EchoServer) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            sizes = [len(m.data) async for m in stub.ServerStream(pb2.Msg(count=30, size=1 << 20))]
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        sizes = [len(m.data) async for m in stub.ServerStream(pb2.Msg(count=30, size=1 << 20))]
         assert sizes == [1 << 20] * 30
 
 
@@ -81,10 +87,8 @@ async def test_two_hundred_concurrent_calls_all_succeed_on_few_upstream_connecti
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            answers = await asyncio.gather(*(stub.Unary(pb2.Msg(data=b"%d" % i, sleep_ms=20)) for i in range(200)))
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        answers = await asyncio.gather(*(stub.Unary(pb2.Msg(data=b"%d" % i, sleep_ms=20)) for i in range(200)))
         assert sorted(int(a.data) for a in answers) == list(range(200))
         assert echo.calls == 200
         assert len(echo.peers) <= 3  # multiplexed: a connection per 100 concurrent streams, not one per call
@@ -94,18 +98,16 @@ async def test_the_callers_deadline_cancels_the_upstream_call_and_is_not_a_failu
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Unary(pb2.Msg(sleep_ms=2000), timeout=0.2)
-            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(50):  # the upstream sees its call cancelled (the deadline went with the call)
-                if echo.cancelled:
-                    break
-                await asyncio.sleep(0.05)
-            assert echo.cancelled == 1
-            assert (await stub.Unary(pb2.Msg(data=b"after"))).data == b"after"
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Unary(pb2.Msg(sleep_ms=2000), timeout=0.2)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(50):  # the upstream sees its call cancelled (the deadline went with the call)
+            if echo.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert echo.cancelled == 1
+        assert (await stub.Unary(pb2.Msg(data=b"after"))).data == b"after"
         breaker = await _breakers(sidecar)
         assert breaker["state"] == "closed"
         assert breaker["failures"] == 0
@@ -117,17 +119,15 @@ async def test_unavailable_opens_the_breaker_then_calls_get_trailers_only_unavai
 ) -> None:
     pb2, pb2_grpc = stubs
     policy = _policy(tmp_path, echo, breaker={"failure_threshold": 3, "open_duration": "30s"})
-    async with running_sidecar(policy) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            for _ in range(3):
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.Unary(pb2.Msg(fail_code=14))
-                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-                assert caught.value.details() == "asked to fail 14"  # the server's own answer, as it came
-            calls = echo.calls
+    async with running_sidecar(policy) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Unary(pb2.Msg(data=b"x"))
+                await stub.Unary(pb2.Msg(fail_code=14))
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details() == "asked to fail 14"  # the server's own answer, as it came
+        calls = echo.calls
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Unary(pb2.Msg(data=b"x"))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "breaker_open" in (caught.value.details() or "")
         pushback = dict(caught.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]
@@ -140,13 +140,14 @@ async def test_other_statuses_are_the_servers_answers_and_leave_the_breaker_clos
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo, breaker={"failure_threshold": 2})) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.Unary(pb2.Msg(fail_code=code.value[0]))
-                assert caught.value.code() is code
+    async with (
+        running_sidecar(_policy(tmp_path, echo, breaker={"failure_threshold": 2})) as sidecar,
+        _echo_stub(sidecar, pb2_grpc) as stub,
+    ):
+        for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Unary(pb2.Msg(fail_code=code.value[0]))
+            assert caught.value.code() is code
         assert (await _breakers(sidecar))["state"] == "closed"
 
 
@@ -155,13 +156,11 @@ async def test_the_sidecar_retries_unavailable_before_anything_reached_the_clien
 ) -> None:
     pb2, pb2_grpc = stubs
     policy = _policy(tmp_path, echo, retry={"max_retries": 2, "base_delay": "10ms", "max_delay": "50ms"})
-    async with running_sidecar(policy) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            echo.fail_next = 2
-            call = stub.Unary(pb2.Msg(data=b"third time"))
-            assert (await call).data == b"third time"
-            assert dict(await call.initial_metadata())["x-sidecar-attempts"] == "3"
+    async with running_sidecar(policy) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        echo.fail_next = 2
+        call = stub.Unary(pb2.Msg(data=b"third time"))
+        assert (await call).data == b"third time"
+        assert dict(await call.initial_metadata())["x-sidecar-attempts"] == "3"
         assert echo.calls == 3
 
 
@@ -203,21 +202,19 @@ async def test_a_client_that_stops_reading_one_stream_does_not_stall_the_others(
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            stalled = stub.ServerStream(pb2.Msg(count=64, size=256 << 10))  # 16 MiB, read one message only
-            first = await stalled.read()
-            assert len(first.data) == 256 << 10
-            answers = await asyncio.wait_for(
-                asyncio.gather(*(stub.Unary(pb2.Msg(data=b"%d" % i)) for i in range(20))), timeout=10
-            )
-            assert len(answers) == 20
-            streamed = await asyncio.wait_for(
-                asyncio.gather(*(_count(stub.ServerStream(pb2.Msg(count=8, size=64 << 10))) for _ in range(4))), 10
-            )
-            assert streamed == [8] * 4
-            stalled.cancel()
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        stalled = stub.ServerStream(pb2.Msg(count=64, size=256 << 10))  # 16 MiB, read one message only
+        first = await stalled.read()
+        assert len(first.data) == 256 << 10
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(stub.Unary(pb2.Msg(data=b"%d" % i)) for i in range(20))), timeout=10
+        )
+        assert len(answers) == 20
+        streamed = await asyncio.wait_for(
+            asyncio.gather(*(_count(stub.ServerStream(pb2.Msg(count=8, size=64 << 10))) for _ in range(4))), 10
+        )
+        assert streamed == [8] * 4
+        stalled.cancel()
 
 
 async def _count(call: Any) -> int:
@@ -290,11 +287,12 @@ async def test_each_attempt_forwards_the_time_left_of_the_callers_deadline(
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo, grpc={"timeout_offset": "100ms"})) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            left = (await stub.Unary(pb2.Msg(data=b"deadline?"), timeout=2.0)).count
-            no_deadline = (await stub.Unary(pb2.Msg(data=b"deadline?"))).count
+    async with (
+        running_sidecar(_policy(tmp_path, echo, grpc={"timeout_offset": "100ms"})) as sidecar,
+        _echo_stub(sidecar, pb2_grpc) as stub,
+    ):
+        left = (await stub.Unary(pb2.Msg(data=b"deadline?"), timeout=2.0)).count
+        no_deadline = (await stub.Unary(pb2.Msg(data=b"deadline?"))).count
     assert 1500 <= left <= 1900  # the caller's 2 s, less the 100 ms offset, less the way there
     assert 4000 <= no_deadline <= 5000  # without one of the caller's: timeouts.total (5 s in these tests)
 
@@ -303,15 +301,13 @@ async def test_an_upstream_lost_mid_stream_ends_the_clients_stream_with_an_error
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            call = stub.ServerStream(pb2.Msg(count=1000, size=1024, sleep_ms=5))
-            assert len((await call.read()).data) == 1024  # the head and a message reached the client
-            await echo.server.stop(grace=None)  # the upstream goes away mid-stream
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                while await call.read() is not grpc.aio.EOF:
-                    pass
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        call = stub.ServerStream(pb2.Msg(count=1000, size=1024, sleep_ms=5))
+        assert len((await call.read()).data) == 1024  # the head and a message reached the client
+        await echo.server.stop(grace=None)  # the upstream goes away mid-stream
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
         assert caught.value.code() is not grpc.StatusCode.OK
         assert caught.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
         # grpcio's stop cancels the stream with UNAVAILABLE in its trailers (a status: delivered as it came).
@@ -330,11 +326,12 @@ async def test_an_https_target_is_reached_over_tls_with_alpn_h2(tmp_path: Path, 
     async with running_echo(pb2, pb2_grpc, credentials) as echo:
         tls = {"ca_file": str(ca_file(ca, tmp_path / "ca.pem")), "server_name": "model.internal"}
         health = {"interval": "100ms", "timeout": "1s", "healthy_threshold": 1}
-        async with running_sidecar(_policy(tmp_path, echo, tls=tls, health=health)) as sidecar:
-            async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-                stub = pb2_grpc.EchoStub(channel)
-                assert (await stub.Unary(pb2.Msg(data=b"over tls"))).data == b"over tls"
-                sizes = [len(m.data) async for m in stub.ServerStream(pb2.Msg(count=4, size=100_000))]
+        async with (
+            running_sidecar(_policy(tmp_path, echo, tls=tls, health=health)) as sidecar,
+            _echo_stub(sidecar, pb2_grpc) as stub,
+        ):
+            assert (await stub.Unary(pb2.Msg(data=b"over tls"))).data == b"over tls"
+            sizes = [len(m.data) async for m in stub.ServerStream(pb2.Msg(count=4, size=100_000))]
             assert sizes == [100_000] * 4
             for _ in range(50):
                 async with aiohttp.ClientSession() as client, client.get(admin_url(sidecar) + "/health") as answer:
@@ -349,21 +346,19 @@ async def test_a_client_cancelling_a_stream_cancels_the_upstream_call(
     tmp_path: Path, stubs: Stubs, echo: EchoServer
 ) -> None:
     pb2, pb2_grpc = stubs
-    async with running_sidecar(_policy(tmp_path, echo)) as sidecar:
-        async with grpc.aio.insecure_channel(_address(sidecar)) as channel:
-            stub = pb2_grpc.EchoStub(channel)
-            call = stub.Unary(pb2.Msg(sleep_ms=5000))
-            for _ in range(50):  # the server has the call
-                if echo.calls:
-                    break
-                await asyncio.sleep(0.02)
-            call.cancel()
-            for _ in range(100):
-                if echo.cancelled:
-                    break
-                await asyncio.sleep(0.02)
-            assert echo.cancelled == 1  # the cancel went on upstream: the server stopped working on it
-            assert (await stub.Unary(pb2.Msg(data=b"next"))).data == b"next"
+    async with running_sidecar(_policy(tmp_path, echo)) as sidecar, _echo_stub(sidecar, pb2_grpc) as stub:
+        call = stub.Unary(pb2.Msg(sleep_ms=5000))
+        for _ in range(50):  # the server has the call
+            if echo.calls:
+                break
+            await asyncio.sleep(0.02)
+        call.cancel()
+        for _ in range(100):
+            if echo.cancelled:
+                break
+            await asyncio.sleep(0.02)
+        assert echo.cancelled == 1  # the cancel went on upstream: the server stopped working on it
+        assert (await stub.Unary(pb2.Msg(data=b"next"))).data == b"next"
         breaker = await _breakers(sidecar)
         assert breaker["failures"] == 0 and breaker["grpc_statuses"] == {"0": 1, "1": 1}
 
