@@ -95,9 +95,10 @@ HTTP2_REQUIRED = OwnAnswer(
 )
 
 
-async def refuse_http1(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> None:
-    """What serves an HTTP/1.1 request on a gRPC upstream's listener: a 505 of the sidecar's own. Its target
-    speaks HTTP/2 only, so forwarding would only fail there — and count against the breaker of a healthy service."""
+def refuse_http1(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> None:
+    """What serves an HTTP/1.1 request on a gRPC upstream's listener: a 505 of the sidecar's own, at once. Its
+    target speaks HTTP/2 only, so forwarding would only fail there — and count against the breaker of a healthy
+    service."""
     client.send_raw(encode(HTTP2_REQUIRED, rt.name, client.keep_alive, client.http11))
     count(rt.stats, HTTP2_REQUIRED, 0.0)
     if client.log_requests:

@@ -124,21 +124,6 @@ def breaker_open_answer(rt: UpstreamRuntime, now: float, keep_alive: bool, http1
     return answer
 
 
-def fail_fast(rt: UpstreamRuntime, keep_alive: bool, http11: bool = True) -> bytes | None:
-    """Refuse a request without a body at once if the breaker is open; None when it must be forwarded.
-
-    The admission order is bulkhead → breaker (``proxy.http.admission``): only when the bulkhead has a free slot
-    (it would admit the request and take the slot back at once) may the breaker answer here, on the spot;
-    otherwise the request goes through the pipeline and waits in line or is answered ``overload``."""
-    if not rt.enforce or not rt.bulkhead.has_room():
-        return None
-    breaker = rt.breaker
-    now = rt.clock.monotonic()
-    if not breaker.rejecting(now) or breaker.try_acquire(now) is not None:
-        return None
-    return refuse_breaker_open(rt, now, keep_alive, http11)
-
-
 def refuse_breaker_open(rt: UpstreamRuntime, now: float, keep_alive: bool, http11: bool = True) -> bytes:
     """Count one request refused by the open breaker; the answer to send it."""
     rt.stats.reject("breaker_open")

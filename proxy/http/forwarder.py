@@ -11,33 +11,40 @@
 
 A stale pooled connection (closed by the upstream while idle) is retried once on a fresh connection without
 counting as an attempt when nothing of the request can have been processed.
+
+Two ways through, one set of steps. The common case — no body to wait for, every admission stage answering at
+once, a pooled connection, a whole answer — runs on callbacks end to end (``Exchange.start``): no task, no
+future, no timer of its own. Whatever has to wait (a connect, a body, a queue, a retry's backoff, a streamed
+answer) goes on in a task, from the same step: the attempt loop takes the callback path's first result as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import enum
 import logging
 import time
-from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING, NamedTuple
 
 from proxy.http.admission import PIPELINE, WAIT, Refusal, rate_refusal
 from proxy.http.answers import OwnAnswer, encode, log_answer, refuse_breaker_open
 from proxy.http.body import DISCARD_BYTES, BodyAborted
 from proxy.http.heads import authority_of, request_head, response_head
 from proxy.http.pump import BodyPump
+from proxy.http.sink import in_task, serving_failed
 from proxy.http.upgrade import relay
 from proxy.resilience.failures import FAILED_ANSWER
 from proxy.resilience.retry import NoRetry, RetryDecision, backoff_delays, decide_retry, parse_retry_after
 from proxy.runtime import Outcome
-from proxy.upstream.connection import ResponseHead, UpstreamConnection
+from proxy.upstream.connection import HeadReceiver, ResponseHead, UpstreamConnection
 from proxy.upstream.errors import ConnectionReset, OutOfResources, UpstreamError, UpstreamTimedOut
 
 if TYPE_CHECKING:
-    import asyncio
-
     from proxy.http.request import Request
-    from proxy.http.sink import ResponseSink
+    from proxy.http.sink import InFlight, ResponseSink
     from proxy.resilience.breaker import Permit
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.balancer import TargetState
@@ -47,11 +54,35 @@ log = logging.getLogger("seawall.request")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
+class Verdict(enum.Enum):
+    """What an attempt's result says to do next (``Exchange._judge``)."""
+
+    REPLAY = "replay"  # a stale pooled connection: the same send again on a fresh one, not a new attempt
+    STOP = "stop"  # the client failed (stalled or broke off its body): answered, nothing recorded
+    SUCCESS = "success"  # deliver it: a success
+    COOLDOWN = "cooldown"  # deliver it as it came: the upstream asked for a pause, no verdict on its health
+    FAILED = "failed"  # a failure, recorded: retry, or give up
+
+
+class Tried(NamedTuple):
+    """One attempt, judged."""
+
+    state: TargetState
+    head: ResponseHead | None
+    error: UpstreamError | None
+    verdict: Verdict
+
+
+_DELIVERED = {Verdict.SUCCESS: Outcome.SUCCESS, Verdict.COOLDOWN: Outcome.IGNORED}
+
+
 class Exchange:
     """One client request's journey. Holds what the finally-blocks need to clean up."""
 
     __slots__ = (
         "_last_error",
+        "_pending",
+        "_task",
         "attempts",
         "client",
         "client_fault",
@@ -81,13 +112,88 @@ class Exchange:
         self.client_time = 0.0  # spent waiting for the client's body: neither total's nor the upstream's latency
         self._last_error: UpstreamError | None = None
         self.client_fault: str | None = None  # body_timeout | body_aborted: the client, not the upstream, failed
+        self._pending: TargetState | None = None  # the callback path's attempt, awaiting its response head
+        self._task: asyncio.Task[None] | None = None  # where the exchange went on after the callback path
 
     # -- entry -----------------------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def start(self) -> InFlight | None:
+        """Serve the request: answered at once (None), or in flight (``client.served`` follows)."""
+        try:
+            return self._start()
+        except Exception:
+            serving_failed(self.client, self.req)
+            self._end()
+            return None
+
+    def _start(self) -> InFlight | None:
+        """A request with no body to wait for, admitted at once, with a pooled connection to its target is sent
+        here and now and answered from the connection's callback (``_head_arrived``): the common case, with no
+        task, future or timer of its own. Anything that must wait goes on in a task."""
+        if self.req.body is not None:
+            return in_task(self.run(), self.client, self.req)
+        refusal = PIPELINE.try_admit(self)
+        if refusal is WAIT:
+            return in_task(self.run(admission_waits=True), self.client, self.req)
+        if refusal is not None:
+            self._refuse(refusal)
+            self._end()
+            return None
+        self._admitted()
+        if not self._take_permit():
+            self._end()
+            return None
+        rt = self.rt
+        state = rt.balancer.pick(rt.clock.monotonic(), None)
+        conn = state.pool.take_idle()
+        if conn is None:
+            return in_task(self._go_on(picked=state), self.client, self.req)  # a connect to wait for
+        self.attempts += 1
+        state.outstanding += 1
+        self._pending = state
+        self._send(state, conn, min(self.route.timeouts.per_try, self._time_left()), self._head_arrived)
+        return self
+
+    def cancel(self) -> None:
+        """The client went away: drop the upstream attempt at once and give back what the exchange holds."""
+        if self._task is not None:
+            self._task.cancel()
+            return
+        state, self._pending = self._pending, None
+        if state is not None:
+            state.outstanding -= 1
+            self._end()
+
+    def _head_arrived(self, head: ResponseHead | None, error: UpstreamError | None) -> None:
+        """The callback path's result: an answer already whole is delivered here; anything else (a failure, a
+        body to stream, a 101) goes on in a task, at the step the attempt loop takes after an attempt."""
+        state, self._pending = self._pending, None
+        if state is None:
+            return  # cancelled meanwhile: the client is gone and everything is given back
+        state.outstanding -= 1
+        try:
+            tried = self._judge(state, None if error is not None else head, error, may_replay=True)
+            verdict = tried.verdict
+            if verdict is not Verdict.STOP and not (verdict in _DELIVERED and self._deliver_now(tried)):
+                self._task = in_task(self._go_on(tried=tried), self.client, self.req)
+                return
+        except Exception:
+            serving_failed(self.client, self.req)
+        self._end()
+        self.client.served(self.req)
+
+    async def _go_on(self, picked: TargetState | None = None, tried: Tried | None = None) -> None:
+        """The attempt loop, in a task, from where the callback path stopped."""
+        try:
+            await self._attempts(picked, tried)
+        finally:
+            self._end()
+
+    async def run(self, admission_waits: bool = False) -> None:
+        """Serve the request, waiting wherever it must (a stage's line, the body, a connect, a backoff)."""
         rt = self.rt
         try:
-            refusal = PIPELINE.try_admit(self)
+            refusal = WAIT if admission_waits else PIPELINE.try_admit(self)
             if refusal is WAIT:
                 refusal = await PIPELINE.admit(self)
             if refusal is not None:
@@ -110,10 +216,24 @@ class Exchange:
                 except BodyAborted:
                     return  # the listener has answered 400 and is closing
                 self.client_time += rt.clock.monotonic() - waited_from
+            self._admitted()
             await self._attempts()
         finally:
-            PIPELINE.release(self)
-            self._release(abort=True)
+            self._end()
+
+    def _admitted(self) -> None:
+        """Admitted, the body ready: the request counts towards the retry budget's share."""
+        if self.rt.budget is not None:
+            self.rt.budget.record_request(self.started)
+
+    def _time_left(self) -> float:
+        """How long is left of ``timeouts.total`` (the client's own slowness with its body not counted)."""
+        return self.started + self.client_time + self.route.timeouts.total - self.rt.clock.monotonic()
+
+    def _end(self) -> None:
+        """Give back what the exchange holds: its admission stages, its upstream connection, an unused permit."""
+        PIPELINE.release(self)
+        self._release(abort=True)
 
     def _refuse(self, refusal: Refusal) -> None:
         """Answer a request an admission stage refused (counted once, logged once)."""
@@ -139,52 +259,34 @@ class Exchange:
         self._retry_refused(rate_refusal(verdict.reason, verdict.wait, max_wait))
         return False
 
-    async def _attempts(self) -> None:
+    async def _attempts(self, picked: TargetState | None = None, tried: Tried | None = None) -> None:
         """Attempts, until one gives an answer to deliver or the retry decision says stop. Read top to bottom:
-        permit → pick → attempt → what it says (stale reuse, the client's fault, a cool-down, an answer, a
-        failure) → settle → retry or give up."""
+        permit → pick → attempt → judged (stale reuse, the client's fault, a cool-down, an answer, a failure)
+        → retry or give up. The callback path enters with its target ``picked`` (permit held) or its first
+        attempt already ``tried``."""
         rt, route = self.rt, self.route
-        deadline = self.started + self.client_time + route.timeouts.total
-        if rt.budget is not None:
-            rt.budget.record_request(self.started)
+        deadline = rt.clock.monotonic() + self._time_left()
         delays: Iterator[float] | None = None
         exclude: TargetState | None = None
         stale_retried = replaying = False
         while True:
-            if not self._take_permit():
-                return
-            if self.attempts > 0 and not replaying and rt.rate is not None and not await self._retry_tokens(deadline):
-                return  # a retry is a send the upstream counts too: no tokens in time, answered
+            if tried is None:
+                # A retry is a send the upstream counts too: it takes tokens; a stale reuse's replay does not.
+                takes_tokens = self.attempts > 0 and not replaying and rt.rate is not None
+                tried = await self._try(picked, exclude, deadline, not stale_retried, takes_tokens)
+                if tried is None:
+                    return  # refused (breaker, tokens) or the sidecar ran out of resources: answered
+            state, head, error, verdict = tried
+            tried = picked = None
             replaying = False
-            state = rt.balancer.pick(rt.clock.monotonic(), exclude)
-            attempt = await self._attempt(state, deadline)
-            if attempt is None:
-                return  # the sidecar itself ran out of resources: answered
-            head, error = attempt
-            if error is not None and not stale_retried and self._stale_reuse(error):
-                # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
+            if verdict is Verdict.REPLAY:
                 stale_retried = replaying = True  # the same send again: no new attempt, no new tokens
-                self.attempts -= 1
-                self._settle(None, Outcome.IGNORED)
-                self._release(abort=True)
                 continue
-            if error is not None and self.client_fault is not None:
-                # The client stalled or broke off its body: nothing the upstream did, nothing to record.
-                self._settle(None, Outcome.IGNORED)
-                self._client_failed()
+            if verdict is Verdict.STOP:
                 return
-            if head is not None and rt.rate is not None and rt.rate.settle_answer(head.status, head.header):
-                # The upstream said to pause (429/418 + Retry-After): delivered as it came, never retried, and
-                # no verdict on the upstream's health either way.
-                await self._deliver(head, state, Outcome.IGNORED)
+            if verdict is not Verdict.FAILED:
+                await self._deliver(head, state, _DELIVERED[verdict])  # type: ignore[arg-type]
                 return
-            failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
-            if failed_kind is None:
-                await self._deliver(head, state, Outcome.SUCCESS)  # type: ignore[arg-type]
-                return
-            # tls_error: its own label in the failures metric
-            self._settle(state, Outcome.FAILURE, failed_kind, error.reason if error is not None else None)
-            self._last_error = error
             if delays is None:
                 delays = backoff_delays(route.retry.base_delay, route.retry.max_delay, route.retry.jitter, rt.rng)
             decision = self._retry_decision(head, error, delays, deadline)
@@ -196,6 +298,53 @@ class Exchange:
             exclude = state
             if decision.delay > 0:
                 await rt.clock.sleep(decision.delay)
+
+    async def _try(
+        self, picked: TargetState | None, exclude: TargetState | None, deadline: float, may_replay: bool, tokens: bool
+    ) -> Tried | None:
+        """The next attempt (permit, ``tokens`` if it takes some, target, send), judged; None when it could not be
+        made — refused or out of resources, and answered."""
+        rt = self.rt
+        if picked is None:
+            if not self._take_permit():
+                return None
+            if tokens and not await self._retry_tokens(deadline):
+                return None
+            picked = rt.balancer.pick(rt.clock.monotonic(), exclude)
+        attempt = await self._attempt(picked, deadline)
+        if attempt is None:
+            return None
+        return self._judge(picked, *attempt, may_replay=may_replay)
+
+    def _judge(
+        self, state: TargetState, head: ResponseHead | None, error: UpstreamError | None, may_replay: bool
+    ) -> Tried:
+        """What an attempt's result says, with what it settles: a stale reuse or the client's fault frees the
+        permit unrecorded; a failure is recorded (breaker, outlier, counter); an answer is settled when it has
+        been delivered."""
+        rt = self.rt
+        if error is not None and may_replay and self._stale_reuse(error):
+            # The upstream closed an idle pooled connection as we reused it: not an upstream failure.
+            self.attempts -= 1
+            self._settle(None, Outcome.IGNORED)
+            self._release(abort=True)
+            return Tried(state, head, error, Verdict.REPLAY)
+        if error is not None and self.client_fault is not None:
+            # The client stalled or broke off its body: nothing the upstream did, nothing to record.
+            self._settle(None, Outcome.IGNORED)
+            self._client_failed()
+            return Tried(state, head, error, Verdict.STOP)
+        if head is not None and rt.rate is not None and rt.rate.settle_answer(head.status, head.header):
+            # The upstream said to pause (429/418 + Retry-After): delivered as it came, never retried, and no
+            # verdict on the upstream's health either way.
+            return Tried(state, head, error, Verdict.COOLDOWN)
+        failed_kind = error.kind if error is not None else (FAILED_ANSWER if head and head.status >= 500 else None)
+        if failed_kind is None:
+            return Tried(state, head, error, Verdict.SUCCESS)
+        # tls_error: its own label in the failures metric
+        self._settle(state, Outcome.FAILURE, failed_kind, error.reason if error is not None else None)
+        self._last_error = error
+        return Tried(state, head, error, Verdict.FAILED)
 
     def _take_permit(self) -> bool:
         """The breaker's permit for the next attempt; False when refused, the refusal answered."""
@@ -239,7 +388,9 @@ class Exchange:
                 if per_try <= 0:
                     conn.close()
                     raise UpstreamTimedOut("no time left after connecting")
-            head = await self._send(state, conn, per_try)
+            waiter: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
+            self._send(state, conn, per_try, partial(_resolve, waiter))
+            head = await waiter
         except UpstreamError as exc:
             return None, exc
         except OutOfResources as exc:
@@ -334,9 +485,9 @@ class Exchange:
 
     # -- one attempt -----------------------------------------------------------------------------------------
 
-    def _send(self, state: TargetState, conn: UpstreamConnection, per_try: float) -> asyncio.Future[ResponseHead]:
-        """Write the request on ``conn`` (its body whole, or streamed by a pump); the future of its response head,
-        due within ``per_try`` of the last byte sent."""
+    def _send(self, state: TargetState, conn: UpstreamConnection, per_try: float, receiver: HeadReceiver) -> None:
+        """Write the request on ``conn`` (its body whole, or streamed by a pump); ``receiver`` hears of its
+        response head, due within ``per_try`` of the last byte sent."""
         self.conn = conn
         req = self.req
         body = req.body
@@ -355,15 +506,43 @@ class Exchange:
             framing = b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
         head = request_head(self.rt, req, authority_of(state.target), framing)
         conn.request_complete = body is None or whole is not None
-        waiter = conn.begin(head, whole, req.method == "HEAD", per_try)
+        conn.begin(head, whole, req.method == "HEAD", per_try, receiver)
         if body is not None and whole is None:
             # Streamed: the pump sends the body on as it arrives (by callbacks, bounded by timeouts.idle both
             # ways); the response head's per_try starts at its last byte.
             self.pump = BodyPump(self, body, conn, body.length is None, self.route.timeouts.idle, self.rt.clock)
             self.pump.start()
-        return waiter
 
     # -- answers ---------------------------------------------------------------------------------------------
+
+    def _deliver_now(self, tried: Tried) -> bool:
+        """Deliver an answer that is already whole, to a request whose body is all in, and settle it: nothing to
+        wait for. False (nothing done): ``_deliver`` must."""
+        conn, head, body = self.conn, tried.head, self.req.body
+        assert conn is not None and head is not None
+        if head.status == 101 or (body is not None and not body.complete):
+            return False
+        whole = conn.complete_body()
+        if whole is None:
+            return False
+        client_chunked, keep_alive = self._client_framing(head)
+        client_head = response_head(head, client_chunked, self.attempts, keep_alive, self.client.http11)
+        self.client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
+        self._delivered(tried.state, _DELIVERED[tried.verdict], head.status)
+        return True
+
+    def _client_framing(self, head: ResponseHead) -> tuple[bool, bool]:
+        """How the client gets this answer: chunked?, and may its connection carry another request?"""
+        client = self.client
+        client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
+        # Without a length or chunking to offer the client, only closing the connection can end the body.
+        return client_chunked, client.keep_alive and (head.framing in ("length", "none") or client_chunked)
+
+    def _delivered(self, state: TargetState, outcome: Outcome | None, status: int) -> None:
+        if outcome is not None:
+            self._settle(state, outcome)
+        self._answered(status, None)
+        self._release(abort=False)
 
     async def _deliver(self, head: ResponseHead, state: TargetState, outcome: Outcome | None) -> None:
         """Stream an upstream answer to the client, then settle ``outcome`` (None: a failed answer, settled
@@ -373,9 +552,7 @@ class Exchange:
         if head.status == 101:
             await self._switch(head, state, conn)
             return
-        client_chunked = head.framing in ("chunked", "eof") and client.http11 and self.req.method != "HEAD"
-        # Without a length or chunking to offer the client, only closing the connection can end the body.
-        keep_alive = client.keep_alive and (head.framing in ("length", "none") or client_chunked)
+        client_chunked, keep_alive = self._client_framing(head)
         whole = conn.complete_body()
         body = self.req.body
         if body is not None and not body.complete and keep_alive:
@@ -396,10 +573,7 @@ class Exchange:
             return
         if whole is None:
             client.end_response(conn.trailers)
-        if outcome is not None:
-            self._settle(state, outcome)
-        self._answered(status, None)
-        self._release(abort=False)
+        self._delivered(state, outcome, status)
 
     async def _switch(self, head: ResponseHead, state: TargetState, conn: UpstreamConnection) -> None:
         """A 101: the handshake succeeded (recorded now, not when the relay ends); then relay until either side
@@ -458,7 +632,7 @@ class Exchange:
         if not self._discardable():
             self.client.keep_alive = False
         self.client.send_raw(refuse_breaker_open(rt, now, self.client.keep_alive, self.client.http11))
-        if self.client.log_requests:  # counted by refuse_breaker_open (shared with the listener's fail-fast)
+        if self.client.log_requests:  # counted by refuse_breaker_open
             status = rt.fallback.status if rt.fallback else 503
             req = self.req
             log_answer(
@@ -512,7 +686,18 @@ class Exchange:
         self._answered(answer.status, answer.reason)
 
 
-def forward(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> Coroutine[None, None, None]:
-    """Serve one request (a coroutine for the listener's task). A client that goes away cancels that task,
-    which drops the upstream attempt at once."""
-    return Exchange(rt, req, client).run()
+def forward(rt: UpstreamRuntime, req: Request, client: ResponseSink) -> InFlight | None:
+    """Serve one request (``proxy.http.sink.Serve``): answered at once (None), or in flight until
+    ``client.served``. A client that goes away cancels it, which drops the upstream attempt at once."""
+    return Exchange(rt, req, client).start()
+
+
+def _resolve(waiter: asyncio.Future[ResponseHead], head: ResponseHead | None, error: UpstreamError | None) -> None:
+    """A connection's ``HeadReceiver`` for an attempt that awaits its head in a task."""
+    if waiter.done():
+        return
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        assert head is not None
+        waiter.set_result(head)

@@ -12,7 +12,7 @@ import enum
 import logging
 import typing
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ import httptools
 
 from proxy.http import chunked as chunking
 from proxy.http import wire
-from proxy.http.answers import OwnAnswer, count, encode, fail_fast, log_answer
+from proxy.http.answers import OwnAnswer, count, encode, log_answer
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
 from proxy.http.h2_refusal import refuse_http2
@@ -29,13 +29,10 @@ from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
 
 if TYPE_CHECKING:
-    from proxy.http.sink import ResponseSink
+    from proxy.http.sink import InFlight, Serve
     from proxy.resilience.clock import Clock, Timer
     from proxy.runtime import UpstreamRuntime
     from proxy.upstream.connection import UpstreamConnection
-
-    # What serves one request: ``forward`` in the sidecar; a test's stand-in answers through the same sink calls.
-    Serve = Callable[[UpstreamRuntime, Request, ResponseSink], Awaitable[None]]
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Takes an HTTP/2 connection over: its transport, the bytes read so far (the preface first), the listener's set.
@@ -94,7 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._parsing: Request | None = None
         self._queue: deque[Request] = deque()
-        self._active: asyncio.Task[None] | None = None
+        self._active: InFlight | None = None  # the request being served; None between requests
         self._timer: Timer | None = None
         self._closing = False
         self.http11 = True
@@ -196,9 +193,9 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.fail(ConnectionError("client disconnected"))
-        task = self._active
-        if task is not None and not task.done():
-            task.cancel()  # the forwarder drops its upstream attempt at once
+        active, self._active = self._active, None
+        if active is not None:
+            active.cancel()  # the forwarder drops its upstream attempt at once
         # The parser's callbacks are this connection's bound methods: a cycle that would keep the closed
         # connection and its transport until the cyclic GC runs (as upstream connections did, issue 19).
         self._parser = _CLOSED_PARSER
@@ -294,44 +291,29 @@ class ClientConnection(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------------------------
 
     def _start(self, req: Request) -> bool:
-        """Serve a request; True if it was answered on the spot (breaker open), False if a task serves it."""
+        """Serve a request; True if it was answered on the spot (a refusal), False if it is in flight (``served``
+        follows)."""
         self._phase = _BUSY
         self.http11, self.keep_alive = req.http11, req.keep_alive
         self._response_started = False
         self._chunked_out = False
-        rt = self._get_runtime()  # one lookup: the fail-fast check and the forwarding see the same policy
-        if req.body is None:
-            answer = fail_fast(rt, self.keep_alive, self.http11)
-            if answer is not None:
-                self.send_raw(answer)
-                if self.log_requests:
-                    route = rt.route_for(req.path, req.method) if rt.routes else rt.default_route
-                    status = rt.fallback.status if rt.fallback else 503
-                    log_answer(rt.name, req.method, req.path, route.name, status, "breaker_open", 0, 0.0)
-                return True
         if req.body is not None and not req.body.complete:
             self._resume_reading()  # a pipelined request's body may still be on its way: let it in
-        self._active = self.loop.create_task(self._serve(rt, req))
-        return False
+        self._active = self._serve_one(self._get_runtime(), req, self)
+        return self._active is None
 
-    async def _serve(self, rt: UpstreamRuntime, req: Request) -> None:
-        try:
-            await self._serve_one(rt, req, self)
-        except asyncio.CancelledError:
-            pass  # the client went away (connection_lost); the forwarder has dropped its upstream attempt
-        except Exception:
-            log.exception("forwarding failed")
-            if not self._response_started:
-                self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
-                self._answer_own(
-                    OwnAnswer(500, "internal_error", "see the sidecar's log", rejected="internal_error"), req
-                )
-            else:
-                self.abort()
-        finally:
-            self._active = None
-            self._upstream = None
-            self._after_response(req)
+    def served(self, req: Request) -> None:
+        """The exchange in flight is over: go on with the next request, if the connection may carry one."""
+        self._active = None
+        self._upstream = None
+        self._after_response(req)
+
+    def internal_error(self, req: Request) -> None:
+        if not self._response_started:
+            self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
+            self._answer_own(OwnAnswer(500, "internal_error", "see the sidecar's log", rejected="internal_error"), req)
+        else:
+            self.abort()
 
     def _after_response(self, req: Request) -> None:
         while True:  # a loop, not recursion: a pipelined burst may be answered on the spot one after another

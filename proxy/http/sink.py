@@ -2,15 +2,26 @@
 
 The listener's ``ClientConnection`` is the real one. Keeping the forwarder to this narrow surface means the
 forwarder never imports the listener (no cycle), and an ``Exchange`` can be tested with a recording fake.
+
+What serves a request (``Serve``) answers at once (returns None), or returns the request's ``InFlight`` handle and
+later calls ``served``: by callbacks on the common path, or from a task (``in_task``) where it must wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import logging
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.http.wire import Headers
 from proxy.upstream.connection import UpstreamConnection
+
+if TYPE_CHECKING:
+    from proxy.http.request import Request
+    from proxy.runtime import UpstreamRuntime
+
+log = logging.getLogger("seawall.listener")
 
 
 class ResponseSink(Protocol):
@@ -44,3 +55,43 @@ class ResponseSink(Protocol):
 
     def abort(self) -> None:
         """Cut the answer short: the client sees a truncated body, never a second status line."""
+
+    def internal_error(self, req: Request) -> None:
+        """Serving ``req`` raised: answer 500 if nothing of an answer went out yet, else cut it short."""
+
+    def served(self, req: Request) -> None:
+        """The exchange of ``req`` is over (answered, or given up): the connection may take the next request."""
+
+
+class InFlight(Protocol):
+    """A request being served: the listener cancels it when its client goes away."""
+
+    def cancel(self) -> object: ...
+
+
+# What serves one request: ``forward`` in the sidecar; ``refuse_http1`` on a gRPC listener; a test's stand-in.
+Serve = Callable[["UpstreamRuntime", "Request", ResponseSink], InFlight | None]
+
+
+def in_task(serving: Coroutine[None, None, None], client: ResponseSink, req: Request) -> asyncio.Task[None]:
+    """Serve ``req`` in a task, for an exchange that has to wait (a connect, a body, a backoff, a queue): it tells
+    ``client`` when it is over, and turns an exception into ``internal_error``. Cancelling the task (the client
+    went away) drops whatever the exchange holds upstream at once."""
+    return asyncio.get_running_loop().create_task(_guarded(serving, client, req))
+
+
+async def _guarded(serving: Coroutine[None, None, None], client: ResponseSink, req: Request) -> None:
+    try:
+        await serving
+    except asyncio.CancelledError:
+        pass  # the client went away; the exchange has dropped its upstream attempt
+    except Exception:
+        serving_failed(client, req)
+    finally:
+        client.served(req)
+
+
+def serving_failed(client: ResponseSink, req: Request) -> None:
+    """Inside an ``except``: serving ``req`` raised (a bug): logged, and answered ``internal_error``."""
+    log.exception("forwarding failed")
+    client.internal_error(req)

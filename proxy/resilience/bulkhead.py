@@ -56,10 +56,6 @@ class Bulkhead:
         self.stats: Counts = stats if stats is not None else BulkheadCounts()
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def has_room(self) -> bool:
-        """Would ``try_enter`` succeed now? (A peek: takes nothing.)"""
-        return self.stats.inflight < self.limits.max_concurrent and not self._waiters
-
     def try_enter(self) -> bool:
         """Take a slot without waiting."""
         if self.stats.inflight < self.limits.max_concurrent and not self._waiters:

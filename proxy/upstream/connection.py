@@ -4,6 +4,12 @@ The response is parsed with llhttp (httptools) in strict mode: bad framing, CR/L
 similar tricks from a broken or malicious upstream end the exchange as ``BadResponse``. Body chunks go straight
 from ``data_received`` to the client's transport once the forwarder has decided to deliver the answer, so the
 body is never buffered whole, and back-pressure flows both ways through pause/resume_reading.
+
+The exchange hears of its response head by a callback, called at the end of the read that completed it (so an
+answer that came whole in that read is complete by then), or, for a failure, from the loop soon after — never
+from inside a call the exchange made. One lazy timer per connection bounds the wait for the head and the body's
+silences: it is armed for the earliest deadline and, when it wakes, looks at where the exchange is now, so a
+busy keep-alive connection arms a timer once per timeout, not once per request.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import enum
 import ssl
 import typing
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import httptools
 
@@ -86,6 +92,9 @@ _IDLE, _AWAITING_HEAD, _RECEIVING_BODY, _COMPLETE = (
 
 _SYSTEM_CLOCK = SystemClock()
 
+# Hears once how a request went: the response head, or the failure that came first (with the head, if one came).
+HeadReceiver: TypeAlias = Callable[["ResponseHead | None", "UpstreamError | None"], None]
+
 
 class Home(Protocol):
     """Where a connection goes back to (its pool), without the connection knowing the pool."""
@@ -114,7 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
-        self._head_waiter: asyncio.Future[ResponseHead] | None = None
+        self._receiver: HeadReceiver | None = None  # the exchange, until it has heard of the head or a failure
         self._done_waiter: asyncio.Future[None] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -124,6 +133,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = False
         self._head_only = False
         self._timer: Timer | None = None
+        self._timer_due = 0.0  # when the armed timer wakes
+        self._head_due = 0.0  # the response head is late after this
         self._idle_limit = 0.0
         self._last_activity = 0.0
         self.write_paused = False  # the socket buffer is full (a large upload to a slow reader)
@@ -144,6 +155,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        self._read(data)
+        if self._receiver is not None:
+            self._notify()  # last: the exchange may finish, and even begin anew, on this connection
+
+    def _read(self, data: bytes) -> None:
         self._received_any = True
         if self.phase is _IDLE:
             # Bytes nobody asked for: the connection is out of step and must not be reused.
@@ -280,10 +296,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = ResponseHead(status, self._reason, headers, keep_alive, framing, length)
         self.phase = _RECEIVING_BODY
         self._headers = []
-        self._cancel_timer()
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(self._head)
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
@@ -305,9 +317,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- the exchange ----------------------------------------------------------------------------------------
 
     def begin(
-        self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float
-    ) -> asyncio.Future[ResponseHead]:
-        """Send a request head (and a body already in hand); the future resolves with the response head."""
+        self, head: bytes, body: bytes | None, head_only: bool, head_timeout: float, receiver: HeadReceiver
+    ) -> None:
+        """Send a request head (and a body already in hand); ``receiver`` hears of the response head, or of the
+        failure that came first, once, never from inside this call."""
         assert self.transport is not None and self.phase is _IDLE
         self.phase = _AWAITING_HEAD
         self._head = None
@@ -320,31 +333,30 @@ class UpstreamConnection(asyncio.Protocol):
         self.failure = None
         self._head_only = head_only
         self._done_waiter = None
-        waiter = self.loop.create_future()
-        self._head_waiter = waiter
+        self._receiver = receiver
         if self.closed or self.transport.is_closing():
-            waiter.set_exception(ConnectionReset("pooled connection was already closed", sent_nothing=True))
-            return waiter
+            self.failure = ConnectionReset("pooled connection was already closed", sent_nothing=True)
+            self.loop.call_soon(self._notify)
+            return
         self.transport.write(head + body if body else head)
         self._head_timeout = head_timeout
         if self.request_complete:
-            self._timer = self._clock.call_later(head_timeout, self._on_head_timeout)
+            self._start_head_clock()
         # else: the clock for the response head starts when the last body byte is sent (``request_sent``)
-        return waiter
 
     def request_sent(self) -> None:
         """The streamed request body is all sent: now the upstream has ``head_timeout`` to answer."""
         self.request_complete = True
         if self.phase is _AWAITING_HEAD and not self.closed:
-            self._arm_head_timer()
+            self._start_head_clock()
 
     def stalled(self, detail: str) -> None:
         """The upstream stopped taking the request body: a timeout of the upstream's."""
         self._fail(UpstreamTimedOut(detail))
 
-    def _arm_head_timer(self) -> None:
-        self._cancel_timer()
-        self._timer = self._clock.call_later(self._head_timeout, self._on_head_timeout)
+    def _start_head_clock(self) -> None:
+        self._head_due = self._clock.monotonic() + self._head_timeout
+        self._arm(self._head_due)
 
     @property
     def received_any(self) -> bool:
@@ -387,7 +399,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = sink
         self._idle_limit = idle_timeout
         self._last_activity = self._clock.monotonic()
-        self._timer = self._clock.call_later(idle_timeout, self._check_idle)
+        self._arm(self._last_activity + idle_timeout)
         return waiter
 
     def pause_reading(self) -> None:
@@ -420,10 +432,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.phase = _IDLE
         self._held_by_client = False
         self._sink = None
+        self._receiver = None
         self.on_writable = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if reusable:
             assert transport is not None
             if transport.is_reading() is False:
@@ -436,6 +446,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.phase = _IDLE
         self._sink = None
+        self._receiver = None
         self._cancel_timer()
         if self.transport is not None and not self.closed:
             self.closed = True
@@ -447,10 +458,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.phase = _IDLE
         self._sink = None
         self._cancel_timer()
-        for waiter in (self._head_waiter, self._done_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(ConnectionReset("exchange abandoned"))
-                waiter.exception()  # retrieved: nobody may be waiting any more
+        if self._receiver is not None:  # aborted from under a waiting exchange (its body pump): it hears so
+            self.failure = self.failure or ConnectionReset("exchange abandoned")
+            self.loop.call_soon(self._notify)
+        waiter = self._done_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionReset("exchange abandoned"))
+            waiter.exception()  # retrieved: nobody may be waiting any more
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
@@ -465,7 +479,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _on_complete(self) -> None:
         self.phase = _COMPLETE
-        self._cancel_timer()
         waiter = self._done_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -474,28 +487,58 @@ class UpstreamConnection(asyncio.Protocol):
         if self.failure is None:
             self.failure = error
         self._cancel_timer()
-        for waiter in (self._head_waiter, self._done_waiter):
+        if self._receiver is not None:
+            self.loop.call_soon(self._notify)
+        else:
+            waiter = self._done_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
-                break
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
             self.pool.forget(self)
 
-    def _on_head_timeout(self) -> None:
-        self._timer = None
-        self._fail(UpstreamTimedOut(f"no response head within {self._head_timeout:g}s"))
+    def _notify(self) -> None:
+        """Tell the exchange how its request went, once: the response head, or the failure that came first."""
+        receiver = self._receiver
+        if receiver is not None and (self._head is not None or self.failure is not None):
+            self._receiver = None
+            receiver(self._head, self.failure)
 
-    def _check_idle(self) -> None:
+    def _deadline(self) -> float | None:
+        """When the exchange's present wait runs out, if it is bounded: the response head's, or the body's
+        silence. While the client holds us (we stopped reading for it), nothing is silent: the listener bounds a
+        client that never reads."""
+        phase = self.phase
+        if phase is _AWAITING_HEAD:
+            return self._head_due if self.request_complete else None
+        if phase is _RECEIVING_BODY and self._sink is not None:
+            since = self._clock.monotonic() if self._held_by_client else self._last_activity
+            return since + self._idle_limit
+        return None
+
+    def _arm(self, due: float) -> None:
+        """Have the timer wake by ``due``: a timer already set to wake sooner stays (it finds the deadline moved
+        on and sleeps again), so requests on a busy connection do not each arm and cancel one."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_due <= due:
+                return
+            timer.cancel()
+        self._timer_due = due
+        self._timer = self._clock.call_later(due - self._clock.monotonic(), self._on_timer)
+
+    def _on_timer(self) -> None:
         self._timer = None
-        # While the client holds us (we stopped reading for it), nothing is silent: the listener bounds a client
-        # that never reads.
-        silent = 0.0 if self._held_by_client else self._clock.monotonic() - self._last_activity
-        if silent >= self._idle_limit:
-            self._fail(UpstreamTimedOut(f"response body stalled for {self._idle_limit:g}s"))
+        due = self._deadline()
+        if due is None or self.closed:
+            return
+        if self._clock.monotonic() < due:
+            self._arm(due)
+        elif self.phase is _AWAITING_HEAD:
+            self._fail(UpstreamTimedOut(f"no response head within {self._head_timeout:g}s"))
         else:
-            self._timer = self._clock.call_later(self._idle_limit - silent, self._check_idle)
+            self._fail(UpstreamTimedOut(f"response body stalled for {self._idle_limit:g}s"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

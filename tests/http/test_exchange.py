@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.http.forwarder import forward
+from proxy.http.forwarder import forward as start_forwarding
 from proxy.http.request import Request, mark_upgrade, validate_head
 from proxy.http.wire import Headers
 from proxy.policy.loader import load_text
@@ -33,6 +33,7 @@ class RecordingSink:
     log_requests: bool = False
     calls: list[str] = field(default_factory=list)
     out: bytearray = field(default_factory=bytearray)
+    over: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send_continue(self) -> None:
         self.calls.append("continue")
@@ -63,6 +64,25 @@ class RecordingSink:
 
     def abort(self) -> None:
         self.calls.append("abort")
+
+    def internal_error(self, req: Request) -> None:
+        self.calls.append("internal_error")
+
+    def served(self, req: Request) -> None:
+        self.over.set()  # not a call that writes anything: kept out of ``calls``
+
+
+async def forward(rt: UpstreamRuntime, req: Request, sink: RecordingSink) -> None:
+    """Serve one request as the listener does, and wait until the exchange says it is over (at once, if it was
+    answered at once: then it does not call ``served``)."""
+    in_flight = start_forwarding(rt, req, sink)
+    if in_flight is None:
+        return
+    try:
+        await sink.over.wait()
+    except asyncio.CancelledError:
+        in_flight.cancel()
+        raise
 
 
 @dataclass

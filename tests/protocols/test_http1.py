@@ -12,7 +12,7 @@ from typing import cast
 
 from proxy.http.listener import LINGER_SECONDS, ClientConnection
 from proxy.http.request import Request
-from proxy.http.sink import ResponseSink
+from proxy.http.sink import InFlight, ResponseSink, in_task
 from proxy.http.upgrade import Relay
 from proxy.policy.loader import load_text
 from proxy.policy.model import HttpServerPolicy
@@ -46,7 +46,10 @@ class Handler:
     seen: list[Request] = field(default_factory=list)
     cancelled: int = 0
 
-    async def __call__(self, rt: UpstreamRuntime, req: Request, sink: ResponseSink) -> None:
+    def __call__(self, rt: UpstreamRuntime, req: Request, sink: ResponseSink) -> InFlight | None:
+        return in_task(self._serve(req, sink), sink, req)
+
+    async def _serve(self, req: Request, sink: ResponseSink) -> None:
         self.seen.append(req)
         try:
             if self.answer is None:
