@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from proxy.http.admission import PIPELINE, WAIT, Refusal, rate_refusal
 from proxy.http.answers import OwnAnswer, encode, log_answer, refuse_breaker_open
 from proxy.http.body import DISCARD_BYTES, BodyAborted
-from proxy.http.heads import authority_of, request_head, response_head
+from proxy.http.heads import request_head, response_head
 from proxy.http.pump import BodyPump
 from proxy.http.sink import in_task, serving_failed
 from proxy.http.upgrade import relay
@@ -73,7 +73,9 @@ class Tried(NamedTuple):
     verdict: Verdict
 
 
-_DELIVERED = {Verdict.SUCCESS: Outcome.SUCCESS, Verdict.COOLDOWN: Outcome.IGNORED}
+def _delivered_as(verdict: Verdict) -> Outcome:
+    """How an answer delivered is settled. (Compared, not looked up: an Enum's hash is Python code.)"""
+    return Outcome.SUCCESS if verdict is Verdict.SUCCESS else Outcome.IGNORED
 
 
 class Exchange:
@@ -174,7 +176,8 @@ class Exchange:
         try:
             tried = self._judge(state, None if error is not None else head, error, may_replay=True)
             verdict = tried.verdict
-            if verdict is not Verdict.STOP and not (verdict in _DELIVERED and self._deliver_now(tried)):
+            delivers = verdict is Verdict.SUCCESS or verdict is Verdict.COOLDOWN
+            if verdict is not Verdict.STOP and not (delivers and self._deliver_now(tried)):
                 self._task = in_task(self._go_on(tried=tried), self.client, self.req)
                 return
         except Exception:
@@ -285,7 +288,7 @@ class Exchange:
             if verdict is Verdict.STOP:
                 return
             if verdict is not Verdict.FAILED:
-                await self._deliver(head, state, _DELIVERED[verdict])  # type: ignore[arg-type]
+                await self._deliver(head, state, _delivered_as(verdict))  # type: ignore[arg-type]
                 return
             if delays is None:
                 delays = backoff_delays(route.retry.base_delay, route.retry.max_delay, route.retry.jitter, rt.rng)
@@ -504,7 +507,7 @@ class Exchange:
         conn.upgrade_asked = upgrade is not None
         if upgrade is not None:  # a bodiless GET (``mark_upgrade``): its Connection/Upgrade go with it
             framing = b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
-        head = request_head(self.rt, req, authority_of(state.target), framing)
+        head = request_head(self.rt, req, state.authority, framing)
         conn.request_complete = body is None or whole is not None
         conn.begin(head, whole, req.method == "HEAD", per_try, receiver)
         if body is not None and whole is None:
@@ -528,7 +531,7 @@ class Exchange:
         client_chunked, keep_alive = self._client_framing(head)
         client_head = response_head(head, client_chunked, self.attempts, keep_alive, self.client.http11)
         self.client.respond_whole(client_head, whole, client_chunked, keep_alive, conn.trailers)
-        self._delivered(tried.state, _DELIVERED[tried.verdict], head.status)
+        self._delivered(tried.state, _delivered_as(tried.verdict), head.status)
         return True
 
     def _client_framing(self, head: ResponseHead) -> tuple[bool, bool]:

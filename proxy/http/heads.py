@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from proxy.http import wire
 from proxy.http.request import Request
-from proxy.policy.values import Target
 from proxy.upstream.connection import ResponseHead
 
 if TYPE_CHECKING:
@@ -97,13 +96,3 @@ def response_head(
 
 
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
-
-_AUTHORITIES: dict[Target, bytes] = {}
-
-
-def authority_of(target: Target) -> bytes:
-    """The Host header value for a target, encoded once."""
-    authority = _AUTHORITIES.get(target)
-    if authority is None:
-        authority = _AUTHORITIES[target] = target.authority.encode()
-    return authority

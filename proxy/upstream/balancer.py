@@ -9,7 +9,7 @@ injected ``random.Random``, the less busy one wins.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.policy.model import OutlierPolicy
 from proxy.policy.values import Target
@@ -28,6 +28,10 @@ class TargetState(EjectionRecord):
     pool: TargetPool
     outstanding: int = 0
     h2: H2Pool = None  # type: ignore[assignment]  # protocol: grpc: its multiplexed HTTP/2 connections (runtime)
+    authority: bytes = field(init=False)  # the Host header value for this target, encoded once
+
+    def __post_init__(self) -> None:
+        self.authority = self.target.authority.encode()
 
 
 class Balancer:
