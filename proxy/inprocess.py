@@ -323,7 +323,7 @@ class InProcessRateLimit:
         self.name = name
         self.clock: Clock = clock or SystemClock()
         self._sleep = sleep
-        self.backend = LocalBackend(limits, epoch_offset=time.time() - self.clock.monotonic())
+        self.backend = LocalBackend(limits, epoch_offset=self.clock.wall() - self.clock.monotonic())
         self._lock = threading.Lock()
         self._turns = threading.Condition(threading.Lock())
         self._next_ticket = 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,7 +72,7 @@ class UpstreamRateLimit:
         self.clock = clock
         specs = upstream.rate_limit_specs()
         self.specs = specs
-        epoch_offset = time.time() - clock.monotonic()
+        epoch_offset = clock.wall() - clock.monotonic()
         if backend is None:
             shared = policy.shared
             if shared is None:
@@ -117,11 +116,11 @@ class UpstreamRateLimit:
             return False  # the common answer: nothing to learn (no clock read, no header lookups)
         now = self.clock.monotonic()
         if usage is not None:
-            for observation in read_usage(usage, header, time.time()):
+            for observation in read_usage(usage, header, self.clock.wall()):
                 observation.apply(self.backend, now)
         if status not in self.cooldown_on:
             return False
-        wait = parse_retry_after(header(b"retry-after"), time.time())
+        wait = parse_retry_after(header(b"retry-after"), self.clock.wall())
         if wait is None:
             # No Retry-After: no pause to start (the limits keep pacing), but it is still the upstream's word on
             # its limit — delivered as it came, never retried (a 418 is a ban), no verdict for the breaker.

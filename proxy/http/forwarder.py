@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import enum
 import logging
-import time
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
@@ -433,7 +432,7 @@ class Exchange:
             status=head.status if head is not None else 0,
             body_replayable=self._body_replayable(),
             backoff=delays,
-            retry_after=parse_retry_after(head.header(b"retry-after"), time.time()) if head else None,
+            retry_after=parse_retry_after(head.header(b"retry-after"), rt.clock.wall()) if head else None,
             max_delay=retry.max_delay,
             now=now,
             deadline=deadline,

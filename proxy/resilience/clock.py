@@ -34,6 +34,10 @@ class Clock(Protocol):
         """Seconds on a clock that never goes backwards."""
         ...
 
+    def wall(self) -> float:
+        """Seconds since the epoch: what an HTTP date (``Retry-After``, a usage header's reset) is compared with."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
@@ -46,6 +50,7 @@ class SystemClock:
     millisecond under uvloop's), and timers are the running loop's."""
 
     monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -74,8 +79,9 @@ class ManualTimer:
 class ManualClock:
     """A clock that moves only when a test calls ``advance``; sleepers wake and timers fire when their time comes."""
 
-    def __init__(self, start: float = 1000.0) -> None:
+    def __init__(self, start: float = 1000.0, wall_start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._wall_offset = wall_start - start  # the wall clock moves with it, from wall_start
         self._timers: list[tuple[float, int, ManualTimer]] = []
         self._sleepers: list[asyncio.Future[None]] = []
         self._order = itertools.count()
@@ -83,6 +89,9 @@ class ManualClock:
 
     def monotonic(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)

@@ -35,14 +35,14 @@ from tests.benchmarks.bench import (
     Running,
     Tools,
     checkout,
-    cpu_seconds,
+    cpu_split,
     log,
     need,
     run_wrk,
 )
 
-# Per variant, per round: CPU µs per request, requests/s, CPU seconds, requests.
-Seen = dict[str, list[tuple[float, float, float, int]]]
+# Per variant, per round: CPU µs per request, requests/s, CPU seconds, requests, user CPU seconds.
+Seen = dict[str, list[tuple[float, float, float, int, float]]]
 
 VARIANTS = ("sidecar", "sidecar-ratelimit", "sidecar-shared", "sidecar-baseline")
 
@@ -55,12 +55,13 @@ def rounds_of(bench: Bench, runs: list[Running], rounds: int, seconds: int, sett
     for i in range(rounds):
         for run in runs if i % 2 == 0 else reversed(runs):
             time.sleep(settle)
-            cpu0 = cpu_seconds(run.proc.pid)
+            user0, system0 = cpu_split(run.proc.pid)
             r = run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, seconds)
-            cpu = cpu_seconds(run.proc.pid) - cpu0
+            user, system = cpu_split(run.proc.pid)
+            user, cpu = user - user0, user + system - user0 - system0
             if r["non_2xx"] or r["socket_errors"] or not r["requests"]:
                 raise BenchError(f"{run.key}: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors")
-            seen[run.key].append((cpu / r["requests"] * 1e6, r["rps"], cpu, r["requests"]))
+            seen[run.key].append((cpu / r["requests"] * 1e6, r["rps"], cpu, r["requests"], user))
             log(f"  round {i + 1}: {run.key} {r['rps']:,.0f} rps, {seen[run.key][-1][0]:.1f} µs CPU/request")
     return seen
 
@@ -89,8 +90,8 @@ def report(runs: list[Running], seen: Seen) -> str:
     first = seen[runs[0].key]
     lines = [
         "| variant | median rps | rps ÷ first (median, spread) | median CPU µs / request | spread "
-        "| CPU ÷ first (median, spread) | pooled CPU µs / request (÷ first) |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| CPU ÷ first (median, spread) | pooled CPU µs / request (÷ first) | of it user / kernel |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     pooled_first = sum(row[2] for row in first) / sum(row[3] for row in first) * 1e6
     for run in runs:
@@ -98,11 +99,13 @@ def report(runs: list[Running], seen: Seen) -> str:
         cpu = [row[0] for row in rows]
         cpu_ratios = [row[0] / f[0] for row, f in zip(rows, first, strict=True)]
         rps_ratios = [row[1] / f[1] for row, f in zip(rows, first, strict=True)]
-        pooled = sum(row[2] for row in rows) / sum(row[3] for row in rows) * 1e6
+        requests = sum(row[3] for row in rows)
+        pooled = sum(row[2] for row in rows) / requests * 1e6
+        user = sum(row[4] for row in rows) / requests * 1e6
         lines.append(
             f"| {run.label} | {statistics.median(row[1] for row in rows):,.0f} | {spread(rps_ratios)} "
             f"| {statistics.median(cpu):.1f} | {min(cpu):.1f} – {max(cpu):.1f} | {spread(cpu_ratios)} "
-            f"| {pooled:.1f} ({pooled / pooled_first:.3f}) |"
+            f"| {pooled:.1f} ({pooled / pooled_first:.3f}) | {user:.1f} / {pooled - user:.1f} |"
         )
     return "\n".join(lines)
 

@@ -156,14 +156,21 @@ def tree_pids(root: int) -> list[int]:
 
 
 def cpu_seconds(root: int) -> float:
-    total = 0
+    return sum(cpu_split(root))
+
+
+def cpu_split(root: int) -> tuple[float, float]:
+    """CPU seconds of the process tree so far: in user space, and in the kernel (system calls, the network stack
+    run on its behalf)."""
+    user = system = 0
     for pid in tree_pids(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat(5))
-    return total / CLK_TCK
+        user += int(fields[11])  # utime and stime: fields 14 and 15 of stat(5)
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_mb(root: int) -> float:
@@ -710,7 +717,9 @@ def measure_throughput(bench: Bench, runs: list[Running], mode: Mode) -> dict[st
     for run in runs:
         run_wrk(bench.tools, f"http://127.0.0.1:{run.port}/", 50, mode.warmup_seconds)  # warm pools; not kept
     for i in range(mode.runs):
-        for run in runs:
+        # The order reverses each round (a, b, c, c, b, a, ...): a system is not always measured right after the
+        # same neighbour, nor always at the same point of a round.
+        for run in runs if i % 2 == 0 else reversed(runs):
             # Let the previous system finish closing its 50 connections (and collect garbage) first: it shares
             # core 1 with the next one, whose run would otherwise pay for it.
             time.sleep(SETTLE_SECONDS)
