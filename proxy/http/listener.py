@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from proxy.http import chunked as chunking
-from proxy.http import wire
 from proxy.http.answers import OwnAnswer, count, encode, log_answer
 from proxy.http.body import RequestBody
 from proxy.http.forwarder import forward
 from proxy.http.h2_refusal import refuse_http2
 from proxy.http.request import CONNECT_REFUSED, Request, RequestRejected, is_http09, mark_upgrade, validate_head
+from proxy.http.response import Response
 from proxy.policy.model import HttpServerPolicy
 from proxy.sockets import Drainable, set_no_delay
 
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from proxy.http.sink import InFlight, Serve
     from proxy.resilience.clock import Clock, Timer
     from proxy.runtime import UpstreamRuntime
-    from proxy.upstream.connection import UpstreamConnection
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Takes an HTTP/2 connection over: its transport, the bytes read so far (the preface first), the listener's set.
@@ -41,7 +39,6 @@ Http2Handoff = Callable[[asyncio.Transport, bytes, set[Drainable]], None]
 _CLOSED_PARSER = httptools.HttpRequestParser(object())  # a closed connection's: bound to nothing, never fed
 log = logging.getLogger("seawall.listener")
 
-_JOIN_LIMIT = 64 * 1024  # below this, copying head and body together beats a vectored write
 # After an answer that ends the connection, unread client bytes are read and dropped for a while before the
 # socket is closed: closing with unread input makes the kernel send a reset, and a reset can destroy the answer
 # in the client's receive buffer before it is read (nginx's lingering close).
@@ -94,11 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self._active: InFlight | None = None  # the request being served; None between requests
         self._timer: Timer | None = None
         self._closing = False
-        self.http11 = True
-        self.keep_alive = True
-        self._chunked_out = False
-        self._response_started = False
-        self._upstream: UpstreamConnection | None = None
+        self._answer: Response | None = None  # the answer to the request being served (or held back)
         self._reading_paused = False
         self._phase = _NEW
         self._phase_since = 0.0
@@ -203,13 +196,15 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._write_paused_since = self._clock.monotonic()
-        if self._upstream is not None:
-            self._upstream.pause_reading()
+        upstream = self._answer.upstream if self._answer is not None else None
+        if upstream is not None:
+            upstream.pause_reading()  # the client lags: stop reading what we would have to buffer for it
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._upstream is not None:
-            self._upstream.resume_reading()
+        upstream = self._answer.upstream if self._answer is not None else None
+        if upstream is not None:
+            upstream.resume_reading()
         req, self._held = self._held, None
         if req is not None and self._active is None:
             self._after_response(req)  # the client reads again: serve what it asked next
@@ -294,36 +289,50 @@ class ClientConnection(asyncio.Protocol):
         """Serve a request; True if it was answered on the spot (a refusal), False if it is in flight (``served``
         follows)."""
         self._phase = _BUSY
-        self.http11, self.keep_alive = req.http11, req.keep_alive
-        self._response_started = False
-        self._chunked_out = False
         if req.body is not None and not req.body.complete:
             self._resume_reading()  # a pipelined request's body may still be on its way: let it in
-        self._active = self._serve_one(self._get_runtime(), req, self)
+        response = self._answer = Response(self, req, self.log_requests)
+        self._active = self._serve_one(self._get_runtime(), req, response)
         return self._active is None
 
-    def served(self, req: Request) -> None:
-        """The exchange in flight is over: go on with the next request, if the connection may carry one."""
-        self._active = None
-        self._upstream = None
-        self._after_response(req)
+    # -- what a Response needs of its connection (``proxy.http.response.Codec``) ----------------------------
 
-    def internal_error(self, req: Request) -> None:
-        if not self._response_started:
-            self.keep_alive = False  # where the request (its body) stands is unknown: close, and say so
-            self._answer_own(OwnAnswer(500, "internal_error", "see the sidecar's log", rejected="internal_error"), req)
+    def writable(self) -> asyncio.Transport | None:
+        return None if self._closing else self.transport
+
+    def finished(self, response: Response) -> None:
+        self._active = None
+        self._after_response(response.req)
+
+    def failed(self, response: Response) -> None:
+        if not response.started:
+            # Where the request (its body) stands is unknown: close, and say so.
+            self._answer_own(OwnAnswer(500, "internal_error", "see the sidecar's log", rejected="internal_error"))
         else:
-            self.abort()
+            self.cut()
+
+    def hand_over(self) -> tuple[asyncio.Transport, asyncio.BaseProtocol, list[bytes]] | None:
+        """A 101: the relay takes the transport over (its timer is harmless), with the bytes read past the head."""
+        transport, tail, self._upgrading = self.transport, self._upgrading or [], None
+        if transport is None or self._closing or transport.is_closing():
+            return None
+        return transport, self, tail
+
+    def cut(self) -> None:
+        if self.transport is not None:
+            self._closing = True
+            self.transport.abort()
 
     def _after_response(self, req: Request) -> None:
         while True:  # a loop, not recursion: a pipelined burst may be answered on the spot one after another
             if self._closing or self.transport is None or self.transport.is_closing():
                 return
-            if self.keep_alive and req.body is not None and not req.body.complete:
+            keep_alive = self._answer is not None and self._answer.keep_alive
+            if keep_alive and req.body is not None and not req.body.complete:
                 # Answered before its body was all in, the connection kept: drop the rest (bounded, see body.py).
                 req.body.discard(partial(self._after_response, req), self._close_after_answer)
                 return
-            if not self.keep_alive:
+            if not keep_alive:
                 self._close_after_answer()
                 return
             if self._write_paused:
@@ -338,82 +347,14 @@ class ClientConnection(asyncio.Protocol):
             req = self._queue.popleft()
             if not self._start(req):
                 return
+        self._answer = None  # between requests: a bad next request must still get its answer
         if self._deferred_reject is not None:
             # Every request before the malformed one has had its answer: now it gets its own.
-            self._response_started = False
             self._reject(*self._deferred_reject)
             return
         self._resume_reading()
-        self._response_started = False  # between requests: a bad next request must still get its answer
         self._phase = _IDLE
         self._phase_since = self._clock.monotonic()
-
-    # -- answers (called by the forwarder) -------------------------------------------------------------------
-
-    def send_continue(self) -> None:
-        if self.transport is not None and not self._closing:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def send_raw(self, answer: bytes) -> None:
-        """A whole answer made by the sidecar, already encoded."""
-        if self._response_started or self.transport is None or self._closing:
-            return
-        self._response_started = True
-        self.transport.write(answer)
-
-    def switch_protocols(self) -> tuple[asyncio.Transport, asyncio.Protocol, list[bytes]] | None:
-        """A 101: the relay takes the transport over (its timer is harmless), with the bytes read past the head."""
-        transport, tail, self._upgrading = self.transport, self._upgrading or [], None
-        if transport is None or self._closing or transport.is_closing():
-            return None
-        self._response_started = True
-        return transport, self, tail
-
-    def start_response(self, head: bytes, chunked: bool, keep_alive: bool, upstream: UpstreamConnection) -> None:
-        self._response_started = True
-        self._chunked_out = chunked
-        self.keep_alive = keep_alive
-        self._upstream = upstream
-        if self.transport is not None and not self._closing:
-            self.transport.write(head)
-
-    def respond_whole(
-        self, head: bytes, chunks: list[bytes], chunked: bool, keep_alive: bool, trailers: wire.Headers | None = None
-    ) -> None:
-        """Head and a body already complete, in one write (one syscall for the common small answer)."""
-        self._response_started = True
-        self.keep_alive = keep_alive
-        if self.transport is None or self._closing:
-            return
-        if chunked:
-            self.transport.write(chunking.whole(head, chunks, trailers))
-        elif not chunks:
-            self.transport.write(head)
-        elif len(chunks) == 1 and len(chunks[0]) < _JOIN_LIMIT:
-            self.transport.write(head + chunks[0])  # the common small answer: one buffer, one syscall
-        else:
-            self.transport.writelines((head, *chunks))  # large: hand the buffers over as they are (writev)
-
-    def write_body(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or self._closing:
-            return
-        if self._chunked_out:
-            transport.write(chunking.chunk(data))
-        else:
-            transport.write(data)
-
-    def end_response(self, trailers: wire.Headers | None = None) -> None:
-        if self._chunked_out and self.transport is not None and not self._closing:
-            self.transport.write(chunking.end(trailers))
-        self._upstream = None
-
-    def abort(self) -> None:
-        """Cut the response short: the client sees a truncated body, never a second status line."""
-        self.keep_alive = False
-        if self.transport is not None:
-            self._closing = True
-            self.transport.abort()
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -429,20 +370,28 @@ class ClientConnection(asyncio.Protocol):
             self._deferred_reject = (status, detail)
             self._pause_reading()
             return
-        if not self._response_started:
-            self.keep_alive = False
+        if self._answer is None or not self._answer.started:
             self._answer_own(OwnAnswer(status, "bad_request", detail, rejected="bad_request"), self._parsing)
         self._close_after_answer()
 
-    def _answer_own(self, answer: OwnAnswer, req: Request | None) -> None:
-        """An answer the listener makes itself (a malformed request, an internal error): written, counted and
-        logged like every other answer of the sidecar's own (``proxy.http.answers``)."""
+    def _answer_own(self, answer: OwnAnswer, req: Request | None = None) -> None:
+        """An answer the listener makes itself (a malformed request, an internal error), after which the
+        connection closes: written, counted and logged like every other answer of the sidecar's own
+        (``proxy.http.answers``), as the answer to the request being served if there is one."""
+        response = self._answer
+        if response is not None:
+            req = response.req
+            response.keep_alive = False
         rt = self._get_runtime()
         count(rt.stats, answer, 0.0)
         if self.log_requests:
             method, path = (req.method, req.path) if req is not None else ("-", b"-")
             log_answer(rt.name, method, path, None, answer.status, answer.reason, 0, 0.0)
-        self.send_raw(encode(answer, None, self.keep_alive, self.http11))
+        encoded = encode(answer, None, False, response.http11 if response is not None else True)
+        if response is not None:
+            response.send_raw(encoded)
+        elif (transport := self.writable()) is not None:
+            transport.write(encoded)
 
     def _refuse(self, status: int, detail: str) -> typing.NoReturn:
         """Inside a parser callback: stop parsing; ``data_received`` answers with this status."""
@@ -519,6 +468,7 @@ class ClientConnection(asyncio.Protocol):
 
     def shutdown_when_idle(self) -> None:
         """For draining: close now if idle, else after the answer in flight."""
-        self.keep_alive = False
+        if self._answer is not None:
+            self._answer.keep_alive = False
         if self._active is None:
             self._close()

@@ -1,7 +1,8 @@
 """What the forwarder writes an answer to: the client side of one exchange, seen as a protocol.
 
-The listener's ``ClientConnection`` is the real one. Keeping the forwarder to this narrow surface means the
-forwarder never imports the listener (no cycle), and an ``Exchange`` can be tested with a recording fake.
+The real one is ``proxy.http.response.Response``, which the listener makes for each request it serves. Keeping
+the forwarder to this narrow surface means the forwarder never imports the listener (no cycle), and an
+``Exchange`` can be tested with a recording fake.
 
 What serves a request (``Serve``) answers at once (returns None), or returns the request's ``InFlight`` handle and
 later calls ``served``: by callbacks on the common path, or from a task (``in_task``) where it must wait.
