@@ -34,8 +34,8 @@ def ok(body: bytes) -> bytes:
 class Stack:
     """A client connection of the sidecar and the pooled upstream connection its requests go out on."""
 
-    def __init__(self) -> None:
-        config, issues = load_text(POLICY)
+    def __init__(self, policy: str = POLICY) -> None:
+        config, issues = load_text(policy)
         assert config is not None, issues
         self.clock = ManualClock()
         self.rt = UpstreamRuntime(config.upstreams[0], self.clock)
@@ -135,3 +135,49 @@ async def test_no_response_head_within_per_try_is_a_timeout_answered_504_on_the_
     answer = stack.answered()
     assert answer.startswith(b"HTTP/1.1 504 ") and b"x-sidecar-reason: timeout" in answer
     assert stack.rt.bulkhead.stats.inflight == 0
+
+
+RETRY_ON_TIMEOUT = """\
+upstreams:
+  api:
+    listen: 127.0.0.1:18080
+    targets: [http://127.0.0.1:18081]
+    timeouts: {per_try: 2s, total: 3s}
+    retry: {max_retries: 3, base_delay: 100ms, jitter: false, retry_on: [timeout]}
+"""
+
+
+async def spin() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_per_try_times_out_each_attempt_and_total_cuts_the_retry_short_exactly_on_the_clock() -> None:
+    stack = Stack(RETRY_ON_TIMEOUT)
+    stack.client.data_received(GET)
+    assert stack.sent_upstream().startswith(b"GET /a ")
+    stack.clock.advance(2.0 - 0.001)
+    await spin()
+    assert not stack.upstream_side.aborted, "per_try has not run out yet"
+    stack.clock.advance(0.001)  # per_try: the first attempt times out, a retry follows after 100 ms of backoff
+    await spin()
+    assert stack.upstream_side.aborted and stack.answered() == b""
+    assert stack.clock.slept == [0.1]
+    fresh = FakeTransport()  # the retry needs a new connection: hand the pool one, as a connect would have
+    retry_conn = UpstreamConnection(stack.pool, clock=stack.clock)
+    fresh.set_protocol(retry_conn)
+    retry_conn.connection_made(cast(asyncio.Transport, fresh))
+    stack.pool.release(retry_conn)
+    stack.clock.advance(0.1)
+    await spin()
+    assert bytes(fresh.written).startswith(b"GET /a "), "the retry went out at 2.1 s"
+    # What is left of total (3 s) bounds the retry's wait for its head: 0.9 s, not another per_try of 2 s.
+    stack.clock.advance(0.9 - 0.001)
+    await spin()
+    assert stack.answered() == b"" and not fresh.aborted
+    stack.clock.advance(0.001)
+    await spin()
+    answer = stack.answered()
+    assert answer.startswith(b"HTTP/1.1 504 ") and b"x-sidecar-reason: timeout" in answer, answer
+    assert b"x-sidecar-attempts: 2" in answer and fresh.aborted
+    assert stack.rt.bulkhead.stats.inflight == 0 and stack.rt.stats.failures == {"timeout": 2}
