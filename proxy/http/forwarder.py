@@ -78,7 +78,8 @@ def _delivered_as(verdict: Verdict) -> Outcome:
 
 
 class Exchange:
-    """One client request's journey. Holds what the finally-blocks need to clean up."""
+    """One client request, from admission to its settled answer: its route, deadlines, attempts, permit, admission
+    stages passed and upstream connection. The listener holds it (``InFlight``) while it is in flight."""
 
     __slots__ = (
         "_last_error",
