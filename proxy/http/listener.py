@@ -2,7 +2,8 @@
 
 Requests are parsed by llhttp (httptools) in strict mode and judged by ``validate_head``
 (``proxy.http.request``); a refused request is answered 4xx and the connection closed, with nothing of it
-forwarded. Pipelined requests are answered in order, one at a time.
+forwarded. Pipelined requests are answered in order, one at a time, each through its own ``Response``
+(``proxy.http.response``): the connection keeps no state of any one answer.
 """
 
 from __future__ import annotations
