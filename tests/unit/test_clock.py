@@ -144,3 +144,12 @@ def test_the_loops_clock_is_the_system_clocks_to_within_its_millisecond() -> Non
         for before, loop_time, after in run_on(loop, brackets()):
             # uvloop's loop.time() is CLOCK_MONOTONIC floored to the millisecond; asyncio's is time.monotonic().
             assert before - 1e-3 <= loop_time <= after, loop
+
+
+def test_the_wall_clock_moves_with_a_manual_clock_and_is_the_system_time_on_the_system_clock() -> None:
+    clock = ManualClock(start=50.0, wall_start=1_800_000_000.0)
+    assert clock.wall() == 1_800_000_000.0
+    clock.advance(2.5)
+    assert (clock.monotonic(), clock.wall()) == (52.5, 1_800_000_002.5)
+    before = time.time()
+    assert before <= SystemClock().wall() <= time.time()
