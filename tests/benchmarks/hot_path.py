@@ -1,8 +1,8 @@
 """The sidecar's own Python cost per request, without sockets: a steady figure where wrk's is not.
 
-On this machine two identical sidecar processes under wrk measure up to 7 % apart in CPU per request, because
-most of that CPU is the kernel's (loopback writes and reads, the wake-ups of wrk and the upstream on the other
-core), and the kernel's share swings with whatever else runs. This drives the real protocol objects instead —
+On this machine two identical sidecar processes under wrk measure up to 7 % apart in CPU per request: about 40 %
+of that CPU is the kernel's (loopback writes and reads, the wake-ups of wrk and the upstream on the other core),
+and the kernel's share swings with whatever else runs. This drives the real protocol objects instead —
 the listener's ``ClientConnection`` and a pooled ``UpstreamConnection``, each on a transport that only records —
 through the request a wrk run makes, on the running (uv)loop, and times the process's CPU for it. What is left
 is the Python the sidecar runs per request (parsing callbacks, admission, the exchange, heads, settling), with
