@@ -129,11 +129,13 @@ class Exchange:
             return None
 
     def _start(self) -> InFlight | None:
-        """A request with no body to wait for, admitted at once, with a pooled connection to its target is sent
-        here and now and answered from the connection's callback (``_head_arrived``): the common case, with no
-        task, future or timer of its own. Anything that must wait goes on in a task."""
-        if self.req.body is not None:
-            return in_task(self.run(), self.client, self.req)
+        """A request with no body to wait for (none, or a small one already whole), admitted at once, with a
+        pooled connection to its target is sent here and now and answered from the connection's callback
+        (``_head_arrived``): the common case, with no task, future or timer of its own. Anything that must wait
+        goes on in a task."""
+        body = self.req.body
+        if body is not None and not (body.complete and body.replayable and not self.req.expect_continue):
+            return in_task(self.run(), self.client, self.req)  # a body to wait for, or to stream
         refusal = PIPELINE.try_admit(self)
         if refusal is WAIT:
             return in_task(self.run(admission_waits=True), self.client, self.req)

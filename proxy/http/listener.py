@@ -93,6 +93,9 @@ class ClientConnection(asyncio.Protocol):
         self._timer: Timer | None = None
         self._closing = False
         self._answer: Response | None = None  # the answer to the request being served (or held back)
+        # A request whose small body is still being parsed from the same read: served once it is whole (the
+        # exchange then runs on callbacks, with no task), or at the end of the read if it is not whole by then.
+        self._unstarted: Request | None = None
         self._reading_paused = False
         self._phase = _NEW
         self._phase_since = 0.0
@@ -145,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             if self._phase is _HEAD and is_http09(data, self._parser):
                 self._reject(400, "HTTP/0.9 requests are not served")
+            elif self._unstarted is not None:
+                self._serve(self._unstarted)  # its body did not all come in this read: serve it as it comes
 
     def _sniff_http2(self, data: bytes) -> bytes:
         """What to parse as HTTP/1.1: everything, unless the connection opened with HTTP/2's client preface (h2c
@@ -266,8 +271,10 @@ class ClientConnection(asyncio.Protocol):
             )
         self._parsing = req
         if self._active is None:
-            if self._start(req):
-                self._after_response(req)
+            if req.body is not None and req.body.replayable and req.content_length and not req.expect_continue:
+                self._unstarted = req  # a small body, most likely in this very read: serve it whole
+            else:
+                self._serve(req)
         else:
             # Pipelined: answer in order; stop reading until the one in flight is done.
             self._queue.append(req)
@@ -283,6 +290,14 @@ class ClientConnection(asyncio.Protocol):
         if req is not None and req.body is not None:
             req.body.finish()
         self._parsing = None
+        if req is not None and req is self._unstarted:
+            self._serve(req)
+
+    def _serve(self, req: Request) -> None:
+        """Serve a request now, nothing being in flight; go on at once if it was answered on the spot."""
+        self._unstarted = None
+        if self._start(req):
+            self._after_response(req)
 
     # -- serving ---------------------------------------------------------------------------------------------
 
@@ -360,6 +375,7 @@ class ClientConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------------------------
 
     def _reject(self, status: int, detail: str) -> None:
+        self._unstarted = None  # refused before it was served: nothing of it is forwarded
         if self._parsing is not None and self._parsing.body is not None:
             self._parsing.body.fail(ValueError(detail))
         if self._active is not None and (self._parsing is None or self._parsing in self._queue):

@@ -181,3 +181,32 @@ async def test_per_try_times_out_each_attempt_and_total_cuts_the_retry_short_exa
     assert answer.startswith(b"HTTP/1.1 504 ") and b"x-sidecar-reason: timeout" in answer, answer
     assert b"x-sidecar-attempts: 2" in answer and fresh.aborted
     assert stack.rt.bulkhead.stats.inflight == 0 and stack.rt.stats.failures == {"timeout": 2}
+
+
+POST = b"POST /orders HTTP/1.1\r\nHost: api\r\nContent-Length: 11\r\n\r\n"
+
+
+async def test_a_small_post_whose_body_comes_with_its_head_runs_on_callbacks_too() -> None:
+    stack = Stack()
+    tasks = len(asyncio.all_tasks())
+    for _ in range(20):
+        stack.client.data_received(POST + b'{"qty": 10}')
+        sent = stack.sent_upstream()
+        assert sent.startswith(b"POST /orders HTTP/1.1\r\n") and sent.endswith(b'content-length: 11\r\n\r\n{"qty": 10}')
+        stack.upstream.data_received(ok(b"filled"))
+        assert stack.answered() == ok(b"filled")
+        assert len(asyncio.all_tasks()) == tasks
+    assert stack.rt.bulkhead.stats.inflight == 0
+
+
+async def test_a_small_body_split_across_reads_is_served_once_all_of_it_is_in_and_sent_whole() -> None:
+    stack = Stack()
+    stack.client.data_received(POST + b'{"qty"')  # the rest comes later: served in a task meanwhile
+    await spin()
+    assert stack.sent_upstream() == b"", "nothing is sent before the small body is whole (it may be replayed)"
+    stack.client.data_received(b": 10}")
+    await spin()
+    assert stack.sent_upstream().endswith(b'content-length: 11\r\n\r\n{"qty": 10}')
+    stack.upstream.data_received(ok(b"filled"))
+    await spin()
+    assert stack.answered() == ok(b"filled")
