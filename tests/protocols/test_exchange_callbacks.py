@@ -16,14 +16,15 @@ from proxy.sockets import Drainable
 from proxy.upstream.connection import UpstreamConnection
 from tests.protocols.fakes import FakeTransport
 
-POLICY = """\
-upstreams:
-  api:
-    listen: 127.0.0.1:18080
-    targets: [http://127.0.0.1:18081]
-    timeouts: {per_try: 5s, total: 15s}
-    retry: {max_retries: 2, base_delay: 100ms, jitter: false, retry_on: [503]}
-"""
+
+def policy(timeouts: str, retry: str) -> str:
+    return (
+        "upstreams:\n  api:\n    listen: 127.0.0.1:18080\n    targets: [http://127.0.0.1:18081]\n"
+        f"    timeouts: {{{timeouts}}}\n    retry: {{{retry}}}\n"
+    )
+
+
+POLICY = policy("per_try: 5s, total: 15s", "max_retries: 2, base_delay: 100ms, jitter: false, retry_on: [503]")
 GET = b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n"
 
 
@@ -137,14 +138,9 @@ async def test_no_response_head_within_per_try_is_a_timeout_answered_504_on_the_
     assert stack.rt.bulkhead.stats.inflight == 0
 
 
-RETRY_ON_TIMEOUT = """\
-upstreams:
-  api:
-    listen: 127.0.0.1:18080
-    targets: [http://127.0.0.1:18081]
-    timeouts: {per_try: 2s, total: 3s}
-    retry: {max_retries: 3, base_delay: 100ms, jitter: false, retry_on: [timeout]}
-"""
+RETRY_ON_TIMEOUT = policy(
+    "per_try: 2s, total: 3s", "max_retries: 3, base_delay: 100ms, jitter: false, retry_on: [timeout]"
+)
 
 
 async def spin() -> None:
