@@ -13,9 +13,10 @@ A stale pooled connection (closed by the upstream while idle) is retried once on
 counting as an attempt when nothing of the request can have been processed.
 
 Two ways through, one set of steps. The common case — no body to wait for (none, or a small one already whole),
-every admission stage answering at once, a pooled connection, a whole answer — runs on callbacks end to end (``Exchange.start``): no task, no
-future, no timer of its own. Whatever has to wait (a connect, a body, a queue, a retry's backoff, a streamed
-answer) goes on in a task, from the same step: the attempt loop takes the callback path's first result as it is.
+every admission stage answering at once, a pooled connection, a whole answer — runs on callbacks end to end
+(``Exchange.start``): no task, no future, no timer of its own. Whatever has to wait (a connect, a body, a queue,
+a retry's backoff, a streamed answer) goes on in a task, from the same step: the attempt loop takes the callback
+path's first result as it is.
 """
 
 from __future__ import annotations
