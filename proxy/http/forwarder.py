@@ -125,7 +125,7 @@ class Exchange:
         try:
             return self._start()
         except Exception:
-            serving_failed(self.client, self.req)
+            serving_failed(self.client)
             self._end()
             return None
 
@@ -136,10 +136,10 @@ class Exchange:
         goes on in a task."""
         body = self.req.body
         if body is not None and not (body.complete and body.replayable and not self.req.expect_continue):
-            return in_task(self.run(), self.client, self.req)  # a body to wait for, or to stream
+            return in_task(self.run(), self.client)  # a body to wait for, or to stream
         refusal = PIPELINE.try_admit(self)
         if refusal is WAIT:
-            return in_task(self.run(admission_waits=True), self.client, self.req)
+            return in_task(self.run(admission_waits=True), self.client)
         if refusal is not None:
             self._refuse(refusal)
             self._end()
@@ -152,7 +152,7 @@ class Exchange:
         state = rt.balancer.pick(rt.clock.monotonic(), None)
         conn = state.pool.take_idle()
         if conn is None:
-            return in_task(self._go_on(picked=state), self.client, self.req)  # a connect to wait for
+            return in_task(self._go_on(picked=state), self.client)  # a connect to wait for
         self.attempts += 1
         state.outstanding += 1
         self._pending = state
@@ -181,12 +181,12 @@ class Exchange:
             verdict = tried.verdict
             delivers = verdict is Verdict.SUCCESS or verdict is Verdict.COOLDOWN
             if verdict is not Verdict.STOP and not (delivers and self._deliver_now(tried)):
-                self._task = in_task(self._go_on(tried=tried), self.client, self.req)
+                self._task = in_task(self._go_on(tried=tried), self.client)
                 return
         except Exception:
-            serving_failed(self.client, self.req)
+            serving_failed(self.client)
         self._end()
-        self.client.served(self.req)
+        self.client.served()
 
     async def _go_on(self, picked: TargetState | None = None, tried: Tried | None = None) -> None:
         """The attempt loop, in a task, from where the callback path stopped."""

@@ -119,9 +119,9 @@ class Response:
         self.keep_alive = False
         self._codec.cut()
 
-    def internal_error(self, req: Request) -> None:
+    def internal_error(self) -> None:
         self._codec.failed(self)
 
-    def served(self, req: Request) -> None:
+    def served(self) -> None:
         self.upstream = None
         self._codec.finished(self)

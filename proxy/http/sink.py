@@ -57,11 +57,11 @@ class ResponseSink(Protocol):
     def abort(self) -> None:
         """Cut the answer short: the client sees a truncated body, never a second status line."""
 
-    def internal_error(self, req: Request) -> None:
-        """Serving ``req`` raised: answer 500 if nothing of an answer went out yet, else cut it short."""
+    def internal_error(self) -> None:
+        """Serving the request raised: answer 500 if nothing of an answer went out yet, else cut it short."""
 
-    def served(self, req: Request) -> None:
-        """The exchange of ``req`` is over (answered, or given up): the connection may take the next request."""
+    def served(self) -> None:
+        """The exchange is over (answered, or given up): the connection may take the next request."""
 
 
 class InFlight(Protocol):
@@ -74,25 +74,25 @@ class InFlight(Protocol):
 Serve = Callable[["UpstreamRuntime", "Request", ResponseSink], InFlight | None]
 
 
-def in_task(serving: Coroutine[None, None, None], client: ResponseSink, req: Request) -> asyncio.Task[None]:
+def in_task(serving: Coroutine[None, None, None], client: ResponseSink) -> asyncio.Task[None]:
     """Serve ``req`` in a task, for an exchange that has to wait (a connect, a body, a backoff, a queue): it tells
     ``client`` when it is over, and turns an exception into ``internal_error``. Cancelling the task (the client
     went away) drops whatever the exchange holds upstream at once."""
-    return asyncio.get_running_loop().create_task(_guarded(serving, client, req))
+    return asyncio.get_running_loop().create_task(_guarded(serving, client))
 
 
-async def _guarded(serving: Coroutine[None, None, None], client: ResponseSink, req: Request) -> None:
+async def _guarded(serving: Coroutine[None, None, None], client: ResponseSink) -> None:
     try:
         await serving
     except asyncio.CancelledError:
         pass  # the client went away; the exchange has dropped its upstream attempt
     except Exception:
-        serving_failed(client, req)
+        serving_failed(client)
     finally:
-        client.served(req)
+        client.served()
 
 
-def serving_failed(client: ResponseSink, req: Request) -> None:
-    """Inside an ``except``: serving ``req`` raised (a bug): logged, and answered ``internal_error``."""
+def serving_failed(client: ResponseSink) -> None:
+    """Inside an ``except``: serving the request raised (a bug): logged, and answered ``internal_error``."""
     log.exception("forwarding failed")
-    client.internal_error(req)
+    client.internal_error()

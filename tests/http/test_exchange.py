@@ -65,10 +65,10 @@ class RecordingSink:
     def abort(self) -> None:
         self.calls.append("abort")
 
-    def internal_error(self, req: Request) -> None:
+    def internal_error(self) -> None:
         self.calls.append("internal_error")
 
-    def served(self, req: Request) -> None:
+    def served(self) -> None:
         self.over.set()  # not a call that writes anything: kept out of ``calls``
 
 

@@ -47,7 +47,7 @@ class Handler:
     cancelled: int = 0
 
     def __call__(self, rt: UpstreamRuntime, req: Request, sink: ResponseSink) -> InFlight | None:
-        return in_task(self._serve(req, sink), sink, req)
+        return in_task(self._serve(req, sink), sink)
 
     async def _serve(self, req: Request, sink: ResponseSink) -> None:
         self.seen.append(req)
